@@ -1,0 +1,3 @@
+from ptqbench.cli import main
+
+main()

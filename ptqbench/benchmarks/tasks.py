@@ -1,0 +1,190 @@
+"""Benchmark tasks: a small registry of things that score a VLM + processor.
+
+Each task takes any Hugging Face VLM and its processor (prompts go through the processor's chat
+template), so the same task scores the embedded testbed and a real checkpoint alike.
+
+- ``synthvqa``: exact-match accuracy (greedy generation, batched, left padding) per family and
+  overall on the held-out SynthVQA eval split.
+- ``synthvqa-nll``: mean answer-token negative log-likelihood (teacher forced) on the same items.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ptqbench.benchmarks import synthvqa as sv
+from ptqbench.errors import BadInput, one_of
+
+# Appended to every question (LLaVA's short-answer instruction) so that real VLMs answer in one word.
+INSTRUCTION = "\nAnswer the question using a single word or phrase."
+DEFAULT_N = 300
+EVAL_SEED = sv.DEFAULT_SEED["eval"]
+
+
+def user_text(question: str) -> str:
+    return f"{question}{INSTRUCTION}"
+
+
+def messages_for(question: str, with_image: bool = True) -> list[dict]:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": user_text(question)}]
+    return [{"role": "user", "content": content}]
+
+
+def normalize(text: str) -> str:
+    """strip, lowercase, and drop trailing punctuation ("Red." -> "red")."""
+    return text.strip().lower().rstrip(string.punctuation + " ").strip()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _check_n(n):
+    if n is None:
+        return DEFAULT_N
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BadInput(f"n {n!r} is not accepted; accepted: a positive integer")
+    return n
+
+
+def _check_batch(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInput(f"batch_size {batch_size!r} is not accepted; accepted: a positive integer")
+    return batch_size
+
+
+def _prompts(processor, items) -> list[str]:
+    return [processor.apply_chat_template(messages_for(it.question), add_generation_prompt=True, tokenize=False)
+            for it in items]
+
+
+def _encode(processor, texts, images, device):
+    enc = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+
+
+class Task:
+    name: str = ""
+    description: str = ""
+
+    def evaluate(self, model, processor, n: int | None = None, batch_size: int = 16,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class SynthVQAAccuracy(Task):
+    name = "synthvqa"
+    description = "SynthVQA exact-match accuracy (greedy), per family and overall"
+
+    def __init__(self, seed: int = EVAL_SEED, max_new_tokens: int = 8):
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def predict(self, model, processor, items, batch_size: int = 16, progress=None) -> list[str]:
+        seed_everything(self.seed)
+        device = _model_device(model)
+        tok = processor.tokenizer
+        eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+        eos = [e for e in dict.fromkeys(eos) if isinstance(e, int) and e >= 0]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        preds: list[str] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            enc = _encode(processor, _prompts(processor, chunk), [it.image for it in chunk], device)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad)
+            new = out[:, enc["input_ids"].shape[1]:]
+            preds += tok.batch_decode(new, skip_special_tokens=True)
+            if progress is not None:
+                progress(min(start + batch_size, len(items)), len(items))
+        return preds
+
+    def evaluate(self, model, processor, n=None, batch_size=16, progress=None):
+        n, batch_size = _check_n(n), _check_batch(batch_size)
+        model.eval()
+        items = sv.generate("eval", n, seed=self.seed)
+        preds = self.predict(model, processor, items, batch_size, progress)
+        hits = {f: [] for f in sv.FAMILIES}
+        for it, p in zip(items, preds):
+            hits[it.family].append(normalize(p) == normalize(it.answer))
+        allh = [h for v in hits.values() for h in v]
+        res = {"acc": float(np.mean(allh))}
+        for f in sv.FAMILIES:
+            if hits[f]:
+                res[f"acc/{f}"] = float(np.mean(hits[f]))
+        return res
+
+
+class SynthVQANLL(Task):
+    name = "synthvqa-nll"
+    description = "SynthVQA mean answer-token negative log-likelihood (teacher forced)"
+
+    def __init__(self, seed: int = EVAL_SEED):
+        self.seed = seed
+
+    @torch.no_grad()
+    def evaluate(self, model, processor, n=None, batch_size=16, progress=None):
+        n, batch_size = _check_n(n), _check_batch(batch_size)
+        seed_everything(self.seed)
+        model.eval()
+        device = _model_device(model)
+        items = sv.generate("eval", n, seed=self.seed)
+        tot = {f: 0.0 for f in sv.FAMILIES}
+        cnt = {f: 0 for f in sv.FAMILIES}
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prompts = _prompts(processor, chunk)
+            images = [it.image for it in chunk]
+            p_enc = processor.tokenizer(prompts, add_special_tokens=False)  # lengths only (image unexpanded)
+            f_enc = processor.tokenizer([p + it.answer for p, it in zip(prompts, chunk)], add_special_tokens=False)
+            n_ans = [len(f) - len(p) for p, f in zip(p_enc["input_ids"], f_enc["input_ids"])]
+            enc = _encode(processor, [p + it.answer for p, it in zip(prompts, chunk)], images, device)
+            logits = model(**enc).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            tgt = enc["input_ids"][:, 1:]
+            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            T = enc["input_ids"].shape[1]
+            for b, it in enumerate(chunk):
+                k = n_ans[b]
+                if k <= 0:
+                    continue
+                # left padding: the answer is the last k tokens; token t is predicted at t-1.
+                lp = tok_lp[b, T - 1 - k:]
+                tot[it.family] += float(-lp.sum())
+                cnt[it.family] += k
+            if progress is not None:
+                progress(min(start + batch_size, len(items)), len(items))
+        total = sum(cnt.values())
+        res = {"nll": sum(tot.values()) / total if total else math.nan}
+        for f in sv.FAMILIES:
+            if cnt[f]:
+                res[f"nll/{f}"] = tot[f] / cnt[f]
+        return res
+
+
+TASKS: dict[str, type] = {
+    SynthVQAAccuracy.name: SynthVQAAccuracy,
+    SynthVQANLL.name: SynthVQANLL,
+}
+
+
+def get_task(name: str, **kwargs) -> Task:
+    if name not in TASKS:
+        raise one_of("task", name, sorted(TASKS))
+    return TASKS[name](**kwargs)

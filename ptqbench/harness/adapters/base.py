@@ -1,0 +1,192 @@
+"""Model adapters: where a VLM family keeps its decoder, vision tower and projector, and how to replay
+one decoder layer on captured inputs.
+
+The engine never touches a model except through an adapter. Capture is generic: a forward pre-hook on
+the first decoder layer records the hidden states and every keyword argument the model passes to its
+layers (attention mask, position ids, position embeddings incl. Qwen's 3-D M-RoPE cos/sin, cache
+position), then aborts the forward. Replaying `layer(hidden, **kwargs)` layer by layer is therefore
+exact whenever all layers receive the same kwargs; families that do something between layers
+(Qwen3-VL's deepstack) override `after_layer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# True-sequential order inside a Llama-style decoder block (GPTQ `--true-sequential`).
+LM_SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+class Adapter:
+    """Base adapter for a `*ForConditionalGeneration` VLM whose text decoder is Llama-like."""
+
+    family: str = "base"
+    model_types: tuple[str, ...] = ()  # config.model_type values this adapter handles
+    decoder_path: str = "model.language_model.layers"
+    final_norm_path: str = "model.language_model.norm"
+    vision_blocks_path: str | None = None
+    projector_path: str | None = None
+    lm_head_path: str = "lm_head"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---- structure -------------------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        return get_module(self.model, self.decoder_path)
+
+    def vision_blocks(self) -> nn.ModuleList | None:
+        return get_module(self.model, self.vision_blocks_path) if self.vision_blocks_path else None
+
+    def final_norm(self) -> nn.Module:
+        return get_module(self.model, self.final_norm_path)
+
+    def lm_head(self) -> nn.Module:
+        return get_module(self.model, self.lm_head_path)
+
+    def image_token_id(self) -> int:
+        for cfg in (self.config, getattr(self.config, "text_config", None)):
+            for attr in ("image_token_id", "image_token_index"):
+                v = getattr(cfg, attr, None) if cfg is not None else None
+                if v is not None:
+                    return int(v)
+        from ptqbench.errors import BadInput
+
+        raise BadInput(f"model type {self.config.model_type!r} has no image token id in its config; accepted: a VLM config with image_token_id")
+
+    def vision_token_ids(self) -> list[int]:
+        """Token ids counted as vision tokens (image pads; video pads where the family has them)."""
+        ids = [self.image_token_id()]
+        v = getattr(self.config, "video_token_id", None)
+        if v is not None:
+            ids.append(int(v))
+        return ids
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+    def sequential_groups(self, names: list[str]) -> list[list[str]]:
+        """Split a block's linear names into true-sequential groups (each group shares one input)."""
+        groups: list[list[str]] = []
+        used: set[str] = set()
+        for pattern in LM_SEQUENTIAL:
+            g = [n for n in names if n.rsplit(".", 1)[-1] in pattern and n not in used]
+            if g:
+                groups.append(g)
+                used.update(g)
+        # Anything unrecognised (e.g. vision tower linears) goes alone, in module order.
+        groups.extend([n] for n in names if n not in used)
+        return groups
+
+    # ---- sub-blocks used by AWQ/MBQ/VLMQ (Llama-style decoder layer) -------------------------
+    def attention_residual(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Attn(X) = X + self_attn(input_layernorm(X)) — the attention sub-block with its residual."""
+        out = block.self_attn(hidden_states=block.input_layernorm(hidden), **kwargs)
+        return hidden + (out[0] if isinstance(out, tuple) else out)
+
+    def scale_groups(self, block: nn.Module) -> list[dict[str, Any]]:
+        """AWQ scale groups: the op whose output feeds `linears`, the linears, and the module whose
+        output the search inspects. v->o only when shapes match (skipped under GQA)."""
+        attn, mlp = block.self_attn, block.mlp
+        groups = [
+            dict(prev=block.input_layernorm, prev_name="input_layernorm",
+                 linears=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], inspect="self_attn"),
+        ]
+        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+            groups.append(dict(prev=attn.v_proj, prev_name="self_attn.v_proj",
+                               linears=["self_attn.o_proj"], inspect="self_attn.o_proj"))
+        groups.append(dict(prev=block.post_attention_layernorm, prev_name="post_attention_layernorm",
+                           linears=["mlp.gate_proj", "mlp.up_proj"], inspect="mlp"))
+        groups.append(dict(prev=mlp.up_proj, prev_name="mlp.up_proj", linears=["mlp.down_proj"], inspect="mlp.down_proj"))
+        return groups
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def extra_model_inputs(self, inputs: dict) -> dict:
+        """Extra kwargs a forward needs beyond what the processor returns (e.g. Qwen2-VL's
+        mm_token_type_ids when a processor does not provide them)."""
+        return {}
+
+    # ---- capture and replay --------------------------------------------------------------------
+    def capture(self, inputs: dict) -> tuple[torch.Tensor, dict, dict]:
+        """Run the model on `inputs` up to the first decoder layer. Returns (hidden, layer kwargs,
+        extras) where extras holds whatever `after_layer` needs."""
+        layer0 = self.decoder_layers()[0]
+        got: dict[str, Any] = {}
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            got["hidden"], got["kwargs"] = hidden.detach(), kw
+            raise _StopForward
+
+        h = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+        extras_hooks, extras = self._extras_hooks()
+        try:
+            with torch.no_grad():
+                self.model(**inputs, **self.extra_model_inputs(inputs), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            h.remove()
+            for eh in extras_hooks:
+                eh.remove()
+        if "hidden" not in got:
+            raise RuntimeError(f"{self.family}: the first decoder layer was never called during capture")
+        return got["hidden"], clean_layer_kwargs(got["kwargs"]), extras
+
+    def _extras_hooks(self) -> tuple[list, dict]:
+        return [], {}
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        out = layer(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def after_layer(self, index: int, hidden: torch.Tensor, extras: dict) -> torch.Tensor:
+        """Hook for families that modify hidden states between decoder layers."""
+        return hidden
+
+    def replay(self, hidden: torch.Tensor, kwargs: dict, extras: dict, upto: int | None = None,
+               collect: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Replay decoder layers [0, upto) on captured inputs; `collect(i, out)` sees each output."""
+        layers = self.decoder_layers()
+        for i, layer in enumerate(layers[: upto if upto is not None else len(layers)]):
+            hidden = self.after_layer(i, self.run_layer(layer, hidden, kwargs), extras)
+            if collect:
+                collect(i, hidden)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head()(self.final_norm()(hidden))
+
+
+def clean_layer_kwargs(kwargs: dict) -> dict:
+    """Drop cache objects and flags that make no sense on replay; keep tensors and plain values."""
+    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
+    return {k: v for k, v in kwargs.items() if k not in drop}
+
+
+def move(obj, device=None, dtype=None):
+    """Move every tensor inside nested dict/list/tuple structures; floating tensors also get dtype."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device=device) if device is not None else obj
+    if isinstance(obj, dict):
+        return {k: move(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move(v, device, dtype) for v in obj)
+    return obj
+
+

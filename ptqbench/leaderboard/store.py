@@ -1,0 +1,395 @@
+"""Results store: one SQLite file, `<runs_dir>/results.sqlite`, shared by every run of the grid.
+
+Why SQLite: several benchmark processes (one per GPU, or a resumed run next to a live one) write
+cells at once. WAL mode lets readers proceed while one writer commits, the busy timeout makes a
+second writer wait instead of failing, and `BEGIN IMMEDIATE` takes the write lock up front so two
+writers never deadlock upgrading a read lock. Each cell's rows land in one transaction together
+with the cell's 'done' mark, so a crash leaves either the whole cell or none of it.
+
+Tables:
+- `results`: one row per (model, method, method_options, bits, group_size, sym, calib_hash, task,
+  metric) with the value, the cost/deployment numbers and the provenance (env, config, manifest).
+- `cells`: one row per grid cell (the key without task/metric): status, error, attempts, artifacts.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import sqlite3
+import subprocess
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ptqbench.errors import BadInput
+
+DB_NAME = "results.sqlite"
+SCHEMA_VERSION = 1  # kept in PRAGMA user_version so a foreign SQLite file is refused, not altered
+BUSY_TIMEOUT_MS = 60_000
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+CELL_KEY = ("model", "method", "method_options", "bits", "group_size", "sym", "calib_hash")
+ROW_KEY = CELL_KEY + ("task", "metric")
+# JSON columns: callers pass dicts under the short name (env=...), rows() gives dicts back.
+JSON_COLS = {"env": "env_json", "config": "config_json", "calib_manifest": "calib_manifest_json"}
+ROW_FIELDS = (
+    "value", "status", "error", "run_id", "calib_seconds", "calib_peak_bytes", "model_bytes",
+    "prefill_ms", "prefill_ms_spread", "decode_tok_s", "decode_tok_s_spread", "infer_peak_bytes",
+    "kernel", "device",
+)  # fmt: skip
+CELL_STATUSES = ("running", "done", "failed")
+
+SCHEMA = f"""
+CREATE TABLE results (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL, method TEXT NOT NULL, method_options TEXT NOT NULL, bits INTEGER NOT NULL,
+    group_size INTEGER NOT NULL, sym INTEGER NOT NULL, calib_hash TEXT NOT NULL,
+    task TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL, status TEXT NOT NULL CHECK (status IN ('ok', 'failed')), error TEXT,
+    run_id TEXT, cell_id TEXT NOT NULL,
+    calib_seconds REAL, calib_peak_bytes INTEGER, model_bytes INTEGER,
+    prefill_ms REAL, prefill_ms_spread REAL, decode_tok_s REAL, decode_tok_s_spread REAL,
+    infer_peak_bytes INTEGER, kernel TEXT, device TEXT,
+    env_json TEXT, config_json TEXT, calib_manifest_json TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    CHECK (value IS NOT NULL OR status != 'ok'),
+    UNIQUE ({", ".join(ROW_KEY)})
+);
+CREATE INDEX results_cell ON results (cell_id);
+CREATE TABLE cells (
+    cell_id TEXT PRIMARY KEY, key_json TEXT NOT NULL,
+    model TEXT NOT NULL, method TEXT NOT NULL, method_options TEXT NOT NULL, bits INTEGER NOT NULL,
+    group_size INTEGER NOT NULL, sym INTEGER NOT NULL, calib_hash TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')), error TEXT,
+    started_at TEXT, finished_at TEXT, attempts INTEGER NOT NULL DEFAULT 0, artifacts_json TEXT
+);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _json_default(obj):
+    # Artifacts often hold tensors/arrays of per-layer numbers: store them as plain lists.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (Path, set, frozenset, tuple)):
+        return str(obj) if isinstance(obj, Path) else sorted(obj, key=str)
+    raise BadInput(f"value of type {type(obj).__name__} cannot be stored as JSON; accepted: JSON values, tensors, arrays, paths")
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _norm(name: str, v):
+    """One key field in the form stored and hashed (options as canonical JSON, sym as 0/1)."""
+    if name == "method_options":
+        return v if isinstance(v, str) else canonical_json(v or {})
+    if name == "calib_hash":
+        return "" if v is None else str(v)  # full precision has none; NULL would defeat UNIQUE
+    if name in ("bits", "group_size"):
+        try:
+            return 0 if v is None else int(v)
+        except (TypeError, ValueError):
+            raise BadInput(f"{name} {v!r} is not accepted; accepted: an integer") from None
+    if name == "sym":
+        return int(bool(v))
+    return str(v)
+
+
+def normalize_key(key: dict, names=CELL_KEY) -> dict:
+    missing = [n for n in names if n in ("model", "method", "bits", "task", "metric") and key.get(n) in (None, "")]
+    if missing:
+        raise BadInput(f"result key lacks {', '.join(missing)}; accepted: a dict with {', '.join(names)}")
+    return {n: _norm(n, key.get(n)) for n in names}
+
+
+@functools.lru_cache(maxsize=1)
+def _static_env() -> dict:
+    from importlib import metadata
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        commit = git.stdout.strip() if git.returncode == 0 else None
+        if commit:  # a result from uncommitted code is only reproducible if we say so
+            dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=Path(__file__).parent,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+            commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "ptqbench": version("ptqbench"), "torch": version("torch"), "transformers": version("transformers"),
+        "lmms-eval": version("lmms_eval") or version("lmms-eval"), "git_commit": commit,
+        "python": platform.python_version(),
+    }  # fmt: skip
+
+
+def current_environment() -> dict:
+    """Versions, git commit and device name recorded with every result row (env_json)."""
+    env = dict(_static_env())
+    try:
+        import torch
+
+        env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    except Exception:  # an env probe must never fail a finished cell
+        env["device"] = None
+    return env
+
+
+class ResultsStore:
+    def __init__(self, runs_dir, *, create: bool = True):
+        """Open (create=True: create if needed) the store in `runs_dir`.
+
+        create=False is for readers (the leaderboard): a missing folder or file is a BadInput.
+        A file that is not our SQLite database is refused with BadInput and left byte-for-byte as is.
+        """
+        self.runs_dir = Path(runs_dir)
+        self.path = self.runs_dir / DB_NAME
+        if not create:
+            if not self.runs_dir.is_dir():
+                raise BadInput(f"runs folder {str(self.runs_dir)!r} does not exist; accepted: a folder written by `bench run`")
+            if not self.path.is_file():
+                raise BadInput(f"runs folder {str(self.runs_dir)!r} has no {DB_NAME}; accepted: a folder written by `bench run`")
+        else:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._check_header()
+        with self._connect() as con:
+            self._check_or_create_schema(con, create)
+
+    # -- opening ---------------------------------------------------------------------------
+    def _bad_file(self, why: str) -> BadInput:
+        return BadInput(f"{self.path} is not a ptqbench results store ({why}); it was left untouched: move it away or pass another --runs folder")
+
+    def _check_header(self):
+        # Checked before SQLite touches the file: SQLite itself may write journals next to it.
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                    raise self._bad_file("not an SQLite file")
+
+    @contextmanager
+    def _connect(self):
+        try:
+            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as e:
+            raise self._bad_file(str(e)) from None
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            yield con
+        except sqlite3.IntegrityError as e:
+            raise BadInput(f"result rejected by the store: {e}") from None
+        except sqlite3.DatabaseError as e:
+            if type(e) is not sqlite3.DatabaseError:
+                raise  # e.g. "database is locked" past the timeout: not a property of the file
+            raise self._bad_file(str(e)) from None  # "file is not a database", "malformed", ...
+        finally:
+            con.close()
+
+    def _check_or_create_schema(self, con, create: bool):
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if version == SCHEMA_VERSION and {"results", "cells"} <= tables:
+            if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise self._bad_file("integrity check failed")
+            con.execute("PRAGMA journal_mode = WAL")
+            return
+        if tables or version:
+            raise self._bad_file(f"schema version {version}, tables {sorted(tables)}; expected version {SCHEMA_VERSION}")
+        if not create:
+            raise BadInput(f"results store {self.path} is empty; run `bench run` first")
+        con.execute("PRAGMA journal_mode = WAL")  # persistent: set once, every later connection uses it
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have created it between our check and the lock.
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE name='results'").fetchone():
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _write(self):
+        """One write transaction; the lock is taken at BEGIN so concurrent writers queue up."""
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    # -- cells -----------------------------------------------------------------------------
+    @staticmethod
+    def cell_id(**key) -> str:
+        """Stable id of a grid cell: a hash of model, method, options, bits, group_size, sym, calib_hash."""
+        k = normalize_key(key)
+        return hashlib.sha256(canonical_json([k[n] for n in CELL_KEY]).encode()).hexdigest()[:16]
+
+    def is_done(self, cell_id: str) -> bool:
+        with self._connect() as con:
+            r = con.execute("SELECT status FROM cells WHERE cell_id = ?", (cell_id,)).fetchone()
+        return r is not None and r["status"] == "done"
+
+    def start_cell(self, cell_id: str, key_dict: dict) -> None:
+        """Mark a cell running (attempts + 1). key_dict holds the cell key and may hold row defaults
+        (run_id, env, config, calib_manifest, kernel, device, ...) that finish_cell applies to every row."""
+        key = normalize_key(key_dict)
+        if self.cell_id(**key) != cell_id:
+            raise BadInput(f"cell id {cell_id!r} does not match its key (expected {self.cell_id(**key)!r})")
+        extra = set(key_dict) - set(CELL_KEY)
+        _check_fields(extra, set(ROW_FIELDS) | set(JSON_COLS) | set(JSON_COLS.values()))
+        stored = {**{k: v for k, v in key_dict.items() if k in extra}, **key}
+        now = _now()
+        with self._write() as con:
+            con.execute(
+                f"""INSERT INTO cells (cell_id, key_json, {", ".join(CELL_KEY)}, status, started_at, attempts)
+                    VALUES (?, ?, {", ".join("?" * len(CELL_KEY))}, 'running', ?, 1)
+                    ON CONFLICT (cell_id) DO UPDATE SET status = 'running', error = NULL, key_json = excluded.key_json,
+                        started_at = excluded.started_at, finished_at = NULL, attempts = attempts + 1""",
+                (cell_id, canonical_json(stored), *[key[n] for n in CELL_KEY], now),
+            )
+
+    def finish_cell(self, cell_id: str, rows: list[dict], artifacts: dict | None = None) -> None:
+        """Write all rows of a cell and mark it done, in one transaction (all or nothing).
+
+        Each row needs task, metric and value (or status='failed' with an error); the cell key and the
+        defaults given to start_cell fill the rest. A re-run replaces the rows with the same key."""
+        artifacts_json = canonical_json(artifacts or {})
+        with self._write() as con:
+            base = self._cell_key(con, cell_id)
+            now = _now()
+            for row in rows:
+                values = self._row_values(cell_id, base, row)
+                cols = list(values)
+                con.execute(
+                    f"""INSERT INTO results ({", ".join(cols)}, created_at, updated_at)
+                        VALUES ({", ".join("?" * len(cols))}, ?, ?)
+                        ON CONFLICT ({", ".join(ROW_KEY)}) DO UPDATE SET
+                        {", ".join(f"{c} = excluded.{c}" for c in cols if c not in ROW_KEY)},
+                        updated_at = excluded.updated_at""",
+                    (*values.values(), now, now),
+                )
+            con.execute(
+                "UPDATE cells SET status = 'done', error = NULL, finished_at = ?, artifacts_json = ? WHERE cell_id = ?",
+                (now, artifacts_json, cell_id),
+            )
+
+    def fail_cell(self, cell_id: str, error: str) -> None:
+        """Mark a cell failed with its error; it is not done, so a resumed run retries it."""
+        with self._write() as con:
+            self._cell_key(con, cell_id)
+            con.execute(
+                "UPDATE cells SET status = 'failed', error = ?, finished_at = ? WHERE cell_id = ?",
+                (str(error), _now(), cell_id),
+            )
+
+    def _cell_key(self, con, cell_id) -> dict:
+        r = con.execute("SELECT key_json FROM cells WHERE cell_id = ?", (cell_id,)).fetchone()
+        if r is None:
+            raise BadInput(f"cell {cell_id!r} was never started; call start_cell first")
+        return json.loads(r["key_json"])
+
+    def _row_values(self, cell_id: str, base: dict, row: dict) -> dict:
+        _check_fields(set(row), set(ROW_KEY) | set(ROW_FIELDS) | set(JSON_COLS) | set(JSON_COLS.values()))
+        for n in CELL_KEY:  # a row may repeat its key, but not contradict it
+            if n in row and _norm(n, row[n]) != _norm(n, base.get(n)):
+                raise BadInput(f"row {n}={row[n]!r} does not belong to cell {cell_id} ({n}={base.get(n)!r})")
+        merged = {**base, **row}
+        for short, col in JSON_COLS.items():  # accept env={...} or env_json='{...}'
+            if col in merged:
+                v = merged.pop(col)
+                merged.setdefault(short, json.loads(v) if isinstance(v, str) else v)
+        if merged.get("env") is None:
+            merged["env"] = current_environment()
+        values = normalize_key(merged, ROW_KEY)
+        # Every column is written, so a re-run never keeps a stale number from an older attempt.
+        values.update({c: merged.get(c) for c in ROW_FIELDS})
+        values.update({col: None if merged.get(s) is None else canonical_json(merged[s]) for s, col in JSON_COLS.items()})
+        values["status"] = status = merged.get("status") or "ok"
+        if status not in ("ok", "failed"):
+            raise BadInput(f"row status {status!r} is not accepted; accepted: ok, failed")
+        v = merged.get("value")
+        if status == "ok" and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            # SQLite would silently store NaN as NULL: refuse it here with the row named.
+            raise BadInput(f"row {values['task']}/{values['metric']} has value {v!r}; accepted: a finite number, or status='failed' with an error")
+        values["value"] = None if v is None else float(v)
+        values["cell_id"] = cell_id
+        return values
+
+    # -- reading ---------------------------------------------------------------------------
+    def rows(self, **filters) -> list[dict]:
+        """Result rows, each a dict (JSON columns decoded: env, config, calib_manifest, method_options).
+        Filters are column=value or column=[values]; e.g. rows(model='m', bits=[2, 4], status='ok')."""
+        cols = set(ROW_KEY) | set(ROW_FIELDS) | {"cell_id"}
+        where, args = _where(filters, cols)
+        with self._connect() as con:
+            out = [dict(r) for r in con.execute(f"SELECT * FROM results {where} ORDER BY id", args)]
+        for r in out:
+            r.pop("id")
+            for short, col in JSON_COLS.items():
+                raw = r.pop(col)
+                r[short] = json.loads(raw) if raw else None
+            r["method_options"] = json.loads(r["method_options"])
+            r["sym"] = bool(r["sym"])
+        return out
+
+    def cells(self, **filters) -> list[dict]:
+        """Cells (without artifacts), with the same filter syntax as rows(); e.g. cells(status='failed')."""
+        cols = set(CELL_KEY) | {"cell_id", "status"}
+        where, args = _where(filters, cols)
+        with self._connect() as con:
+            out = [dict(r) for r in con.execute(
+                f"SELECT *, artifacts_json IS NOT NULL AS has_artifacts FROM cells {where} ORDER BY started_at, cell_id", args
+            )]  # fmt: skip
+        for r in out:
+            r.pop("artifacts_json")
+            r["key"] = json.loads(r.pop("key_json"))
+            r["method_options"] = json.loads(r["method_options"])
+            r["sym"], r["has_artifacts"] = bool(r["sym"]), bool(r["has_artifacts"])
+        return out
+
+    def artifacts(self, cell_id: str) -> dict:
+        with self._connect() as con:
+            r = con.execute("SELECT artifacts_json FROM cells WHERE cell_id = ?", (cell_id,)).fetchone()
+        if r is None:
+            raise BadInput(f"no cell {cell_id!r} in {self.path}")
+        return json.loads(r["artifacts_json"]) if r["artifacts_json"] else {}
+
+
+def _check_fields(given: set, accepted: set):
+    unknown = sorted(given - accepted)
+    if unknown:
+        raise BadInput(f"unknown result field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
+
+
+def _where(filters: dict, cols: set) -> tuple[str, list]:
+    _check_fields(set(filters), cols)
+    clauses, args = [], []
+    for name, value in filters.items():
+        values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        if name in CELL_KEY:
+            values = [_norm(name, v) for v in values]
+        clauses.append(f"{name} IN ({', '.join('?' * len(values))})")
+        args += values
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", args

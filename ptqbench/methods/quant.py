@@ -1,0 +1,147 @@
+"""The one fake-quant grid every method shares.
+
+A weight W (out x in) is quantized per output row and per group of `group_size` consecutive input
+columns (or per row when group_size == -1). Two grid conventions exist in the reference code and both
+live here so that every method uses the same arithmetic:
+
+- "minmax" (llm-awq / MBQ `pseudo_quantize_tensor`): asymmetric s = max(max-min, 1e-5)/(2^b-1),
+  z = clamp(-round(min/s), 0, 2^b-1); symmetric s = absmax/(2^(b-1)-1) on the signed range
+  [-2^(b-1), 2^(b-1)-1] (stored here as unsigned codes with zero = 2^(b-1)).
+- "gptq" (IST-DASLab/gptq `Quantizer`): the range is widened to include 0; symmetric uses
+  s = 2*absmax/maxq with zero = (maxq+1)/2 on the unsigned grid.
+
+Every quantized weight is described by integer codes q (out x in), scale and zero (out x n_groups) and
+g_idx (in,), the column -> group map (act-order can make it non-contiguous):
+    W_hat = (q - zero[:, g_idx]) * scale[:, g_idx]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ptqbench.errors import BadInput, one_of
+
+GRIDS = ("minmax", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # -1 = one group per output row (per-channel)
+    sym: bool = False
+    grid: str = "minmax"
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise one_of("bits", self.bits, range(2, 9))
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
+            raise BadInput(f"group size {self.group_size!r} is not accepted; accepted: -1 (per-channel) or a positive integer")
+        if self.grid not in GRIDS:
+            raise one_of("grid", self.grid, GRIDS)
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups_for(self, in_features: int) -> int:
+        """Group size actually used for a layer of this width; raises if it does not divide it."""
+        if self.group_size == -1:
+            return in_features
+        if in_features % self.group_size:
+            raise BadInput(
+                f"group size {self.group_size} does not divide a layer's input width {in_features}; "
+                f"accepted: -1 or a divisor of every quantized layer's input width"
+            )
+        return self.group_size
+
+    @property
+    def label(self) -> str:
+        g = "ch" if self.group_size == -1 else f"g{self.group_size}"
+        return f"w{self.bits}{g}{'s' if self.sym else ''}"
+
+
+def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of `w` (rows x cols -> (rows,), (rows,)), from min/max over the cols."""
+    w = w.float()
+    maxq = spec.maxq
+    if spec.grid == "minmax":
+        if spec.sym:
+            half = 2 ** (spec.bits - 1)
+            scale = (w.abs().amax(dim=1) / (half - 1)).clamp(min=1e-5)
+            zero = torch.full_like(scale, float(half))
+        else:
+            wmax, wmin = w.amax(dim=1), w.amin(dim=1)
+            scale = ((wmax - wmin).clamp(min=1e-5)) / maxq
+            zero = (-torch.round(wmin / scale)).clamp(0, maxq)
+        return scale, zero
+    # "gptq": the reference Quantizer.find_params (weight=True, perchannel=True, no mse)
+    zeros = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.amin(dim=1), zeros)
+    xmax = torch.maximum(w.amax(dim=1), zeros)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(both_zero, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if spec.sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of w (rows x cols) given per-row scale/zero broadcastable to w."""
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    return scale * (q - zero)
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return dequantize(quantize_codes(w, scale, zero, maxq), scale, zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized linear weight: integer codes plus the grid that maps them back to floats."""
+
+    qweight: torch.Tensor  # (out, in) integer codes, uint8
+    scale: torch.Tensor  # (out, n_groups) float32
+    zero: torch.Tensor  # (out, n_groups) float32 (integer valued)
+    g_idx: torch.Tensor  # (in,) int32 column -> group
+    spec: QuantSpec
+    extras: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        return (self.qweight.float() - self.zero[:, g]) * self.scale[:, g]
+
+    @staticmethod
+    def from_dequantized(w_hat: torch.Tensor, scale, zero, g_idx, spec: QuantSpec) -> "QuantizedWeight":
+        """Recover the integer codes of a weight that already lies on the grid (e.g. GPTQ's output)."""
+        g = g_idx.long()
+        q = torch.round(w_hat.float() / scale[:, g] + zero[:, g]).clamp(0, spec.maxq)
+        return QuantizedWeight(q.to(torch.uint8), scale.float(), zero.float(), g_idx.int(), spec)
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest on the shared grid, per row and per group of consecutive columns."""
+    rows, cols = w.shape
+    g = spec.groups_for(cols)
+    wg = w.float().reshape(rows, cols // g, g)
+    scale, zero = grid_params(wg.reshape(-1, g), spec)
+    q = quantize_codes(wg.reshape(-1, g), scale, zero, spec.maxq).reshape(rows, cols)
+    g_idx = torch.arange(cols, device=w.device) // g
+    return QuantizedWeight(
+        q.to(torch.uint8), scale.reshape(rows, -1), zero.reshape(rows, -1), g_idx.int(), spec
+    )

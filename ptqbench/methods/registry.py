@@ -1,0 +1,58 @@
+"""Method registry: built-ins register with `@register`; plugins arrive through the entry-point group
+`ptqbench.methods` (each entry point names a `Method` subclass) without touching the core."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from ptqbench.errors import BadInput
+from ptqbench.methods.base import Method
+
+ENTRY_POINT_GROUP = "ptqbench.methods"
+_BUILTIN: dict[str, type[Method]] = {}
+_PLUGINS: dict[str, type[Method]] | None = None
+_PLUGIN_ERRORS: dict[str, str] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    _BUILTIN[cls.name] = cls
+    return cls
+
+
+def _plugins() -> dict[str, type[Method]]:
+    global _PLUGINS
+    if _PLUGINS is None:
+        _PLUGINS = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                cls = ep.load()
+                if not (isinstance(cls, type) and issubclass(cls, Method)):
+                    raise TypeError(f"{ep.value} is not a ptqbench Method subclass")
+                _PLUGINS[cls.name or ep.name] = cls
+            except Exception as e:  # a broken plugin is reported, never silently dropped
+                _PLUGIN_ERRORS[ep.name] = f"{type(e).__name__}: {e}"
+    return _PLUGINS
+
+
+def all_methods() -> dict[str, tuple[type[Method], str]]:
+    """name -> (class, origin) where origin is 'builtin' or 'plugin'."""
+    import ptqbench.methods  # noqa: F401  (registers the built-ins)
+
+    out = {n: (c, "builtin") for n, c in _BUILTIN.items()}
+    out.update({n: (c, "plugin") for n, c in _plugins().items() if n not in out})
+    return out
+
+
+def plugin_errors() -> dict[str, str]:
+    _plugins()
+    return dict(_PLUGIN_ERRORS)
+
+
+def get_method(name: str) -> type[Method]:
+    methods = all_methods()
+    if name not in methods:
+        broken = f" (plugin {name!r} failed to load: {_PLUGIN_ERRORS[name]})" if name in _PLUGIN_ERRORS else ""
+        raise BadInput(f"method {name!r} is not known{broken}; accepted: {', '.join(sorted(methods))}")
+    return methods[name][0]
