@@ -361,8 +361,8 @@ def generate(split: str, n: int, seed: int | None = None) -> list[Item]:
     return items
 
 
-def generate_multi(split: str, n: int, seed: int | None = None) -> list[list[Item]]:
-    """``n`` images, each with one question of every family (in a random order).
+def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0) -> list[list[Item]]:
+    """Images ``start .. start+n-1``, each with one question of every family (in a random order).
 
     Used for training: one image encode serves six answers. Item ids end in ``-<family>``.
     Uses a seed stream distinct from :func:`generate` (index offset by 2**40).
@@ -370,8 +370,10 @@ def generate_multi(split: str, n: int, seed: int | None = None) -> list[list[Ite
     split = _check_split(split)
     n = _check_pos_int("n", n)
     seed = DEFAULT_SEED[split] if seed is None else _check_pos_int("seed", seed)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise BadInput(f"start {start!r} is not accepted; accepted: a non-negative integer")
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         rng = _rng(split, seed, (1 << 40) + i)
         fams = [FAMILIES[j] for j in rng.permutation(len(FAMILIES))]
         scene, qa = _scene_with(rng, fams)

@@ -218,7 +218,7 @@ def _build_llava(tok, vocab):
     return LlavaForConditionalGeneration(config), proc
 
 
-_OV_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+_OV_PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # at most 2 tiles: 36-56 image tokens
 
 
 def _build_llava_onevision(tok, vocab):

@@ -18,6 +18,18 @@ from torch import nn
 
 # True-sequential order inside a Llama-style decoder block (GPTQ `--true-sequential`).
 LM_SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# The same four roles with the names vision blocks use (CLIP/SigLIP/Idefics3 `out_proj`/`fc1`/`fc2`,
+# Qwen-VL `attn.qkv`/`attn.proj`/`mlp.fc1`/`mlp.linear_fc1`, InternViT `projection_layer`), so that a
+# block whose names are only partly Llama-like (Qwen2.5-VL vision: qkv, proj, gate/up/down) still comes
+# out in execution order.
+SEQUENTIAL_ROLES = (
+    ("q_proj", "k_proj", "v_proj", "qkv"),
+    ("o_proj", "out_proj", "proj", "projection_layer"),
+    ("gate_proj", "up_proj", "fc1", "linear_fc1"),
+    ("down_proj", "fc2", "linear_fc2"),
+)
+# Attention types whose layers all receive the same mask, so replaying layer 0's kwargs is exact.
+FULL_ATTENTION_TYPES = frozenset({"full_attention"})
 
 
 class _StopForward(Exception):
@@ -39,9 +51,29 @@ class Adapter:
     projector_path: str | None = None
     lm_head_path: str = "lm_head"
 
+    extra_projector_paths: tuple[str, ...] = ()  # further vision->text projectors (Qwen3-VL deepstack)
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        self.check_attention_types()
+
+    def text_config(self):
+        return getattr(self.config, "text_config", None) or self.config
+
+    def check_attention_types(self) -> None:
+        """Replay feeds every decoder layer the kwargs captured at layer 0, which is only exact when all
+        layers use the same (full) attention. Refuse models whose text config declares other layer types
+        (sliding-window / chunked layers, as in Gemma-like decoders) instead of replaying them wrongly."""
+        from ptqbench.errors import BadInput
+
+        types = getattr(self.text_config(), "layer_types", None) or []
+        other = sorted(set(types) - FULL_ATTENTION_TYPES)
+        if other:
+            raise BadInput(
+                f"{self.family}: text config layer_types contain {', '.join(map(repr, other))}; the layer-by-layer "
+                f"replay supports only {', '.join(sorted(FULL_ATTENTION_TYPES))} decoder layers (every layer must "
+                "take the same attention mask)")
 
     # ---- structure -------------------------------------------------------------------------
     def decoder_layers(self) -> nn.ModuleList:
@@ -55,6 +87,11 @@ class Adapter:
 
     def lm_head(self) -> nn.Module:
         return get_module(self.model, self.lm_head_path)
+
+    def projectors(self) -> list[nn.Module]:
+        """Every vision->text projector: `projector_path` plus family extras (Qwen3-VL deepstack mergers)."""
+        paths = ([self.projector_path] if self.projector_path else []) + list(self.extra_projector_paths)
+        return [get_module(self.model, p) for p in paths]
 
     def image_token_id(self) -> int:
         for cfg in (self.config, getattr(self.config, "text_config", None)):
@@ -74,14 +111,20 @@ class Adapter:
             ids.append(int(v))
         return ids
 
+    def image_token_counts(self, input_ids: torch.Tensor) -> list[int]:
+        """Number of image placeholder tokens in each row of `input_ids`."""
+        return (input_ids == self.image_token_id()).sum(-1).tolist()
+
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
     def sequential_groups(self, names: list[str]) -> list[list[str]]:
-        """Split a block's linear names into true-sequential groups (each group shares one input)."""
+        """Split a block's linear names into true-sequential groups (each group shares one input):
+        q,k,v -> o -> gate,up -> down for decoder blocks, and the same roles for vision blocks
+        (qkv -> proj -> fc1 -> fc2)."""
         groups: list[list[str]] = []
         used: set[str] = set()
-        for pattern in LM_SEQUENTIAL:
+        for pattern in SEQUENTIAL_ROLES:
             g = [n for n in names if n.rsplit(".", 1)[-1] in pattern and n not in used]
             if g:
                 groups.append(g)
@@ -146,6 +189,59 @@ class Adapter:
             raise RuntimeError(f"{self.family}: the first decoder layer was never called during capture")
         return got["hidden"], clean_layer_kwargs(got["kwargs"]), extras
 
+    def capture_vision(self, inputs: dict) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """Run the model on `inputs` through the vision tower and stop at the first decoder layer.
+        Returns the input of the first vision block and, for every block, the extra positional and
+        keyword arguments it was called with (these differ per block, e.g. Qwen2.5-VL's windowed vs
+        full-attention `cu_seqlens`), so `replay_vision` is exact."""
+        blocks = self.vision_blocks()
+        if blocks is None or len(blocks) == 0:
+            raise RuntimeError(f"{self.family}: no vision blocks to capture")
+        got: dict[str, Any] = {}
+        calls: list[tuple[tuple, dict] | None] = [None] * len(blocks)
+
+        def block_hook(i):
+            def hook(module, args, kwargs):
+                if calls[i] is not None:
+                    raise RuntimeError(f"{self.family}: vision block {i} ran more than once in one forward "
+                                       "(capture one kind of vision input per batch)")
+                kwargs = dict(kwargs)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if i == 0:
+                    got["hidden"] = hidden.detach()
+                calls[i] = (tuple(args[1:]), clean_layer_kwargs(kwargs))
+            return hook
+
+        def stop(module, args, kwargs):
+            raise _StopForward
+
+        handles = [b.register_forward_pre_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        handles.append(self.decoder_layers()[0].register_forward_pre_hook(stop, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                self.model(**inputs, **self.extra_model_inputs(inputs), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if "hidden" not in got or any(c is None for c in calls):
+            raise RuntimeError(f"{self.family}: the vision tower did not run (no images in the batch?)")
+        return got["hidden"], calls  # type: ignore[return-value]
+
+    def replay_vision(self, hidden: torch.Tensor, calls: list[tuple[tuple, dict]], upto: int | None = None,
+                      collect: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Replay vision blocks [0, upto) on what `capture_vision` returned."""
+        blocks = self.vision_blocks()
+        n = len(blocks) if upto is None else upto
+        for i in range(n):
+            args, kwargs = calls[i]
+            out = blocks[i](hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if collect:
+                collect(i, hidden)
+        return hidden
+
     def _extras_hooks(self) -> tuple[list, dict]:
         return [], {}
 
@@ -173,7 +269,7 @@ class Adapter:
 
 def clean_layer_kwargs(kwargs: dict) -> dict:
     """Drop cache objects and flags that make no sense on replay; keep tensors and plain values."""
-    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
+    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions", "logits_to_keep"}
     return {k: v for k, v in kwargs.items() if k not in drop}
 
 

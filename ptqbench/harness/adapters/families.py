@@ -35,6 +35,9 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3-vl"
     model_types = ("qwen3_vl",)
+    # Vision blocks listed in `vision_config.deepstack_visual_indexes` also feed their own mergers,
+    # whose outputs are added to the hidden states of the image tokens after decoder layers 0, 1, ...
+    extra_projector_paths = ("model.visual.deepstack_merger_list",)
 
     # Qwen3-VL adds "deepstack" visual features to the hidden states after the first few decoder
     # layers; capture them from the language model's call and re-apply them on replay.
@@ -52,24 +55,33 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         embeds = extras.get("deepstack_visual_embeds")
         if embeds is not None and index < len(embeds):
             lm = self.model.get_submodule("model.language_model")
-            hidden = lm._deepstack_process(hidden, extras["visual_pos_masks"], embeds[index])
+            process = getattr(lm, "_deepstack_process", None)
+            if process is not None:
+                return process(hidden, extras["visual_pos_masks"], embeds[index])
+            # Same as Qwen3VLTextModel._deepstack_process (transformers 5.x).
+            mask = extras["visual_pos_masks"].to(hidden.device)
+            hidden = hidden.clone()
+            hidden[mask, :] = hidden[mask, :] + embeds[index].to(hidden.device, hidden.dtype)
         return hidden
 
 
+# CLIP / SigLIP towers are `*VisionModel`s whose encoder sits directly under `vision_tower` in
+# transformers 5.x (no `.vision_model` level).
 class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
-    vision_blocks_path = "model.vision_tower.vision_model.encoder.layers"
+    vision_blocks_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
 
 
 class LlavaOnevisionAdapter(Adapter):
     family = "llava-onevision"
     model_types = ("llava_onevision",)
-    vision_blocks_path = "model.vision_tower.vision_model.encoder.layers"
+    vision_blocks_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
 
 
+# Idefics3 and SmolVLM keep the text decoder under `model.text_model` (not `language_model`).
 class Idefics3Adapter(Adapter):
     family = "idefics3"
     model_types = ("idefics3", "smolvlm")
@@ -79,6 +91,7 @@ class Idefics3Adapter(Adapter):
     projector_path = "model.connector"
 
 
+# HF-native InternVL (InternVL3 / -hf checkpoints): InternViT blocks are `encoder.layer` (singular).
 class InternVLAdapter(Adapter):
     family = "internvl"
     model_types = ("internvl",)

@@ -1,0 +1,151 @@
+"""`bench` / `ptqbench` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data come from disk, never the network
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ptqbench.errors import BadInput
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False, help="Compare post-training quantization methods for VLMs.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+@app.command()
+def run(
+    model: Optional[str] = typer.Option(None, help="testbed (default), tiny:<family>, a checkpoint dir or cached hub id"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: all registered)"),
+    bits: Optional[str] = typer.Option(None, help="comma-separated weight bits, 2-8 (default 2,3,4)"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="-1 per-channel; default: the model's natural size"),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="symmetric grid (default asymmetric)"),
+    grid: Optional[str] = typer.Option(None, help="minmax (AWQ/MBQ convention, default) or gptq"),
+    calib: Optional[str] = typer.Option(None, help="synthvqa, synthvqa:caption, a ShareGPT4V .json/.jsonl, or a .txt"),
+    image_root: Optional[str] = typer.Option(None, help="image folder for a ShareGPT4V file (default: its folder)"),
+    calib_n: Optional[int] = typer.Option(None, "--calib-n", help="calibration samples"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="max tokens per calibration sample"),
+    seed: Optional[int] = typer.Option(None, help="seed for data, sampling and everything else"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="calibration batch size"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks (default: the model's; none for tiny models)"),
+    eval_n: Optional[int] = typer.Option(None, "--eval-n", help="evaluation items per task (default: the task's)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option METHOD.KEY=VALUE (repeatable)"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16"),
+    runs: Optional[str] = typer.Option(None, help="runs folder holding results.sqlite (default runs)"),
+    name: Optional[str] = typer.Option(None, help="run folder name (default: a timestamp)"),
+    save_model: Optional[bool] = typer.Option(None, "--save-model/--no-save-model", help="save packed safetensors per cell"),
+    force: Optional[bool] = typer.Option(None, "--force", help="recompute cells already in the store"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file with the same fields as these flags"),
+):
+    """Quantize a model with every method x bits, evaluate, and store the results."""
+    from ptqbench.config import load_config, parse_list, parse_option
+
+    overrides = dict(model=model, group_size=group_size, sym=sym, grid=grid, calib=calib, image_root=image_root,
+                     calib_n=calib_n, seq_len=seq_len, seed=seed, batch_size=batch_size, eval_n=eval_n, device=device,
+                     dtype=dtype, runs=runs, name=name, save_model=save_model, force=force)
+    if methods is not None:
+        overrides["methods"] = parse_list(methods, str, "methods")
+    if bits is not None:
+        overrides["bits"] = parse_list(bits, int, "bits")
+    if tasks is not None:
+        overrides["tasks"] = parse_list(tasks, str, "tasks")
+    if option:
+        opts: dict = {}
+        for text in option:
+            m, k, v = parse_option(text)
+            opts.setdefault(m, {})[k] = v
+        overrides["options"] = opts
+    cfg = load_config(config, overrides)
+
+    from ptqbench.harness.runner import run_grid
+
+    with _progress() as progress:
+        summary = run_grid(cfg, progress=progress, log=lambda m: progress.console.print(m))
+    _print_summary(summary)
+    failed = [c for c in summary.cells if c.status == "failed"]
+    if failed:
+        err_console.print(f"[red]{len(failed)} cell(s) failed[/red]: " + "; ".join(f"{c.method} w{c.bits}: {c.error}" for c in failed))
+        raise typer.Exit(1)
+
+
+def _print_summary(summary) -> None:
+    metrics: list[str] = []
+    for c in summary.cells:
+        for k in c.metrics:
+            if k not in metrics:
+                metrics.append(k)
+    # Headline metrics first (task metrics, then reconstruction), per-family/per-token breakdowns after.
+    metrics.sort(key=lambda m: ("/" in m.split("/", 1)[1], m.startswith("recon/"), m))
+    shown = metrics[: max(2, (console.width - 30) // 11)]
+    table = Table(title=f"{summary.model}  (group size {summary.group_size}, calibration {summary.calib_manifest['content_hash']})")
+    table.add_column("method")
+    table.add_column("bits", justify="right")
+    table.add_column("status")
+    for m in shown:
+        table.add_column(m.removeprefix("recon/").replace("/", " "), justify="right")
+    for c in summary.cells:
+        vals = [("—" if c.metrics.get(m) is None else f"{c.metrics[m]:.4g}") for m in shown]
+        status = {"failed": "[red]failed[/red]", "cached": "cached"}.get(c.status, f"{c.seconds:.1f}s")
+        table.add_row(c.method, str(c.bits), status, *vals)
+    console.print(table)
+    if len(shown) < len(metrics):
+        console.print(f"{len(metrics) - len(shown)} more metrics in the store: bench leaderboard --runs {summary.run_dir.parent}")
+    console.print(f"results: {summary.run_dir.parent / 'results.sqlite'}  run folder: {summary.run_dir}")
+
+
+@app.command("methods")
+def methods_cmd():
+    """List registered methods (built-in and plugins) with their options."""
+    from ptqbench.methods.base import option_rows
+    from ptqbench.methods.registry import all_methods, plugin_errors
+
+    table = Table(title="ptqbench methods")
+    for col in ("method", "origin", "streams", "summary", "options (default)"):
+        table.add_column(col)
+    for name, (cls, origin) in sorted(all_methods().items()):
+        opts = "\n".join(f"{n}={d!r}: {h}" for n, d, h in option_rows(cls.Options)) or "—"
+        table.add_row(name, origin, cls.streams, cls.summary, opts)
+    console.print(table)
+    for name, err in plugin_errors().items():
+        err_console.print(f"[red]plugin {name!r} failed to load[/red]: {err}")
+
+
+@app.command()
+def leaderboard(
+    runs: str = typer.Option("runs", help="runs folder holding results.sqlite"),
+    format: str = typer.Option("md", "--format", help="md, html or json"),
+    out: Optional[str] = typer.Option(None, help="write to this file instead of stdout"),
+):
+    """Render the results store as markdown, a self-contained HTML page, or JSON."""
+    from ptqbench.leaderboard import leaderboard as render_leaderboard
+
+    text = render_leaderboard(runs, format, out)
+    if out is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        console.print(f"wrote {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)  # one plain line, never wrapped
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

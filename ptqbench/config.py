@@ -1,0 +1,175 @@
+"""Run configuration: one typed dataclass; YAML files hold the same fields as the CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from ptqbench.errors import BadInput, one_of
+from ptqbench.methods.quant import GRIDS, QuantSpec
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MODEL = "testbed"
+
+
+@dataclass
+class RunConfig:
+    model: str = DEFAULT_MODEL  # "testbed", "tiny:<family>", a local checkpoint dir, or a hub id in the local cache
+    methods: list[str] = field(default_factory=list)  # empty = every registered method
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4])
+    group_size: int | None = None  # None = the model's natural choice (testbed 64, tiny 32, else 128); -1 = per-channel
+    sym: bool = False
+    grid: str = "minmax"
+    calib: str = "synthvqa"  # synthvqa, synthvqa:caption, a ShareGPT4V .json/.jsonl, or a .txt file
+    image_root: str | None = None
+    calib_n: int = 64
+    seq_len: int = 512
+    seed: int = 1  # a positive integer (the synthvqa generator refuses 0)
+    batch_size: int = 4
+    tasks: list[str] | None = None  # None = the model's default tasks (synthvqa tasks for the testbed)
+    eval_n: int | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method options
+    device: str = "auto"
+    dtype: str = "auto"
+    runs: str = "runs"
+    name: str | None = None
+    quantize_vision: bool = False
+    save_model: bool = True
+    force: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "RunConfig":
+        hints = get_type_hints(RunConfig)
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        from ptqbench.methods import all_methods
+
+        known = all_methods()
+        for m in self.methods:
+            if m not in known:
+                raise one_of("method", m, sorted(known))
+        for b in self.bits:
+            if not 2 <= b <= 8:
+                raise one_of("bits", b, range(2, 9))
+        if not self.bits:
+            raise BadInput("bits is empty; accepted: one or more of 2..8")
+        if self.group_size is not None:
+            QuantSpec(bits=self.bits[0], group_size=self.group_size)
+        if self.grid not in GRIDS:
+            raise one_of("grid", self.grid, GRIDS)
+        for key, low in (("calib_n", 1), ("seq_len", 8), ("batch_size", 1), ("seed", 1)):
+            if getattr(self, key) < low:
+                raise BadInput(f"{key.replace('_', '-')} {getattr(self, key)!r} is not accepted; accepted: an integer >= {low}")
+        if self.eval_n is not None and self.eval_n < 1:
+            raise BadInput(f"eval-n {self.eval_n!r} is not accepted; accepted: a positive integer")
+        if self.device not in DEVICES:
+            raise one_of("device", self.device, DEVICES)
+        if self.dtype not in DTYPES:
+            raise one_of("dtype", self.dtype, DTYPES)
+        for m, opts in self.options.items():
+            if m not in known:
+                raise one_of("method in options", m, sorted(known))
+            if not isinstance(opts, dict):
+                raise BadInput(f"options for {m!r} must be a mapping of option -> value")
+        return self
+
+    def method_list(self) -> list[str]:
+        from ptqbench.methods import all_methods
+
+        return self.methods or list(all_methods())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_type(name: str, value, tp) -> None:
+    """Minimal runtime check of the annotated type, so a YAML typo fails on load with one line."""
+    flag = name.replace("_", "-")
+    origin = getattr(tp, "__origin__", None)
+    args = getattr(tp, "__args__", ())
+    if type(None) in args:
+        if value is None:
+            return
+        tp = next(a for a in args if a is not type(None))
+        origin, args = getattr(tp, "__origin__", None), getattr(tp, "__args__", ())
+    if origin is list:
+        if not isinstance(value, list):
+            raise BadInput(f"{flag} {value!r} is not accepted; accepted: a list")
+        for v in value:
+            _check_type(name, v, args[0])
+        return
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise BadInput(f"{flag} {value!r} is not accepted; accepted: a mapping")
+        return
+    if tp is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise BadInput(f"{flag} {value!r} is not accepted; accepted: an integer")
+    if tp is bool and not isinstance(value, bool):
+        raise BadInput(f"{flag} {value!r} is not accepted; accepted: true or false")
+    if tp is str and not isinstance(value, str):
+        raise BadInput(f"{flag} {value!r} is not accepted; accepted: a string")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """YAML fields (dashes or underscores) overlaid by CLI flags that were given."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise BadInput(f"config file {str(p)!r} does not exist; accepted: a YAML file with RunConfig fields")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise BadInput(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise BadInput(f"config file {str(p)!r} must hold a mapping of fields")
+        data = {k.replace("-", "_"): v for k, v in loaded.items()}
+    accepted = [f.name for f in dataclasses.fields(RunConfig)]
+    for k in data:
+        if k not in accepted:
+            raise BadInput(f"config key {k!r} does not exist; accepted: {', '.join(a.replace('_', '-') for a in accepted)}")
+    for k in ("methods", "bits", "tasks"):  # YAML may give "gptq,vlmq" like the flag does
+        if isinstance(data.get(k), str):
+            data[k] = parse_list(data[k], int if k == "bits" else str, k)
+        elif isinstance(data.get(k), int) and k == "bits":
+            data[k] = [data[k]]
+    options = overrides.pop("options", None) or {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if options:  # flags extend the YAML's per-method options rather than replace them
+        merged = {m: dict(o) for m, o in (data.get("options") or {}).items()} if isinstance(data.get("options"), dict) else {}
+        for m, o in options.items():
+            merged.setdefault(m, {}).update(o)
+        data["options"] = merged
+    return RunConfig(**data)
+
+
+def parse_list(text: str, cast, what: str) -> list:
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            out.append(cast(part))
+        except ValueError:
+            raise BadInput(f"{what} value {part!r} is not accepted; accepted: a comma-separated list of {cast.__name__}") from None
+    return out
+
+
+def parse_option(text: str) -> tuple[str, str, Any]:
+    """`method.key=value` with value parsed as YAML (so true/0.25/128 get their types)."""
+    head, eq, value = text.partition("=")
+    method, dot, key = head.partition(".")
+    if not eq or not dot or not method or not key:
+        raise BadInput(f"option {text!r} is not accepted; accepted: METHOD.KEY=VALUE, e.g. gptq.act_order=true")
+    return method, key, yaml.safe_load(value)

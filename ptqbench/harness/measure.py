@@ -1,0 +1,62 @@
+"""Measuring beside the code: wall time and peak memory of a phase (calibration, inference)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc (Linux); 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
+@dataclass
+class Measurement:
+    seconds: float = 0.0
+    peak_bytes: int = 0  # CUDA: peak allocated; CPU: peak RSS increase over the phase start
+    kind: str = "cpu-rss-delta"
+
+
+@contextmanager
+def measure(device: torch.device | str = "cpu", interval: float = 0.02):
+    """Time a phase and record its peak memory. On CPU a sampling thread tracks RSS every `interval` s
+    (the peak of the *increase* over the start, so a phase is not charged for what was loaded before)."""
+    device = torch.device(device)
+    m = Measurement(kind="cuda-peak-allocated" if device.type == "cuda" else "cpu-rss-delta")
+    stop = threading.Event()
+    start_rss = rss_bytes()
+    peak = [start_rss]
+
+    def sample():
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], rss_bytes())
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            m.peak_bytes = int(torch.cuda.max_memory_allocated(device) - base)
+        else:
+            stop.set()
+            t.join()
+            peak[0] = max(peak[0], rss_bytes())
+            m.peak_bytes = int(peak[0] - start_rss)
+        m.seconds = time.perf_counter() - t0

@@ -1,0 +1,193 @@
+"""The grid runner: one calibration set, every (method, bits) cell, results into the store.
+
+A cell that fails is recorded as failed and the grid goes on; a cell already done (same model,
+method, options, bits, group size, grid and calibration hash) is skipped unless `force`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ptqbench.config import RunConfig
+from ptqbench.errors import BadInput
+from ptqbench.harness.adapters import adapter_for
+from ptqbench.harness.calibration import build_calibration
+from ptqbench.harness.engine import EngineResult, quantize_model
+from ptqbench.harness.measure import measure
+from ptqbench.harness.models import load_model, resolve_device, resolve_dtype
+from ptqbench.methods import QuantSpec, get_method
+
+FP_METHOD = "fp"
+
+
+@dataclass
+class CellOutcome:
+    method: str
+    bits: int
+    status: str  # done | failed | cached
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    model: str
+    group_size: int
+    calib_manifest: dict
+    cells: list[CellOutcome]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of distinct tensors (tied weights such as embed/lm_head counted once)."""
+    seen, total = set(), 0
+    for t in state.values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def recon_metrics(result: EngineResult) -> dict[str, float]:
+    """Layer reconstruction errors, the figures a run reports when no task is asked for."""
+    out: dict[str, float] = {}
+    lin = result.diagnostics["linears"].values()
+    for t in ("all", "vision", "text", "answer"):
+        vals = [e[t] for e in lin if e.get(t) is not None]
+        if vals:
+            out["linear_rel_err" + ("" if t == "all" else f"/{t}")] = sum(vals) / len(vals)
+    last = result.diagnostics["blocks"][max(result.diagnostics["blocks"])]["stream"]
+    for t in ("all", "vision", "text", "answer"):
+        if last.get(t) is not None:
+            out["final_rel_err" + ("" if t == "all" else f"/{t}")] = last[t]
+    return out
+
+
+def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
+    from ptqbench.benchmarks.tasks import get_task
+    from ptqbench.harness.packing import pack, packed_nbytes, save_quantized
+    from ptqbench.leaderboard.store import ResultsStore, current_environment
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    # Validate everything a cell needs before any expensive work.
+    methods = {m: get_method(m) for m in cfg.method_list()}
+    lm = load_model(cfg.model, dtype)
+    lm.adapter.image_token_id()  # a model without an image token is refused here
+    group_size = cfg.group_size if cfg.group_size is not None else lm.group_size
+    specs = {b: QuantSpec(bits=b, group_size=group_size, sym=cfg.sym, grid=cfg.grid) for b in cfg.bits}
+    widths = {m.in_features for blk in lm.adapter.decoder_layers() for m in lm.adapter.block_linears(blk).values()}
+    for w in sorted(widths):
+        specs[cfg.bits[0]].groups_for(w)
+    instances = {(m, b): cls(specs[b], **cfg.options.get(m, {})) for m, cls in methods.items() for b in cfg.bits}
+    if cfg.quantize_vision:
+        raise BadInput("quantize-vision is not available yet in this version; accepted: false")
+    task_names = cfg.tasks if cfg.tasks is not None else lm.tasks
+    tasks = {t: get_task(t) for t in task_names}
+
+    runs = Path(cfg.runs)
+    run_dir = runs / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    store = ResultsStore(runs)
+    env = current_environment()
+    env["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+
+    calib = build_calibration(lm.model, lm.adapter, lm.processor, cfg.calib, cfg.calib_n, cfg.seq_len, cfg.seed,
+                              batch_size=cfg.batch_size, image_root=cfg.image_root, cache_dir=runs / ".calib",
+                              progress=progress)
+    manifest = calib.manifest
+    (run_dir / "calibration.json").write_text(json.dumps(manifest, indent=2))
+    log(f"calibration {manifest['content_hash']}: {manifest['n_samples']} samples, tokens {manifest['tokens']}")
+
+    def evaluate(model) -> dict[str, dict[str, float]]:
+        model.to(device)
+        try:
+            return {t: task.evaluate(model, lm.processor, n=cfg.eval_n, progress=progress) for t, task in tasks.items()}
+        finally:
+            model.to("cpu")
+
+    def key(method: str, options: dict, bits: int, gs: int, sym: bool, calib_hash: str) -> dict:
+        return dict(model=cfg.model, method=method, method_options=options, bits=bits, group_size=gs, sym=sym,
+                    calib_hash=calib_hash)
+
+    outcomes: list[CellOutcome] = []
+    cells = [(FP_METHOD, 16)] + [(m, b) for m in methods for b in cfg.bits]
+    for method, bits in cells:
+        inst = instances.get((method, bits))
+        options = inst.options_dict() if inst else {}
+        k = key(method, options, bits, group_size if inst else 0, cfg.sym if inst else False,
+                manifest["content_hash"] if inst else "-")
+        if inst is None and not tasks:
+            continue  # full precision has nothing to report without tasks
+        cid = ResultsStore.cell_id(**k)
+        if store.is_done(cid) and not cfg.force:
+            rows = store.rows(cell_id=cid, status="ok")
+            outcomes.append(CellOutcome(method, bits, "cached", {f"{r['task']}/{r['metric']}": r["value"] for r in rows}))
+            log(f"{method} w{bits}: already done (cell {cid}), skipped; use --force to recompute")
+            continue
+        store.start_cell(cid, dict(k, run_id=run_dir.name, env=env, config=cfg.to_dict(), calib_manifest=manifest,
+                                   device=env["device"]))
+        t0 = time.perf_counter()
+        try:
+            seed_everything(cfg.seed)
+            model = copy.deepcopy(lm.model)
+            rows, artifacts = [], {}
+            extra: dict = {}
+            if inst is not None:
+                with measure(device) as cost:
+                    result = quantize_model(model, adapter_for(model), calib, inst, device=device, progress=progress)
+                packed = {n: pack(qw) for n, qw in result.quantized.items()}
+                other = {n: p for n, p in model.state_dict().items()
+                         if n.removesuffix(".weight") not in result.quantized}
+                model_bytes = sum(packed_nbytes(t) for t in packed.values()) + state_bytes(other)
+                extra = dict(calib_seconds=cost.seconds, calib_peak_bytes=cost.peak_bytes, model_bytes=model_bytes, kernel="fake")
+                for metric, v in recon_metrics(result).items():
+                    rows.append(dict(task="recon", metric=metric, value=v))
+                artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info,
+                                 memory_kind=cost.kind)
+                if cfg.save_model:
+                    out = run_dir / "cells" / cid
+                    out.mkdir(parents=True, exist_ok=True)
+                    save_quantized(out / "model.safetensors", result.quantized, other,
+                                   dict(model=cfg.model, method=method, bits=bits, options=options))
+            else:
+                extra = dict(model_bytes=state_bytes(lm.model.state_dict()), kernel="fake")
+            for t, metrics in evaluate(model).items():
+                rows += [dict(task=t, metric=m, value=v) for m, v in metrics.items()]
+            rows = [dict(r, **extra) for r in rows]
+            store.finish_cell(cid, rows, artifacts)
+            outcomes.append(CellOutcome(method, bits, "done", {f"{r['task']}/{r['metric']}": r["value"] for r in rows},
+                                        seconds=time.perf_counter() - t0))
+            del model
+        except KeyboardInterrupt:
+            store.fail_cell(cid, "interrupted")
+            raise
+        except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
+            msg = f"{type(e).__name__}: {e}"
+            store.fail_cell(cid, msg + "\n" + traceback.format_exc(limit=8))
+            outcomes.append(CellOutcome(method, bits, "failed", error=msg, seconds=time.perf_counter() - t0))
+            log(f"[FAILED] {method} w{bits}: {msg}")
+    return RunSummary(run_dir, cfg.model, group_size, manifest, outcomes)

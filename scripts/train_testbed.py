@@ -1,0 +1,376 @@
+#!/usr/bin/env python
+"""Train the embedded testbed VLM (Qwen2-VL architecture, from scratch) on SynthVQA.
+
+Reproduces ``ptqbench/benchmarks/testbed_model/``: builds the tokenizer/processor/config from
+``ptqbench.benchmarks.testbed``, pre-renders the ``train`` split (each image with one question of
+every family, as a multi-turn chat), trains with answer-only cross-entropy (prompt tokens -100),
+saves the checkpoint (fp16 storage), reloads it through ``load_testbed`` and scores the held-out
+``eval`` split with the ``synthvqa`` / ``synthvqa-nll`` tasks, then writes MODEL_CARD.md and
+SHA256SUMS. Uses CUDA when available, else CPU.
+
+    python scripts/train_testbed.py --out ptqbench/benchmarks/testbed_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptqbench.benchmarks import synthvqa as sv  # noqa: E402
+from ptqbench.benchmarks import tasks as T  # noqa: E402
+from ptqbench.benchmarks import testbed as tb  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def patchify(images_u8: torch.Tensor, ip) -> torch.Tensor:
+    """Qwen2-VL patch extraction for (B, 3, H, W) uint8 images already at the target size.
+
+    Matches ``Qwen2VLImageProcessor`` (checked against it at start-up).
+    """
+    B, C, H, W = images_u8.shape
+    ps, tps, ms = ip.patch_size, ip.temporal_patch_size, ip.merge_size
+    mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (images_u8.float() * ip.rescale_factor - mean) / std
+    x = x.unsqueeze(1).expand(B, tps, C, H, W)  # a still image repeated over the temporal patch
+    gh, gw = H // ps, W // ps
+    x = x.reshape(B, 1, tps, C, gh // ms, ms, ps, gw // ms, ms, ps)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return x.reshape(B * gh * gw, C * tps * ps * ps).contiguous()
+
+
+class Encoder:
+    """Turns a group of Items (same image, several questions) into ids + answer-only labels."""
+
+    def __init__(self, processor, n_image_tokens: int, instruction_every_turn: bool):
+        self.p = processor
+        self.tok = processor.tokenizer
+        self.n_img = n_image_tokens
+        self.image_id = self.tok.convert_tokens_to_ids("<|image_pad|>")
+        self.every = instruction_every_turn
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def messages(self, group):
+        msgs = []
+        for k, it in enumerate(group):
+            q = T.user_text(it.question) if (k == 0 or self.every) else it.question
+            content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
+            msgs.append({"role": "user", "content": content})
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": it.answer}]})
+        return msgs
+
+    def encode(self, group, check: bool = False):
+        msgs = self.messages(group)
+        ids: list[int] = []
+        labels: list[int] = []
+        for k in range(0, len(msgs), 2):
+            before = self.p.apply_chat_template(msgs[:k], tokenize=False) if k else ""
+            prompt = self.p.apply_chat_template(msgs[:k + 1], add_generation_prompt=True, tokenize=False)
+            turn = self.p.apply_chat_template(msgs[:k + 2], tokenize=False)
+            assert prompt.startswith(before) and turn.startswith(prompt)
+            ans = msgs[k + 1]["content"][0]["text"]
+            rest = turn[len(prompt):]
+            assert rest.startswith(ans + "<|im_end|>")
+            a_ids = self._ids(ans + "<|im_end|>")
+            p_ids = self._ids(prompt[len(before):])
+            t_ids = self._ids(rest[len(ans) + len("<|im_end|>"):])
+            ids += p_ids + a_ids + t_ids
+            labels += [-100] * len(p_ids) + a_ids + [-100] * len(t_ids)
+        if check:
+            full = self.p.apply_chat_template(msgs, tokenize=False)
+            assert self._ids(full) == ids, "segment tokenisation differs from whole-string tokenisation"
+        # expand the single image placeholder to the number of merged vision tokens
+        k = ids.index(self.image_id)
+        ids = ids[:k] + [self.image_id] * self.n_img + ids[k + 1:]
+        labels = labels[:k] + [-100] * self.n_img + labels[k + 1:]
+        return ids, labels
+
+
+def collate(batch, pad_id: int, image_id: int):
+    """Left-pad (the eval task generates with left padding too)."""
+    L = max(len(ids) for ids, _ in batch)
+    B = len(batch)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for b, (ids, lab) in enumerate(batch):
+        n = len(ids)
+        input_ids[b, L - n:] = torch.tensor(ids)
+        labels[b, L - n:] = torch.tensor(lab)
+        attn[b, L - n:] = 1
+    mm = (input_ids == image_id).long() * attn
+    return input_ids, attn, labels, mm
+
+
+def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder):
+    """Pre-render the training pool once: uint8 images + token ids + labels (+ families)."""
+    if path.exists():
+        z = torch.load(path, weights_only=False)
+        if z["n"] == n_images and z["seed"] == seed and z["vocab"] == len(encoder.tok):
+            log(f"loaded training cache {path} ({n_images} images)")
+            return z
+    log(f"rendering {n_images} training images (seed {seed}) ...")
+    t0 = time.time()
+    images = np.empty((n_images, sv.SIZE, sv.SIZE, 3), dtype=np.uint8)
+    seqs = []
+    chunk = 500
+    for start in range(0, n_images, chunk):
+        n = min(chunk, n_images - start)
+        groups = sv.generate_multi("train", n, seed=seed, start=start)
+        for j, g in enumerate(groups):
+            images[start + j] = np.asarray(g[0].image.convert("RGB"))
+            ids, lab = encoder.encode(g, check=(start + j) < 20)
+            seqs.append((ids, lab, [it.family for it in g]))
+    z = {"n": n_images, "seed": seed, "vocab": len(encoder.tok), "images": torch.from_numpy(images), "seqs": seqs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(z, path)
+    log(f"rendered in {time.time() - t0:.0f}s -> {path}")
+    return z
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(tb.TESTBED_DIR))
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--data-seed", type=int, default=sv.DEFAULT_SEED["train"])
+    ap.add_argument("--images", type=int, default=12000, help="training pool size (images)")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16, help="images per step (each with 6 questions)")
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--wd", type=float, default=0.05)
+    ap.add_argument("--eval-n", type=int, default=T.DEFAULT_N)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--probe-n", type=int, default=96, help="items for the periodic eval")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=str(ROOT / "runs" / "testbed_cache"))
+    ap.add_argument("--instruction-every-turn", action="store_true")
+    ap.add_argument("--no-final", action="store_true", help="skip saving (for quick design runs)")
+    args = ap.parse_args(argv)
+
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+
+    from transformers import Qwen2VLForConditionalGeneration
+    import transformers
+
+    tok = tb.build_tokenizer()
+    processor = tb.build_processor(tok)
+    config = tb.testbed_config(tok)
+    n_img_tokens = (sv.SIZE // 14) ** 2 // 4
+    enc = Encoder(processor, n_img_tokens, args.instruction_every_turn)
+
+    # patchify must match the processor
+    probe = sv.generate("calib", 4)
+    ref = processor.image_processor(images=[it.image for it in probe], return_tensors="pt")
+    mine = patchify(torch.from_numpy(np.stack([np.asarray(it.image) for it in probe])).permute(0, 3, 1, 2),
+                    processor.image_processor)
+    assert torch.allclose(ref["pixel_values"], mine, atol=1e-5), "patchify differs from the processor"
+    assert ref["image_grid_thw"][0].tolist() == [1, sv.SIZE // 14, sv.SIZE // 14]
+
+    cache_path = Path(args.cache) / f"pool_n{args.images}_s{args.data_seed}.pt"
+    data = build_cache(cache_path, args.images, args.data_seed, enc)
+    images, seqs = data["images"], data["seqs"]
+
+    seed_everything(args.seed)
+    model = Qwen2VLForConditionalGeneration(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vis = sum(p.numel() for p in model.model.visual.parameters())
+    log(f"params {n_params / 1e6:.2f}M (vision {n_vis / 1e6:.2f}M), vocab {config.text_config.vocab_size}")
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.bos_token_id = config.text_config.bos_token_id
+    model.generation_config.do_sample = False
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(seqs), generator=g).tolist()
+    pos = 0
+    pad_id = config.text_config.pad_token_id
+    image_id = config.image_token_id
+    ip = processor.image_processor
+    task = T.SynthVQAAccuracy()
+    history = []
+    ema = None
+    t_train = time.time()
+    for step in range(args.steps):
+        if pos + args.batch > len(order):
+            order = torch.randperm(len(seqs), generator=g).tolist()
+            pos = 0
+        idx = order[pos:pos + args.batch]
+        pos += args.batch
+        input_ids, attn, labels, mm = collate([seqs[i][:2] for i in idx], pad_id, image_id)
+        pv = patchify(images[idx].permute(0, 3, 1, 2), ip)
+        thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(idx))
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step)
+        model.train()
+        out = model(input_ids=input_ids.to(device), attention_mask=attn.to(device), labels=labels.to(device),
+                    pixel_values=pv.to(device), image_grid_thw=thw.to(device), mm_token_type_ids=mm.to(device))
+        loss = out.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lv = float(loss)
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        if step % 10 == 0 or step == args.steps - 1:
+            el = time.time() - t_train
+            log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} gnorm {float(gn):.2f} lr {lr_at(step):.2e} "
+                f"{el / (step + 1):.2f}s/step elapsed {el / 60:.1f}min")
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            model.eval()
+            r = task.evaluate(model, processor, n=args.probe_n, batch_size=32)
+            history.append({"step": step + 1, **r})
+            log("probe " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+    train_s = time.time() - t_train
+    log(f"training done in {train_s / 60:.1f} min")
+    if args.no_final:
+        model.eval()
+        r = task.evaluate(model, processor, n=args.eval_n, batch_size=32)
+        log("final (unsaved) " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+        return 0
+
+    # ---- save (fp16 storage), reload through the checked loader, score the eval split
+    out_dir = Path(args.out)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.eval()
+    model.to(torch.float16).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tb.write_sha256sums(tmp)
+    m2, p2 = tb.load_testbed(tmp, dtype=torch.float32)
+    m2.to(device)
+    t_eval = time.time()
+    acc = T.get_task("synthvqa").evaluate(m2, p2, n=args.eval_n, batch_size=32)
+    eval_s = time.time() - t_eval
+    nll = T.get_task("synthvqa-nll").evaluate(m2, p2, n=args.eval_n, batch_size=32)
+    log("eval " + " ".join(f"{k}={v:.3f}" for k, v in {**acc, **nll}.items()))
+    bg = float(np.mean([sv.background_patch_share(it.image) for it in sv.generate("eval", args.eval_n)]))
+
+    size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+    wall = time.time() - t_start
+    machine = (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs, "
+               f"{torch.get_num_threads()} torch threads" if device.type == "cpu"
+               else torch.cuda.get_device_name(0))
+    card = _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
+                 acc, nll, bg, size, history, transformers.__version__)
+    (tmp / "MODEL_CARD.md").write_text(card)
+    (tmp / "train_metrics.json").write_text(json.dumps(
+        {"eval": {**acc, **nll}, "background_patch_share": bg, "history": history,
+         "train_seconds": train_s, "wall_seconds": wall, "args": vars(args)}, indent=1))
+    tb.write_sha256sums(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    tb.load_testbed(out_dir)  # verify the final directory
+    log(f"wrote {out_dir} ({size / 1e6:.1f} MB) in {wall / 60:.1f} min total")
+    return 0
+
+
+def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
+          acc, nll, bg, size, history, tf_version) -> str:
+    tc, vc = config.text_config, config.vision_config
+    rows = "\n".join(f"| {f} | {acc.get(f'acc/{f}', float('nan')):.3f} | {nll.get(f'nll/{f}', float('nan')):.3f} |"
+                     for f in sv.FAMILIES)
+    hist = "\n".join(f"- step {h['step']}: acc {h['acc']:.3f}" for h in history) or "- (none)"
+    cmd = "python scripts/train_testbed.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in ("out", "cache", "no_final") and not isinstance(v, bool)) + \
+        (" --instruction-every-turn" if args.instruction_every_turn else "")
+    return f"""# ptqbench testbed: tiny Qwen2-VL trained on SynthVQA
+
+A `Qwen2VLForConditionalGeneration` (the real transformers architecture: Qwen2-VL vision tower with
+2D RoPE and 2x2 patch merger, GQA decoder with M-RoPE) trained **from scratch** on the procedural
+SynthVQA generator (`ptqbench.benchmarks.synthvqa`). It is the default model of ptqbench: small
+enough to quantize and evaluate on a CPU in seconds, trained enough that quantization error shows
+up as lost accuracy. It is not a general-purpose model: it only knows SynthVQA scenes.
+
+## Architecture
+- parameters: {n_params / 1e6:.2f}M ({n_vis / 1e6:.2f}M vision), stored as float16 ({size / 1e6:.1f} MB directory)
+- text: hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, {tc.num_attention_heads} heads / {tc.num_key_value_heads} KV heads (GQA), MLP {tc.intermediate_size}, vocab {tc.vocab_size}, tied embeddings, M-RoPE sections {tc.rope_parameters.get('mrope_section')}
+- vision: {vc.depth} blocks, width {vc.embed_dim}, {vc.num_heads} heads, patch {vc.patch_size}, merge {vc.spatial_merge_size}x{vc.spatial_merge_size}
+- input: {sv.SIZE}x{sv.SIZE} images (processor min_pixels = max_pixels = {sv.SIZE * sv.SIZE}) -> {(sv.SIZE // 14) ** 2} patches -> **{n_img_tokens} vision tokens** per image
+- tokenizer: byte-level BPE built with `tokenizers` over the generator's text (`testbed.build_tokenizer`), Qwen special tokens, Qwen-style chat template without a default system prompt
+
+## Training
+- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order (the first turn carries the image and the task instruction, exactly the evaluation prompt)
+- loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100)
+- optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps} steps of {args.batch} images, seed {args.seed}
+- command: `{cmd}`
+- machine: {device.type}: {machine}; transformers {tf_version}, torch {torch.__version__}
+- training time: {train_s / 60:.1f} min; total wall time (rendering, training, saving, evaluation): {wall / 60:.1f} min
+
+## Evaluation (held-out `eval` split, seed {T.EVAL_SEED}, n={args.eval_n}, the checkpoint as stored, loaded in float32)
+Greedy generation, exact match after strip/lowercase (`ptqbench.benchmarks.tasks`, task `synthvqa`);
+NLL is the mean answer-token negative log-likelihood (task `synthvqa-nll`).
+
+| family | accuracy | answer NLL |
+|---|---|---|
+{rows}
+| **overall** | **{acc['acc']:.3f}** | **{nll['nll']:.3f}** |
+
+Evaluation of {args.eval_n} items took {eval_s:.1f}s on this machine.
+Mean share of 14x14 patches that are pure background on these images: {bg:.3f}.
+
+Periodic probes during training ({args.probe_n} eval items):
+{hist}
+
+## Integrity
+`SHA256SUMS` lists every file; `ptqbench.benchmarks.testbed.load_testbed` verifies it before loading.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
