@@ -8,24 +8,25 @@ processor set to small images. Tiny and real checkpoints are therefore driven by
 code: `processor.apply_chat_template(messages, tokenize=False, ...)`, then
 `processor(text=[...], images=[...], padding=True, return_tensors="pt")`.
 
-Image token counts per image (all images of `tiny_batch`):
-- qwen2-vl / qwen2.5-vl: 16-64 (patch 14, merge 2, 112^2..224^2 pixels); qwen3-vl: same with patch 16.
-- llava: 16 (CLIP 32^2, patch 8, CLS dropped).
-- llava-onevision: anyres, 16 base + tiles + newline tokens (about 40-90).
-- idefics3: 4 per crop, image splitting on (up to 2x2 crops + a global one: 4-20).
-- internvl: 16 per tile, up to 2 tiles + a thumbnail (16 or 48).
+Image tokens per image (the first two `tiny_batch` images, 112x112 and 160x96, get the counts in brackets):
+- qwen2-vl / qwen2.5-vl: 16-64 (patch 14, merge 2, 112^2..224^2 pixels) [16, 18]; qwen3-vl: the same
+  with patch 16 (128^2..256^2 pixels) [16, 24].
+- llava: 16 (CLIP 32x32, patch 8, CLS dropped by the "default" strategy) [16, 16].
+- llava-onevision: anyres over 32x32 tiles (pinpoints 32x32, 32x64, 64x32): 16 base tokens plus the
+  unpadded tile grid with one newline token per row [36, 44].
+- idefics3: image splitting on, 64x64 crops, 4 tokens per crop (patch 16, scale factor 2), up to 2x2
+  crops plus the global image, framed by `<fake_token_around_image>`/`<row_i_col_j>` tokens [20, 20].
+- internvl: 64x64 tiles, 16 tokens per tile (patch 8, downsample 0.5), up to 2 tiles plus a
+  thumbnail, framed by `<img>`/`</img>` [16, 48].
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
@@ -98,7 +99,7 @@ def _chat_template(prefix: dict[str, str], suffix: dict[str, str], image: str, g
         "{{- prefix[message['role']] -}}"
         "{%- if message['content'] is string -%}{{- message['content'] -}}"
         "{%- else -%}{%- for item in message['content'] -%}"
-        "{%- if item['type'] == 'image' -%}{{- " + j(image) + " -}}"
+        "{%- if item['type'] in ('image', 'image_url') -%}{{- " + j(image) + " -}}"
         "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{{- suffix[message['role']] -}}"
@@ -124,10 +125,8 @@ class _Family:
     named_tokens: dict[str, str]  # eos/pad/bos tokens
     extra_tokens: Any  # list of extra special tokens, or dict name -> token (becomes tokenizer attrs)
     chat_template: str
-    build: Callable[[Any, int], tuple[Any, Any]]  # (tokenizer, vocab) -> (model, processor)
-    notes: str = ""
-    padding_side: str = "right"
-    extra: dict = field(default_factory=dict)
+    build: Callable[[Any, int], tuple[Any, Any]]  # (tokenizer, vocab size) -> (model, processor)
+    padding_side: str = "right"  # tokenizer default; callers may pass padding_side= to the processor
 
 
 def _text_llama(tok, vocab: int, **kw) -> dict:
@@ -356,7 +355,8 @@ _SIZES = [(112, 112), (160, 96), (96, 160), (128, 128), (200, 120)]
 
 def tiny_batch(processor=None, n: int = 2, seed: int = 0) -> list[tuple[Any, str, str]]:
     """`n` calibration-style samples (PIL image, question, answer) with varying image sizes and text
-    lengths (so that a padded batch of them has rows of different lengths)."""
+    lengths, so that a padded batch of them has rows of different lengths. The images suit every tiny
+    family; `processor` is accepted so that callers can treat tiny and real checkpoints alike."""
     rng = random.Random(seed)
     out = []
     for i in range(n):

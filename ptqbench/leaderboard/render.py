@@ -40,7 +40,8 @@ def fmt_num(v: float) -> str:
 
 
 def fmt_mb(nbytes) -> str:
-    return f"{nbytes / 1e6:.1f}"
+    mb = nbytes / 1e6
+    return f"{mb:.3f}" if mb < 1 else f"{mb:.2f}" if mb < 100 else f"{mb:.1f}"  # tiny test models too
 
 
 @dataclass
@@ -86,9 +87,22 @@ def _is_fp(r) -> bool:
     return str(r["method"]).lower() in FP_METHODS or int(r["bits"]) >= 16
 
 
+def _failure(error) -> str:
+    """One line for a table note: errors are stored with their traceback (kept in full in JSON)."""
+    first = next((line.strip() for line in str(error or "").splitlines() if line.strip()), "no error recorded")
+    return "failed: " + (first if len(first) <= 300 else first[:299] + "…")
+
+
 def _entries(rows: list[dict], cells: list[dict]) -> list[Entry]:
     quant = [r for r in rows + cells if not _is_fp(r)]
     several_calibs = len({r.get("calib_hash") or "" for r in quant}) > 1
+    # Runners record every option, defaults included: label a row only with the options that
+    # differ between rows of its method, the rest is noise (and stays in the JSON).
+    configs: dict[str, list[dict]] = {}
+    for r in quant:
+        configs.setdefault(r["method"], []).append(_opts(r.get("method_options")))
+    varying = {m: {k for o in os_ for k in o if len({json.dumps(x.get(k, "<unset>")) for x in os_}) > 1}
+               for m, os_ in configs.items()}  # fmt: skip
     entries: dict[tuple, Entry] = {}
 
     def entry(r) -> Entry:
@@ -97,7 +111,7 @@ def _entries(rows: list[dict], cells: list[dict]) -> list[Entry]:
         key = (r["method"], int(r["bits"])) if fp else (r["method"], json.dumps(opts, sort_keys=True), int(r["bits"]), gs, sym, calib)
         if key not in entries:
             parts = [] if fp else ["per-channel" if gs == -1 else f"g{gs}", "sym" if sym else "asym"]
-            parts += [f"{k}={v}" for k, v in sorted(opts.items())]
+            parts += [f"{k}={v}" for k, v in sorted(opts.items()) if k in varying.get(r["method"], ())]
             parts += [f"calib {calib[:8]}"] if several_calibs and not fp else []
             series = " ".join([r["method"], *parts])
             entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp)
@@ -107,7 +121,7 @@ def _entries(rows: list[dict], cells: list[dict]) -> list[Entry]:
         entry(r).metrics[(r["task"], r["metric"])] = r
     for c in cells:
         if c["status"] == "failed":
-            entry(c).note = f"failed: {c.get('error') or 'no error recorded'}"
+            entry(c).note = _failure(c.get("error"))
         elif c["status"] == "running" and not entry(c).metrics:
             entry(c).note = f"not finished (started {c.get('started_at')}, attempt {c.get('attempts')})"
     # Full precision first, then widest bits first, then by method name.
@@ -144,7 +158,7 @@ def _tables(entries: list[Entry]) -> list[Table]:
         if r is None:
             return Cell(note=e.note or "not run")
         if r["status"] != "ok":
-            return Cell(note=f"failed: {r.get('error') or 'no error recorded'}")
+            return Cell(note=_failure(r.get("error")))
         return _num(r["value"])
 
     def avg(e: Entry):
@@ -173,6 +187,7 @@ def _tables(entries: list[Entry]) -> list[Table]:
         _mark_best(acc, entries, 3 + len(cols) + i, True)
     acc.notes.append("Bold: best quantized value in its column among rows of the same bit width "
                      "(higher is better for accuracy-like metrics; lower for nll/loss/error/latency/memory).")  # fmt: skip
+    acc.notes.append("config lists only the method options that differ between rows of a method; --format json has them all.")
     if avg_cols:
         acc.notes.append("avg: mean of " + ", ".join(f"{t} {m}" for t, m in avg_cols) + " (only when all are present).")
 

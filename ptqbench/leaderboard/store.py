@@ -76,17 +76,26 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _json_default(obj):
-    # Artifacts often hold tensors/arrays of per-layer numbers: store them as plain lists.
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (Path, set, frozenset, tuple)):
-        return str(obj) if isinstance(obj, Path) else sorted(obj, key=str)
+def _plain(obj):
+    """A JSON-ready copy. Diagnostics hold tensors/arrays (-> lists) and int or tuple dict keys
+    (-> str; mixed key types would also break sort_keys)."""
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_plain(v) for v in obj), key=str)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if hasattr(obj, "tolist"):  # torch tensors, numpy arrays and scalars
+        return _plain(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
     raise BadInput(f"value of type {type(obj).__name__} cannot be stored as JSON; accepted: JSON values, tensors, arrays, paths")
 
 
 def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
 
 
 def _norm(name: str, v):

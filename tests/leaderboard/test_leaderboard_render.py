@@ -33,7 +33,7 @@ def store(tmp_path):
     add(s, "rtn", 4, {acc: 0.6, fam: 0.7, nll: 1.1}, size=1_100_000, calib_seconds=0.5)  # best nll at 4 bits
     add(s, "gptq", 4, {acc: 0.7, fam: 0.65, nll: 1.3}, size=1_100_000, calib_seconds=12.25)  # best acc at 4 bits
     add(s, "gptq", 3, {acc: 0.5, nll: 1.8}, size=900_000)  # partial: acc/color never ran
-    add(s, "awq", 3, {}, fail="CUDA out of memory | at layer 3")
+    add(s, "awq", 3, {}, fail="CUDA out of memory | at layer 3\nTraceback (most recent call last):\n  File x")
     add(s, "rtn", 2, {acc: 0.3, fam: 0.3, nll: 2.5}, size=600_000)  # alone at 2 bits: nothing to beat
     return s
 
@@ -79,12 +79,14 @@ def test_partial_grid_shows_missing_not_zero(store):
     assert find(md_tables(md)["Calibration cost"], "fp16", 16)["calibration time (s)"] == "—"
     assert not re.search(r"\|\s*0(\.0+)?\s*\|", md)  # no zero anywhere: every value here is non-zero
 
+    assert "Traceback" not in md  # notes keep the error's first line; JSON keeps all of it
     html = render(store.rows(), "html", cells=store.cells())
     assert 'title="failed: CUDA out of memory | at layer 3"' in html
     doc = json.loads(render(store.rows(), "json", cells=store.cells()))
     acc_json = doc["tables"]["tiny"][0]["rows"]
     (awq,) = [r for r in acc_json if r["method"]["text"] == "awq"]
     assert awq["synthvqa acc"]["value"] is None and "CUDA" in awq["synthvqa acc"]["note"]
+    assert any("Traceback" in (c["error"] or "") for c in doc["cells"])
 
 
 def test_best_per_column(store):
@@ -111,7 +113,7 @@ def test_md_and_json_carry_the_store_numbers(store):
         assert shown.strip("*") == fmt_num(r["value"])
     gptq4 = [r for r in rows if r["method"] == "gptq" and r["bits"] == 4]
     assert find(md["Calibration cost"], "gptq", 4)["calibration time (s)"] == "12.25"
-    assert find(md["Deployment"], "gptq", 4)["model size (MB)"] == "1.1" and gptq4[0]["model_bytes"] == 1_100_000
+    assert find(md["Deployment"], "gptq", 4)["model size (MB)"] == "1.10" and gptq4[0]["model_bytes"] == 1_100_000
     assert find(md["Deployment"], "fp16", 16)["prefill (ms, median ± spread)"] == "40.00 ± 1.5000"
     assert find(md["Accuracy"], "gptq", 4)["avg"] == "**0.7000**"
     assert find(md["Accuracy"], "gptq", 4)["Δ avg vs FP"] == "**-0.2000**"

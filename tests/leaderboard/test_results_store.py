@@ -111,7 +111,12 @@ def test_artifacts_stored_apart(tmp_path):
     big = {f"layers.{i}.mlp": {"err": [i * 0.001] * 200} for i in range(200)}  # several hundred KB
     cid = run_cell(store, key(), artifacts=big)
     assert store.artifacts(cid) == big
-    (c,) = store.cells()
+    import torch  # here, not at module level: the concurrency test's spawned writers import this module
+
+    diag = {"blocks": {0: {"err": torch.tensor([0.5, 0.25])}, "vision": 1.0}, ("a", 1): torch.tensor(2.0)}
+    cid = run_cell(store, key(bits=3), artifacts=diag)  # int/tuple keys and tensors, as diagnostics have
+    assert store.artifacts(cid) == {"blocks": {"0": {"err": [0.5, 0.25]}, "vision": 1.0}, "('a', 1)": 2.0}
+    c = store.cells(cell_id=cid)[0]
     assert c["has_artifacts"] and "artifacts_json" not in c
     with pytest.raises(BadInput):
         store.artifacts("nope")

@@ -59,7 +59,11 @@ class Adapter:
         self.check_attention_types()
 
     def text_config(self):
-        return getattr(self.config, "text_config", None) or self.config
+        get = getattr(self.config, "get_text_config", None)
+        if get is not None:
+            return get()
+        sub = getattr(self.config, "text_config", None)
+        return sub if sub is not None else self.config
 
     def check_attention_types(self) -> None:
         """Replay feeds every decoder layer the kwargs captured at layer 0, which is only exact when all
@@ -129,7 +133,7 @@ class Adapter:
             if g:
                 groups.append(g)
                 used.update(g)
-        # Anything unrecognised (e.g. vision tower linears) goes alone, in module order.
+        # Anything unrecognised goes alone, in the order given, after the known roles.
         groups.extend([n] for n in names if n not in used)
         return groups
 

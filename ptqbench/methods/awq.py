@@ -1,0 +1,1 @@
+"""awq: placeholder until implemented (see issue 4)."""

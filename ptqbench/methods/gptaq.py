@@ -1,0 +1,1 @@
+"""gptaq: placeholder until implemented (see issue 4)."""

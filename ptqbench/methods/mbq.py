@@ -1,0 +1,1 @@
+"""mbq: placeholder until implemented (see issue 4)."""

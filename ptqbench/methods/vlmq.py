@@ -1,0 +1,1 @@
+"""vlmq: placeholder until implemented (see issue 4)."""

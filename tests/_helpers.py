@@ -1,0 +1,24 @@
+"""Helpers shared by tests (importable because pytest puts tests/ on the path)."""
+
+from ptqbench.harness import calibration as C
+
+
+def tiny_samples(processor, n=8, seed=0):
+    from ptqbench.harness.tiny import tiny_batch
+
+    return [C.Sample(im, q, a) for im, q, a in tiny_batch(processor, n=n, seed=seed)]
+
+
+def write_sharegpt(tmp_path, samples):
+    """A ShareGPT4V JSONL file with PNG images beside it."""
+    import json
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    lines = []
+    for i, s in enumerate(samples):
+        s.image.save(tmp_path / "images" / f"{i}.png")
+        lines.append(json.dumps({"id": str(i), "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]}))
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny random-weight Qwen2-VL and a calibration set captured from it."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from ptqbench.harness import calibration as C
+from ptqbench.harness.adapters import adapter_for
+
+
+from _helpers import tiny_samples, write_sharegpt  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    from ptqbench.harness.tiny import build_tiny
+
+    torch.manual_seed(0)
+    model, processor = build_tiny("qwen2-vl")
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_calib(tiny_qwen, tmp_path_factory):
+    model, processor = tiny_qwen
+    d = tmp_path_factory.mktemp("calib")
+    path = write_sharegpt(d, tiny_samples(processor, n=8))
+    return C.build_calibration(model, adapter_for(model), processor, str(path), 8, 512, 1, batch_size=4)
