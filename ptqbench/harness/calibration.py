@@ -43,12 +43,14 @@ class CalibBatch:
     extras: dict  # adapter-specific state (e.g. Qwen3-VL deepstack features)
     input_ids: torch.Tensor  # (B, T)
     masks: dict[str, torch.Tensor]  # valid / vision / text / answer, bool (B, T)
+    inputs: dict | None = None  # the processor batch, kept when the vision tower is calibrated too
 
 
 @dataclass
 class CalibSet:
     batches: list[CalibBatch]
     manifest: dict = field(default_factory=dict)
+    vision_batches: list[CalibBatch] = field(default_factory=list)  # inputs of vision-tower block 0
 
     @property
     def hash(self) -> str:
@@ -157,19 +159,20 @@ def _length(processor, text: str, image) -> int:
 # ---- capture -------------------------------------------------------------------------------------
 def build_calibration(model, adapter: Adapter, processor, source: str, n: int, seq_len: int, seed: int,
                       batch_size: int = 4, image_root: str | None = None, cache_dir: str | Path | None = None,
-                      progress=None) -> CalibSet:
+                      progress=None, vision: bool = False) -> CalibSet:
     """Capture (or load from cache) the calibration set for this model and data."""
     if not isinstance(seq_len, int) or seq_len < 8:
         raise BadInput(f"sequence length {seq_len!r} is not accepted; accepted: an integer >= 8")
     samples, desc = load_samples(source, n, seed, image_root)
     fingerprint = model_fingerprint(model)
     key = hashlib.sha256(json.dumps(dict(v=CACHE_VERSION, model=fingerprint, data=desc, n=n,
-                                         seq_len=seq_len, seed=seed, batch=batch_size,
+                                         seq_len=seq_len, seed=seed, batch=batch_size, vision=vision,
                                          dtype=str(next(model.parameters()).dtype)), sort_keys=True).encode()).hexdigest()[:20]
     cache = Path(cache_dir) / f"calib-{key}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         data = torch.load(cache, weights_only=False)
-        return CalibSet([CalibBatch(**b) for b in data["batches"]], data["manifest"])
+        return CalibSet([CalibBatch(**b) for b in data["batches"]], data["manifest"],
+                        [CalibBatch(**b) for b in data.get("vision_batches", [])])
 
     encoded, dropped = [], 0
     for s in samples:
@@ -191,6 +194,7 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
     device = next(model.parameters()).device
     vision_ids = torch.tensor(adapter.vision_token_ids())
     batches: list[CalibBatch] = []
+    vision_batches: list[CalibBatch] = []
     chunks = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     task = progress.add_task("capture calibration", total=len(chunks)) if progress else None
     for chunk in chunks:
@@ -202,22 +206,38 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
         for i, (_, _, ans) in enumerate(chunk):
             answer[i, T - ans:] = True  # left padding: the answer is the last `ans` tokens
         answer &= valid
-        vision = torch.isin(ids, vision_ids) & valid
-        hidden, kwargs, extras = adapter.capture(move(inputs, device))
+        vis = torch.isin(ids, vision_ids) & valid
+        seen: list = []
+        hook = None
+        if vision:  # the vision tower runs before decoder layer 0 in the same forward: capture its block 0
+            hook = adapter.vision_blocks()[0].register_forward_pre_hook(
+                lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"], {k: v for k, v in kw.items() if k != "hidden_states"})),
+                with_kwargs=True)
+        try:
+            hidden, kwargs, extras = adapter.capture(move(inputs, device))
+        finally:
+            if hook is not None:
+                hook.remove()
+        for vh, vkw in seen:
+            ones = torch.ones(vh.shape[:-1], dtype=torch.bool)
+            vision_batches.append(CalibBatch(vh.detach().cpu(), move(vkw, "cpu"), {}, torch.zeros(0, dtype=torch.long),
+                                             {"valid": ones, "vision": ones, "text": ~ones, "answer": ~ones}))
         batches.append(CalibBatch(hidden.cpu(), move(kwargs, "cpu"), move(extras, "cpu"), ids.cpu(),
-                                  {"valid": valid, "vision": vision, "text": valid & ~vision, "answer": answer}))
+                                  {"valid": valid, "vision": vis, "text": valid & ~vis, "answer": answer},
+                                  inputs=move(inputs, "cpu") if vision else None))
         if progress:
             progress.advance(task)
 
     counts = {k: int(sum(b.masks[k].sum() for b in batches)) for k in ("valid", "vision", "text", "answer")}
     manifest = dict(desc, n_requested=n, n_samples=len(encoded), n_dropped=dropped, seq_len=seq_len, seed=seed,
                     batch_size=batch_size, tokens=counts, model=fingerprint, cache_key=key)
-    manifest["content_hash"] = content_hash(batches)
-    cs = CalibSet(batches, manifest)
+    manifest["content_hash"] = content_hash(batches + vision_batches)
+    cs = CalibSet(batches, manifest, vision_batches)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"batches": [b.__dict__ for b in batches], "manifest": manifest}, tmp)
+        torch.save({"batches": [b.__dict__ for b in batches], "manifest": manifest,
+                    "vision_batches": [b.__dict__ for b in vision_batches]}, tmp)
         tmp.replace(cache)  # atomic: a killed capture never leaves a half-written cache entry
     return cs
 

@@ -61,8 +61,13 @@ class RunContext:
 class BlockContext:
     def __init__(self, index: int, prefix: str, block: nn.Module, fp_block: nn.Module, names: list[str],
                  groups: list[list[str]], fp_in: list[torch.Tensor], q_in: list[torch.Tensor], calib: CalibSet,
-                 adapter: Adapter, spec: QuantSpec, device: torch.device):
+                 adapter: Adapter, spec: QuantSpec, device: torch.device, batches: list | None = None,
+                 is_vision: bool = False):
         self.index, self.prefix, self.block, self.fp_block = index, prefix, block, fp_block
+        # Per-batch kwargs/masks/extras: the calibration set's for decoder blocks, the vision captures
+        # for vision-tower blocks (is_vision: every token is a valid vision token, no answer tokens).
+        self.batches = batches if batches is not None else calib.batches
+        self.is_vision = is_vision
         self.linear_names, self.groups = names, groups
         self.fp_in, self.q_in, self.calib, self.adapter, self.spec, self.device = fp_in, q_in, calib, adapter, spec, device
         self.dtype = next(block.parameters()).dtype
@@ -84,10 +89,10 @@ class BlockContext:
         return len(self.fp_in)
 
     def kwargs(self, b: int) -> dict:
-        return move(self.calib.batches[b].kwargs, self.device, self.dtype)
+        return move(self.batches[b].kwargs, self.device, self.dtype)
 
     def masks(self, b: int) -> dict[str, torch.Tensor]:
-        return move(self.calib.batches[b].masks, self.device)
+        return move(self.batches[b].masks, self.device)
 
     def stream(self, which: str, b: int) -> torch.Tensor:
         src = {"fp": self.fp_in, "quant": self.q_in}[which]
@@ -217,35 +222,27 @@ def _err_final(acc: dict) -> dict:
     return {k: {t: (v[0] / v[1] if v[2] and v[1] > 0 else None) for t, v in e.items()} for k, e in acc.items()}
 
 
-def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: Method,
-                   device: torch.device | str | None = None, progress=None) -> EngineResult:
-    """Quantize the language-model decoder in place, block by block."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    layers = adapter.decoder_layers()
-    prefix = adapter.decoder_path
-    dtype = next(model.parameters()).dtype
-    linear_names = [f"{prefix}.{i}.{n}" for i, blk in enumerate(layers) for n in adapter.block_linears(blk)]
-    for name in linear_names:
-        method.spec.groups_for(model.get_submodule(name).in_features)  # fail before any work is done
-    run = RunContext(model, adapter, calib, device, linear_names)
-    method.on_start(run)
-
-    fp = [b.hidden.to(dtype) for b in calib.batches]
-    q = [h.clone() for h in fp]
-    quantized: dict[str, QuantizedWeight] = {}
-    diag: dict = {"linears": {}, "blocks": {}}
-    task = progress.add_task(f"{method.name} w{method.spec.bits} blocks", total=len(layers)) if progress else None
+def _quantize_stack(layers: nn.ModuleList, prefix: str, batches: list, q_start: list[torch.Tensor] | None,
+                    method: Method, adapter: Adapter, calib: CalibSet, device: torch.device, dtype: torch.dtype,
+                    quantized: dict, diag: dict, is_vision: bool, progress=None) -> None:
+    """Quantize one stack of blocks in place. `batches` hold the stack's FP inputs (`hidden`) with
+    their kwargs/masks/extras; `q_start` the quantized stream's inputs (None: same as FP)."""
+    fp = [b.hidden.to(dtype) for b in batches]
+    q = [h.to(dtype) for h in q_start] if q_start is not None else [h.clone() for h in fp]
+    after = (lambda i, h, e: h) if is_vision else adapter.after_layer
+    label = "vision" if is_vision else "blocks"
+    task = progress.add_task(f"{method.name} w{method.spec.bits} {label}", total=len(layers)) if progress else None
     for i, layer in enumerate(layers):
         storage = next(layer.parameters()).device
         block = layer.to(device)
         fp_block = copy.deepcopy(block).requires_grad_(False)
         names = list(adapter.block_linears(block))
         ctx = BlockContext(i, f"{prefix}.{i}", block, fp_block, names, adapter.sequential_groups(names), fp, q,
-                           calib, adapter, method.spec, device)
+                           calib, adapter, method.spec, device, batches=batches, is_vision=is_vision)
         method.quantize_block(ctx)
         missing = [n for n in names if n not in ctx.committed]
         if missing:
-            raise RuntimeError(f"method {method.name!r} left linears of block {i} unquantized: {missing}")
+            raise RuntimeError(f"method {method.name!r} left linears of {prefix}.{i} unquantized: {missing}")
 
         lin_acc: dict = {}
         blk_acc: dict = {}
@@ -253,7 +250,7 @@ def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: 
         with torch.no_grad():
             for b in range(len(fp)):
                 masks = ctx.masks(b)
-                extras = move(calib.batches[b].extras, device, dtype)
+                extras = move(batches[b].extras, device, dtype)
                 ys_fp, ys_q = {}, {}
                 hooks = [fp_block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_fp.__setitem__(n, y)) for n in names]
                 hooks += [block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_q.__setitem__(n, y)) for n in names]
@@ -266,15 +263,15 @@ def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: 
                     _err_update(lin_acc, n, y, ys_fp[n], masks)
                 _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, masks)
                 out_q = ctx.run(block, ctx.stream("quant", b), b)
-                out_fp = adapter.after_layer(i, out_fp, extras)
-                out_q = adapter.after_layer(i, out_q, extras)
+                out_fp = after(i, out_fp, extras)
+                out_q = after(i, out_q, extras)
                 _err_update(blk_acc, "stream", out_q, out_fp, masks)
                 new_fp.append(out_fp.to(fp[b].device))
                 new_q.append(out_q.to(q[b].device))
         fp, q = new_fp, new_q
         for n, e in _err_final(lin_acc).items():
             diag["linears"][f"{prefix}.{i}.{n}"] = e
-        diag["blocks"][i] = _err_final(blk_acc)
+        diag["vision_blocks" if is_vision else "blocks"][i] = _err_final(blk_acc)
         for n, qw in ctx.committed.items():
             quantized[f"{prefix}.{i}.{n}"] = QuantizedWeight(qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.g_idx.cpu(), qw.spec, qw.extras)
         layers[i] = block.to(storage)
@@ -283,5 +280,41 @@ def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: 
             torch.cuda.empty_cache()
         if progress:
             progress.advance(task)
+
+
+def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: Method,
+                   device: torch.device | str | None = None, progress=None, include_vision: bool = False) -> EngineResult:
+    """Quantize the language-model decoder in place, block by block (and first the vision tower when
+    `include_vision`: its quantized output then feeds the decoder's quantized stream)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    layers = adapter.decoder_layers()
+    prefix = adapter.decoder_path
+    dtype = next(model.parameters()).dtype
+    linear_names = [f"{prefix}.{i}.{n}" for i, blk in enumerate(layers) for n in adapter.block_linears(blk)]
+    if include_vision:
+        if not method.supports_vision:
+            from ptqbench.errors import BadInput
+
+            raise BadInput(f"method {method.name!r} cannot quantize the vision tower (it needs the decoder's block structure); accepted: quantize-vision false")
+        if not calib.vision_batches:
+            raise RuntimeError("the calibration set holds no vision-tower captures (capture it with vision=True)")
+        vblocks = adapter.vision_blocks()
+        linear_names = [f"{adapter.vision_blocks_path}.{i}.{n}" for i, blk in enumerate(vblocks)
+                        for n in adapter.block_linears(blk)] + linear_names
+    for name in linear_names:
+        method.spec.groups_for(model.get_submodule(name).in_features)  # fail before any work is done
+    run = RunContext(model, adapter, calib, device, linear_names)
+    method.on_start(run)
+
+    quantized: dict[str, QuantizedWeight] = {}
+    diag: dict = {"linears": {}, "blocks": {}, "vision_blocks": {}}
+    q_start = None
+    if include_vision:
+        _quantize_stack(vblocks, adapter.vision_blocks_path, calib.vision_batches, None, method, adapter, calib,
+                        device, dtype, quantized, diag, True, progress)
+        # The decoder's quantized stream starts from what the quantized vision tower produces.
+        q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
+    _quantize_stack(layers, prefix, calib.batches, q_start, method, adapter, calib, device, dtype, quantized, diag,
+                    False, progress)
     info = method.on_end(run)
     return EngineResult(quantized, diag, info)

@@ -99,11 +99,18 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
     group_size = cfg.group_size if cfg.group_size is not None else lm.group_size
     specs = {b: QuantSpec(bits=b, group_size=group_size, sym=cfg.sym, grid=cfg.grid) for b in cfg.bits}
     widths = {m.in_features for blk in lm.adapter.decoder_layers() for m in lm.adapter.block_linears(blk).values()}
-    for w in sorted(widths):
-        specs[cfg.bits[0]].groups_for(w)
     instances = {(m, b): cls(specs[b], **cfg.options.get(m, {})) for m, cls in methods.items() for b in cfg.bits}
     if cfg.quantize_vision:
-        raise BadInput("quantize-vision is not available yet in this version; accepted: false")
+        for m, cls in methods.items():
+            if not cls.supports_vision:
+                raise BadInput(f"method {m!r} cannot quantize the vision tower (it needs the decoder's block structure); accepted with --quantize-vision: "
+                               + ", ".join(n for n, c in methods.items() if c.supports_vision))
+        if lm.adapter.vision_blocks() is None:
+            raise BadInput(f"model {cfg.model!r} has no known vision tower; accepted: quantize-vision false")
+        for blk in lm.adapter.vision_blocks():
+            widths |= {m.in_features for m in lm.adapter.block_linears(blk).values()}
+    for w in sorted(widths):
+        specs[cfg.bits[0]].groups_for(w)
     task_names = cfg.tasks if cfg.tasks is not None else lm.tasks
     tasks = {t: get_task(t) for t in task_names}
 
@@ -117,7 +124,7 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
 
     calib = build_calibration(lm.model, lm.adapter, lm.processor, cfg.calib, cfg.calib_n, cfg.seq_len, cfg.seed,
                               batch_size=cfg.batch_size, image_root=cfg.image_root, cache_dir=runs / ".calib",
-                              progress=progress)
+                              progress=progress, vision=cfg.quantize_vision)
     manifest = calib.manifest
     (run_dir / "calibration.json").write_text(json.dumps(manifest, indent=2))
     log(f"calibration {manifest['content_hash']}: {manifest['n_samples']} samples, tokens {manifest['tokens']}")
@@ -138,6 +145,8 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
     for method, bits in cells:
         inst = instances.get((method, bits))
         options = inst.options_dict() if inst else {}
+        if inst and cfg.quantize_vision:
+            options["quantize_vision"] = True  # part of the cell's identity
         k = key(method, options, bits, group_size if inst else 0, cfg.sym if inst else False,
                 manifest["content_hash"] if inst else "-")
         if inst is None and not tasks:
@@ -158,7 +167,8 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
             extra: dict = {}
             if inst is not None:
                 with measure(device) as cost:
-                    result = quantize_model(model, adapter_for(model), calib, inst, device=device, progress=progress)
+                    result = quantize_model(model, adapter_for(model), calib, inst, device=device, progress=progress,
+                                            include_vision=cfg.quantize_vision)
                 packed = {n: pack(qw) for n, qw in result.quantized.items()}
                 other = {n: p for n, p in model.state_dict().items()
                          if n.removesuffix(".weight") not in result.quantized}

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import platform
 import sqlite3
 import subprocess
@@ -101,7 +100,12 @@ def canonical_json(obj) -> str:
 def _norm(name: str, v):
     """One key field in the form stored and hashed (options as canonical JSON, sym as 0/1)."""
     if name == "method_options":
-        return v if isinstance(v, str) else canonical_json(v or {})
+        if isinstance(v, str):  # already JSON (e.g. read back from the store): re-canonicalize
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise BadInput(f"method_options {v!r} is not JSON; accepted: a dict or a JSON object") from None
+        return canonical_json(v or {})
     if name == "calib_hash":
         return "" if v is None else str(v)  # full precision has none; NULL would defeat UNIQUE
     if name in ("bits", "group_size"):

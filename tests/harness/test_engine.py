@@ -68,3 +68,20 @@ def test_method_must_quantize_every_linear(tiny_qwen, tiny_calib):
 
     with pytest.raises(RuntimeError, match="unquantized"):
         quantize_model(copy.deepcopy(tiny_qwen[0]), adapter_for(tiny_qwen[0]), tiny_calib, Lazy(QuantSpec(group_size=32)))
+
+
+def test_quantize_vision_tower_too(tiny_qwen, tmp_path):
+    model, processor = tiny_qwen
+    path = write_sharegpt(tmp_path, tiny_samples(processor, n=2))
+    cs = C.build_calibration(model, adapter_for(model), processor, str(path), 2, 512, 1, vision=True)
+    assert cs.vision_batches and all(b.masks["vision"].all() for b in cs.vision_batches)
+    m = copy.deepcopy(model)
+    ad = adapter_for(m)
+    res = quantize_model(m, ad, cs, get_method("gptq")(QuantSpec(bits=3, group_size=16)), include_vision=True)
+    vision_names = [n for n in res.quantized if n.startswith(ad.vision_blocks_path)]
+    n_vision = sum(len(ad.block_linears(b)) for b in ad.vision_blocks())
+    assert len(vision_names) == n_vision > 0
+    assert res.diagnostics["vision_blocks"] and res.diagnostics["blocks"][0]["stream"]["all"] > 0
+    # Without the vision tower, the first decoder block sees identical streams: no stream error before it.
+    plain = quantize_model(copy.deepcopy(model), adapter_for(model), cs, get_method("rtn")(QuantSpec(bits=8, group_size=16)))
+    assert not any(n.startswith(ad.vision_blocks_path) for n in plain.quantized)

@@ -27,7 +27,7 @@ def run_cell(store, k, rows=None, artifacts=None):
 def test_cell_id_is_stable_and_canonical():
     a = ResultsStore.cell_id(**key(method_options={"b": 1, "a": True}))
     b = ResultsStore.cell_id(**{**key(), "method_options": {"a": True, "b": 1}, "sym": 0})
-    assert a == b
+    assert a == b == ResultsStore.cell_id(**{**key(), "method_options": '{"b": 1,  "a": true}'})
     assert a != ResultsStore.cell_id(**key(method_options={"b": 2, "a": True}))
     assert ResultsStore.cell_id(**key()) != ResultsStore.cell_id(**key(bits=3))
     assert ResultsStore.cell_id(**key()) != ResultsStore.cell_id(**key(calib_hash="other"))
