@@ -207,20 +207,12 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
             answer[i, T - ans:] = True  # left padding: the answer is the last `ans` tokens
         answer &= valid
         vis = torch.isin(ids, vision_ids) & valid
-        seen: list = []
-        hook = None
-        if vision:  # the vision tower runs before decoder layer 0 in the same forward: capture its block 0
-            hook = adapter.vision_blocks()[0].register_forward_pre_hook(
-                lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"], {k: v for k, v in kw.items() if k != "hidden_states"})),
-                with_kwargs=True)
-        try:
-            hidden, kwargs, extras = adapter.capture(move(inputs, device))
-        finally:
-            if hook is not None:
-                hook.remove()
-        for vh, vkw in seen:
+        hidden, kwargs, extras = adapter.capture(move(inputs, device))
+        if vision:  # a second pass records every vision block's own call arguments
+            vh, calls = adapter.capture_vision(move(inputs, device))
             ones = torch.ones(vh.shape[:-1], dtype=torch.bool)
-            vision_batches.append(CalibBatch(vh.detach().cpu(), move(vkw, "cpu"), {}, torch.zeros(0, dtype=torch.long),
+            vision_batches.append(CalibBatch(vh.detach().cpu(), {"vision_calls": move(calls, "cpu")}, {},
+                                             torch.zeros(0, dtype=torch.long),
                                              {"valid": ones, "vision": ones, "text": ~ones, "answer": ~ones}))
         batches.append(CalibBatch(hidden.cpu(), move(kwargs, "cpu"), move(extras, "cpu"), ids.cpu(),
                                   {"valid": valid, "vision": vis, "text": valid & ~vis, "answer": answer},

@@ -89,7 +89,10 @@ class BlockContext:
         return len(self.fp_in)
 
     def kwargs(self, b: int) -> dict:
-        return move(self.batches[b].kwargs, self.device, self.dtype)
+        kw = self.batches[b].kwargs
+        if "vision_calls" in kw:  # vision blocks: each block has its own captured call arguments
+            return move(kw["vision_calls"][self.index][1], self.device, self.dtype)
+        return move(kw, self.device, self.dtype)
 
     def masks(self, b: int) -> dict[str, torch.Tensor]:
         return move(self.batches[b].masks, self.device)
@@ -99,6 +102,11 @@ class BlockContext:
         return src[b].to(self.device, self.dtype)
 
     def run(self, module: nn.Module, x: torch.Tensor, b: int) -> torch.Tensor:
+        kw = self.batches[b].kwargs
+        if "vision_calls" in kw:
+            args, kwargs = move(kw["vision_calls"][self.index], self.device, self.dtype)
+            out = module(x, *args, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
         return self.adapter.run_layer(module, x, self.kwargs(b))
 
     # ---- statistics ------------------------------------------------------------------------------
