@@ -22,19 +22,19 @@ def rss_bytes() -> int:
 @dataclass
 class Measurement:
     seconds: float = 0.0
-    peak_bytes: int = 0  # CUDA: peak allocated; CPU: peak RSS increase over the phase start
-    kind: str = "cpu-rss-delta"
+    peak_bytes: int = 0  # CUDA: peak allocated during the phase; CPU: peak resident set size of the process
+    kind: str = "cpu-peak-rss"
 
 
 @contextmanager
 def measure(device: torch.device | str = "cpu", interval: float = 0.02):
-    """Time a phase and record its peak memory. On CPU a sampling thread tracks RSS every `interval` s
-    (the peak of the *increase* over the start, so a phase is not charged for what was loaded before)."""
+    """Time a phase and record its peak memory: on CUDA the peak of allocated memory during the phase
+    (what a GPU must hold, as papers report it); on CPU the process's peak resident set size, sampled
+    every `interval` s (what a machine must hold; it includes the loaded model)."""
     device = torch.device(device)
-    m = Measurement(kind="cuda-peak-allocated" if device.type == "cuda" else "cpu-rss-delta")
+    m = Measurement(kind="cuda-peak-allocated" if device.type == "cuda" else "cpu-peak-rss")
     stop = threading.Event()
-    start_rss = rss_bytes()
-    peak = [start_rss]
+    peak = [rss_bytes()]
 
     def sample():
         while not stop.wait(interval):
@@ -43,7 +43,6 @@ def measure(device: torch.device | str = "cpu", interval: float = 0.02):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     else:
         t = threading.Thread(target=sample, daemon=True)
         t.start()
@@ -53,10 +52,10 @@ def measure(device: torch.device | str = "cpu", interval: float = 0.02):
     finally:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            m.peak_bytes = int(torch.cuda.max_memory_allocated(device) - base)
+            m.peak_bytes = int(torch.cuda.max_memory_allocated(device))
         else:
             stop.set()
             t.join()
             peak[0] = max(peak[0], rss_bytes())
-            m.peak_bytes = int(peak[0] - start_rss)
+            m.peak_bytes = int(peak[0])
         m.seconds = time.perf_counter() - t0
