@@ -59,6 +59,18 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def place_outside_decoder(model: torch.nn.Module, decoder_path: str, device: torch.device) -> None:
+    """Move every parameter and buffer except the decoder layers' to `device`. Capture only needs the
+    embeddings and the vision tower, so a model whose decoder does not fit the GPU still captures there."""
+    for name, mod in model.named_modules():
+        if name == decoder_path or name.startswith(decoder_path + "."):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+        for bname, buf in mod.named_buffers(recurse=False):
+            mod._buffers[bname] = buf.to(device)
+
+
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes of distinct tensors (tied weights such as embed/lm_head counted once)."""
     seen, total = set(), 0
@@ -122,9 +134,11 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
     env = current_environment()
     env["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
 
+    place_outside_decoder(lm.model, lm.adapter.decoder_path, device)  # embeddings + vision tower for capture
     calib = build_calibration(lm.model, lm.adapter, lm.processor, cfg.calib, cfg.calib_n, cfg.seq_len, cfg.seed,
                               batch_size=cfg.batch_size, image_root=cfg.image_root, cache_dir=runs / ".calib",
                               progress=progress, vision=cfg.quantize_vision)
+    place_outside_decoder(lm.model, lm.adapter.decoder_path, torch.device("cpu"))
     manifest = calib.manifest
     (run_dir / "calibration.json").write_text(json.dumps(manifest, indent=2))
     log(f"calibration {manifest['content_hash']}: {manifest['n_samples']} samples, tokens {manifest['tokens']}")

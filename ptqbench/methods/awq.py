@@ -24,6 +24,10 @@ clip samples (the reference calibrates on unpadded text blocks); arithmetic is d
 reference runs in the model dtype, usually fp16); the sampling stride is max(1, N // clip_tokens) (the
 reference fails when fewer than 512 tokens are given).
 
+Checked against llm-awq (fp32, one Llama decoder layer with outlier channels, W3 g128 and W4 g64,
+1024 tokens): the same alpha for all four groups, bit-identical scales, folded norm weights, clip
+max_val of every clipped linear and final quantized weights of all seven linears.
+
 The scale search is written once (`search_block_scales` with a `TokenLoss`); MBQ reuses it with its
 modality-weighted losses.
 """
