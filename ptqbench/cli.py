@@ -49,6 +49,8 @@ def run(
     quantize_vision: Optional[bool] = typer.Option(None, "--quantize-vision/--no-quantize-vision", help="also quantize the vision tower's linears"),
     save_model: Optional[bool] = typer.Option(None, "--save-model/--no-save-model", help="save packed safetensors per cell"),
     force: Optional[bool] = typer.Option(None, "--force", help="recompute cells already in the store"),
+    executor: Optional[str] = typer.Option(None, help="local (default) or ray"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with the same fields as these flags"),
 ):
     """Quantize a model with every method x bits, evaluate, and store the results."""
@@ -57,7 +59,7 @@ def run(
     overrides = dict(model=model, group_size=group_size, sym=sym, grid=grid, calib=calib, image_root=image_root,
                      calib_n=calib_n, seq_len=seq_len, seed=seed, batch_size=batch_size, eval_n=eval_n, device=device,
                      dtype=dtype, runs=runs, name=name, save_model=save_model, force=force,
-                     quantize_vision=quantize_vision)
+                     quantize_vision=quantize_vision, executor=executor, address=address)
     if methods is not None:
         overrides["methods"] = parse_list(methods, str, "methods")
     if bits is not None:

@@ -42,6 +42,8 @@ class RunConfig:
     quantize_vision: bool = False
     save_model: bool = True
     force: bool = False
+    executor: str = "local"  # local, or ray (pip install ptqbench[ray])
+    address: str | None = None  # Ray cluster address (default: start a local Ray instance)
 
     def __post_init__(self):
         self.validate()
@@ -72,6 +74,8 @@ class RunConfig:
             raise BadInput(f"eval-n {self.eval_n!r} is not accepted; accepted: a positive integer")
         if self.device not in DEVICES:
             raise one_of("device", self.device, DEVICES)
+        if self.executor not in ("local", "ray"):
+            raise one_of("executor", self.executor, ("local", "ray"))
         if self.dtype not in DTYPES:
             raise one_of("dtype", self.dtype, DTYPES)
         for m, opts in self.options.items():

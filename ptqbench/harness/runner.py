@@ -96,15 +96,41 @@ def recon_metrics(result: EngineResult) -> dict[str, float]:
     return out
 
 
-def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
+@dataclass
+class Cell:
+    method: str
+    bits: int
+    key: dict  # the store's cell key
+    cell_id: str
+
+
+@dataclass
+class Grid:
+    """Everything a cell needs, prepared (and validated) once: model, calibration, methods, tasks."""
+
+    cfg: RunConfig
+    lm: object  # LoadedModel
+    calib: object  # CalibSet
+    instances: dict  # (method, bits) -> Method
+    tasks: dict
+    group_size: int
+    device: torch.device
+    run_dir: Path
+    env: dict
+
+    @property
+    def manifest(self) -> dict:
+        return self.calib.manifest
+
+
+def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) -> Grid:
+    """Validate the whole grid before any expensive work, load the model, capture (or load) calibration."""
     from ptqbench.benchmarks.tasks import get_task
-    from ptqbench.harness.packing import pack, packed_nbytes, save_quantized
-    from ptqbench.leaderboard.store import ResultsStore, current_environment
+    from ptqbench.leaderboard.store import current_environment
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    # Validate everything a cell needs before any expensive work.
     methods = {m: get_method(m) for m in cfg.method_list()}
     lm = load_model(cfg.model, dtype)
     lm.adapter.image_token_id()  # a model without an image token is refused here
@@ -128,9 +154,9 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
 
     runs = Path(cfg.runs)
     run_dir = runs / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
-    store = ResultsStore(runs)
+    if new_run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
     env = current_environment()
     env["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
 
@@ -139,79 +165,101 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
                               batch_size=cfg.batch_size, image_root=cfg.image_root, cache_dir=runs / ".calib",
                               progress=progress, vision=cfg.quantize_vision)
     place_outside_decoder(lm.model, lm.adapter.decoder_path, torch.device("cpu"))
-    manifest = calib.manifest
-    (run_dir / "calibration.json").write_text(json.dumps(manifest, indent=2))
-    log(f"calibration {manifest['content_hash']}: {manifest['n_samples']} samples, tokens {manifest['tokens']}")
+    if new_run_dir:
+        (run_dir / "calibration.json").write_text(json.dumps(calib.manifest, indent=2))
+        m = calib.manifest
+        log(f"calibration {m['content_hash']}: {m['n_samples']} samples, tokens {m['tokens']}")
+    return Grid(cfg, lm, calib, instances, tasks, group_size, device, run_dir, env)
 
-    def evaluate(model) -> dict[str, dict[str, float]]:
-        model.to(device)
-        try:
-            return {t: task.evaluate(model, lm.processor, n=cfg.eval_n, progress=progress) for t, task in tasks.items()}
-        finally:
-            model.to("cpu")
 
-    def key(method: str, options: dict, bits: int, gs: int, sym: bool, calib_hash: str) -> dict:
-        return dict(model=cfg.model, method=method, method_options=options, bits=bits, group_size=gs, sym=sym,
-                    calib_hash=calib_hash)
+def plan(grid: Grid) -> list[Cell]:
+    """Full precision first (when there are tasks to score it on), then every (method, bits)."""
+    from ptqbench.leaderboard.store import ResultsStore
 
-    outcomes: list[CellOutcome] = []
-    cells = [(FP_METHOD, 16)] + [(m, b) for m in methods for b in cfg.bits]
-    for method, bits in cells:
-        inst = instances.get((method, bits))
-        options = inst.options_dict() if inst else {}
-        if inst and cfg.quantize_vision:
+    cfg = grid.cfg
+    cells = []
+    if grid.tasks:
+        key = dict(model=cfg.model, method=FP_METHOD, method_options={}, bits=16, group_size=0, sym=False, calib_hash="-")
+        cells.append(Cell(FP_METHOD, 16, key, ResultsStore.cell_id(**key)))
+    for (method, bits), inst in grid.instances.items():
+        options = inst.options_dict()
+        if cfg.quantize_vision:
             options["quantize_vision"] = True  # part of the cell's identity
-        k = key(method, options, bits, group_size if inst else 0, cfg.sym if inst else False,
-                manifest["content_hash"] if inst else "-")
-        if inst is None and not tasks:
-            continue  # full precision has nothing to report without tasks
-        cid = ResultsStore.cell_id(**k)
-        if store.is_done(cid) and not cfg.force:
-            rows = store.rows(cell_id=cid, status="ok")
-            outcomes.append(CellOutcome(method, bits, "cached", {f"{r['task']}/{r['metric']}": r["value"] for r in rows}))
-            log(f"{method} w{bits}: already done (cell {cid}), skipped; use --force to recompute")
-            continue
-        store.start_cell(cid, dict(k, run_id=run_dir.name, env=env, config=cfg.to_dict(), calib_manifest=manifest,
-                                   device=env["device"]))
-        t0 = time.perf_counter()
-        try:
-            seed_everything(cfg.seed)
-            model = copy.deepcopy(lm.model)
-            rows, artifacts = [], {}
-            extra: dict = {}
-            if inst is not None:
-                with measure(device) as cost:
-                    result = quantize_model(model, adapter_for(model), calib, inst, device=device, progress=progress,
-                                            include_vision=cfg.quantize_vision)
-                packed = {n: pack(qw) for n, qw in result.quantized.items()}
-                other = {n: p for n, p in model.state_dict().items()
-                         if n.removesuffix(".weight") not in result.quantized}
-                model_bytes = sum(packed_nbytes(t) for t in packed.values()) + state_bytes(other)
-                extra = dict(calib_seconds=cost.seconds, calib_peak_bytes=cost.peak_bytes, model_bytes=model_bytes, kernel="fake")
-                for metric, v in recon_metrics(result).items():
-                    rows.append(dict(task="recon", metric=metric, value=v))
-                artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info,
-                                 memory_kind=cost.kind)
-                if cfg.save_model:
-                    out = run_dir / "cells" / cid
-                    out.mkdir(parents=True, exist_ok=True)
-                    save_quantized(out / "model.safetensors", result.quantized, other,
-                                   dict(model=cfg.model, method=method, bits=bits, options=options))
-            else:
-                extra = dict(model_bytes=state_bytes(lm.model.state_dict()), kernel="fake")
-            for t, metrics in evaluate(model).items():
-                rows += [dict(task=t, metric=m, value=v) for m, v in metrics.items()]
-            rows = [dict(r, **extra) for r in rows]
-            store.finish_cell(cid, rows, artifacts)
-            outcomes.append(CellOutcome(method, bits, "done", {f"{r['task']}/{r['metric']}": r["value"] for r in rows},
-                                        seconds=time.perf_counter() - t0))
-            del model
-        except KeyboardInterrupt:
-            store.fail_cell(cid, "interrupted")
-            raise
-        except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
-            msg = f"{type(e).__name__}: {e}"
-            store.fail_cell(cid, msg + "\n" + traceback.format_exc(limit=8))
-            outcomes.append(CellOutcome(method, bits, "failed", error=msg, seconds=time.perf_counter() - t0))
-            log(f"[FAILED] {method} w{bits}: {msg}")
-    return RunSummary(run_dir, cfg.model, group_size, manifest, outcomes)
+        key = dict(model=cfg.model, method=method, method_options=options, bits=bits, group_size=grid.group_size,
+                   sym=cfg.sym, calib_hash=grid.manifest["content_hash"])
+        cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key)))
+    return cells
+
+
+def run_cell(grid: Grid, cell: Cell, progress=None) -> tuple[list[dict], dict]:
+    """Quantize (unless full precision), measure, evaluate. Pure computation: returns (rows, artifacts)."""
+    from ptqbench.harness.packing import pack, packed_nbytes, save_quantized
+
+    cfg, lm, device = grid.cfg, grid.lm, grid.device
+    seed_everything(cfg.seed)
+    model = copy.deepcopy(lm.model)
+    rows: list[dict] = []
+    artifacts: dict = {}
+    inst = grid.instances.get((cell.method, cell.bits))
+    if inst is not None:
+        with measure(device) as cost:
+            result = quantize_model(model, adapter_for(model), grid.calib, inst, device=device, progress=progress,
+                                    include_vision=cfg.quantize_vision)
+        packed = {n: pack(qw) for n, qw in result.quantized.items()}
+        other = {n: p for n, p in model.state_dict().items() if n.removesuffix(".weight") not in result.quantized}
+        model_bytes = sum(packed_nbytes(t) for t in packed.values()) + state_bytes(other)
+        extra = dict(calib_seconds=cost.seconds, calib_peak_bytes=cost.peak_bytes, model_bytes=model_bytes, kernel="fake")
+        rows += [dict(task="recon", metric=m, value=v) for m, v in recon_metrics(result).items()]
+        artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info, memory_kind=cost.kind)
+        if cfg.save_model:
+            out = grid.run_dir / "cells" / cell.cell_id
+            out.mkdir(parents=True, exist_ok=True)
+            save_quantized(out / "model.safetensors", result.quantized, other,
+                           dict(model=cfg.model, method=cell.method, bits=cell.bits, options=cell.key["method_options"],
+                                group_size=grid.group_size, sym=cfg.sym, calib_hash=grid.manifest["content_hash"]))
+    else:
+        extra = dict(model_bytes=state_bytes(model.state_dict()), kernel="fake")
+    model.to(device)
+    try:
+        for t, task in grid.tasks.items():
+            rows += [dict(task=t, metric=m, value=v) for m, v in task.evaluate(model, lm.processor, n=cfg.eval_n, progress=progress).items()]
+    finally:
+        del model
+    return [dict(r, **extra) for r in rows], artifacts
+
+
+def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
+    from ptqbench.leaderboard.store import ResultsStore
+
+    grid = prepare(cfg, progress, log)
+    store = ResultsStore(cfg.runs)
+    outcomes: list[CellOutcome] = []
+    pending: list[Cell] = []
+    for cell in plan(grid):
+        if store.is_done(cell.cell_id) and not cfg.force:
+            rows = store.rows(cell_id=cell.cell_id, status="ok")
+            outcomes.append(CellOutcome(cell.method, cell.bits, "cached", {f"{r['task']}/{r['metric']}": r["value"] for r in rows}))
+            log(f"{cell.method} w{cell.bits}: already done (cell {cell.cell_id}), skipped; use --force to recompute")
+        else:
+            pending.append(cell)
+
+    def started(cell: Cell) -> None:
+        store.start_cell(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=cfg.to_dict(),
+                                            calib_manifest=grid.manifest, device=grid.env["device"]))
+
+    def finished(cell: Cell, rows: list[dict], artifacts: dict, seconds: float) -> None:
+        store.finish_cell(cell.cell_id, rows, artifacts)
+        outcomes.append(CellOutcome(cell.method, cell.bits, "done", {f"{r['task']}/{r['metric']}": r["value"] for r in rows},
+                                    seconds=seconds))
+
+    def failed(cell: Cell, error: str, detail: str, seconds: float) -> None:
+        store.fail_cell(cell.cell_id, error + "\n" + detail)
+        outcomes.append(CellOutcome(cell.method, cell.bits, "failed", error=error, seconds=seconds))
+        log(f"[FAILED] {cell.method} w{cell.bits}: {error}")
+
+    from ptqbench.harness.executors import get_executor
+
+    get_executor(cfg.executor, address=cfg.address).run(grid, pending, started, finished, failed, progress)
+    order = {(c.method, c.bits): i for i, c in enumerate(plan(grid))}
+    outcomes.sort(key=lambda o: order.get((o.method, o.bits), 0))
+    return RunSummary(grid.run_dir, cfg.model, grid.group_size, grid.manifest, outcomes)

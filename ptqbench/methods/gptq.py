@@ -10,6 +10,10 @@ are this same loop with extra statistics.
 One deliberate difference from the reference: with dynamic groups, a group's grid is taken from the
 weights as updated so far (the reference reads the outer W, which misses in-block updates when the
 group size is smaller than the block size). With group size == block size (128) both are identical.
+A second, smaller one: per-row grids (group -1) are computed after dead columns are zeroed (the
+references compute them before), so a row whose extreme weight sits in a dead column gets a tighter
+grid. Otherwise `solve` reproduces IST-DASLab/gptq and GPTQv2 `fasterquant` bit-exactly (0 differing
+entries over 144 random cases each, groups -1/128 and static 32, act-order on/off, 2-4 bits).
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ptqbench.errors import BadInput
 from ptqbench.harness.adapters import move
 from ptqbench.methods.base import Method, option
 from ptqbench.methods.gptq import solve
@@ -168,7 +169,15 @@ class VLMQ(Method):
 
     def __init__(self, spec, **options):
         super().__init__(spec, **options)
+        o = self.opts
+        if not 0.0 <= o.vision_drop <= 1.0:
+            raise BadInput(f"option vision_drop={o.vision_drop!r} of method 'vlmq' is not accepted; accepted: 0 to 1")
+        if o.vision_weight < 0:
+            raise BadInput(f"option vision_weight={o.vision_weight!r} of method 'vlmq' is not accepted; accepted: >= 0")
         self.blocks_info: list[dict] = []
+
+    def on_start(self, run) -> None:
+        self.blocks_info = []
 
     def solver_kwargs(self) -> dict:
         o = self.opts

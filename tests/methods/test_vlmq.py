@@ -19,6 +19,16 @@ from ptqbench.methods import vlmq as V
 SPEC = QuantSpec(bits=3, group_size=32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is ~10x faster than two on a shared, loaded CPU. Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _same(a, b):
     return torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero) \
         and torch.equal(a.g_idx, b.g_idx)
@@ -132,6 +142,7 @@ def test_factors_are_block_local_attention_gradients(probe):
     assert [s["index"] for s in p.seen] == [0, 1, 2]
     for s in p.seen[1:]:  # block 0 falls back (checked below)
         assert s["info"]["fallback"] is False
+        assert set(s["factors"]) == set(s["ref"])  # only q/k/v/o are weighted; the MLP is not
         for name, ref in s["ref"].items():
             got = s["factors"][name]
             for b, (g, r) in enumerate(zip(got, ref)):
@@ -167,10 +178,14 @@ def test_fallback_and_diagnostics_recorded(probe):
             assert torch.equal(g, m["valid"].float())
 
 
-def test_global_scale_of_factors_changes_nothing(probe, quantize, monkeypatch):
+def test_global_scale_of_factors_changes_nothing(probe, quantize, run, monkeypatch):
     """H and dXXT are both weighted: a global scale cancels in P and in the relative damping. A power
-    of two keeps every floating-point step exact, so the result must be bit-identical."""
+    of two keeps every floating-point step exact, so the result must be bit-identical; the default
+    per-block mean normalisation (not a power of two) may only flip a rare rounding tie."""
     _, base = probe
+    normed = run("vlmq")
+    flips = sum(int((normed.quantized[k].qweight != base.quantized[k].qweight).sum()) for k in base.quantized)
+    assert flips <= 1e-3 * sum(q.qweight.numel() for q in base.quantized.values())  # observed: 0
     orig = V.gradient_importance
 
     def scaled(block, proj):
@@ -221,7 +236,8 @@ def test_vlmq_beats_rtn_on_every_block(run, bits):
         assert ev < er, f"w{bits} block {i}: vlmq {ev:.4g} >= rtn {er:.4g}"
 
 
-@pytest.mark.parametrize("opts", [dict(factor="cubic"), dict(base="awq"), dict(importance="attention"), dict(alpha="x")])
+@pytest.mark.parametrize("opts", [dict(factor="cubic"), dict(base="awq"), dict(importance="attention"), dict(alpha="x"),
+                                  dict(vision_drop=1.5), dict(vision_weight=-1.0)])
 def test_bad_options_rejected(opts):
     with pytest.raises(BadInput):
         get_method("vlmq")(SPEC, **opts)

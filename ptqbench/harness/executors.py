@@ -1,0 +1,44 @@
+"""Executors run the pending cells of a grid; the driver's callbacks write the results store.
+
+`local` (default) runs cells one after another in this process. Others (e.g. `ray`) run them
+elsewhere and stream results back; every executor reports through the same three callbacks, so the
+store, resume and failure handling are the same whatever runs the cells.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Callable
+
+from ptqbench.errors import one_of
+
+EXECUTORS = ("local", "ray")
+
+
+class LocalExecutor:
+    def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None) -> None:
+        from ptqbench.harness.runner import run_cell
+
+        for cell in cells:
+            started(cell)
+            t0 = time.perf_counter()
+            try:
+                rows, artifacts = run_cell(grid, cell, progress)
+            except KeyboardInterrupt:
+                failed(cell, "interrupted", "", time.perf_counter() - t0)
+                raise
+            except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
+                failed(cell, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8), time.perf_counter() - t0)
+                continue
+            finished(cell, rows, artifacts, time.perf_counter() - t0)
+
+
+def get_executor(name: str, address: str | None = None):
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        from ptqbench.harness.ray_executor import RayExecutor
+
+        return RayExecutor(address=address)
+    raise one_of("executor", name, EXECUTORS)
