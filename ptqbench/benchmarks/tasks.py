@@ -78,12 +78,36 @@ def _encode(processor, texts, images, device):
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
 
 
+class _Progress:
+    """Adapts ``progress``: a callable ``(done, total)``, a rich ``Progress`` (add_task/advance), or None."""
+
+    def __init__(self, progress, label: str, total: int):
+        self.p, self.total, self.done, self.task = progress, total, 0, None
+        if progress is not None and hasattr(progress, "add_task"):
+            self.task = progress.add_task(label, total=total)
+        elif progress is not None and not callable(progress):
+            raise BadInput(f"progress {progress!r} is not accepted; accepted: None, a callable (done, total), "
+                           "or a rich Progress")
+
+    def advance(self, k: int) -> None:
+        self.done += k
+        if self.task is not None:
+            self.p.advance(self.task, k)
+        elif self.p is not None:
+            self.p(self.done, self.total)
+
+    def close(self) -> None:
+        if self.task is not None and hasattr(self.p, "remove_task"):
+            self.p.remove_task(self.task)
+
+
 class Task:
     name: str = ""
     description: str = ""
 
     def evaluate(self, model, processor, n: int | None = None, batch_size: int = 16,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """Metric name -> value. ``progress``: None, a callable ``(done, total)`` or a rich Progress."""
         raise NotImplementedError
 
 
@@ -104,6 +128,7 @@ class SynthVQAAccuracy(Task):
         eos = [e for e in dict.fromkeys(eos) if isinstance(e, int) and e >= 0]
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
         preds: list[str] = []
+        bar = _Progress(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             enc = _encode(processor, _prompts(processor, chunk), [it.image for it in chunk], device)
@@ -111,8 +136,8 @@ class SynthVQAAccuracy(Task):
                                  eos_token_id=eos, pad_token_id=pad)
             new = out[:, enc["input_ids"].shape[1]:]
             preds += tok.batch_decode(new, skip_special_tokens=True)
-            if progress is not None:
-                progress(min(start + batch_size, len(items)), len(items))
+            bar.advance(len(chunk))
+        bar.close()
         return preds
 
     def evaluate(self, model, processor, n=None, batch_size=16, progress=None):
@@ -147,6 +172,7 @@ class SynthVQANLL(Task):
         items = sv.generate("eval", n, seed=self.seed)
         tot = {f: 0.0 for f in sv.FAMILIES}
         cnt = {f: 0 for f in sv.FAMILIES}
+        bar = _Progress(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             prompts = _prompts(processor, chunk)
@@ -168,8 +194,8 @@ class SynthVQANLL(Task):
                 lp = tok_lp[b, T - 1 - k:]
                 tot[it.family] += float(-lp.sum())
                 cnt[it.family] += k
-            if progress is not None:
-                progress(min(start + batch_size, len(items)), len(items))
+            bar.advance(len(chunk))
+        bar.close()
         total = sum(cnt.values())
         res = {"nll": sum(tot.values()) / total if total else math.nan}
         for f in sv.FAMILIES:
@@ -185,6 +211,9 @@ TASKS: dict[str, type] = {
 
 
 def get_task(name: str, **kwargs) -> Task:
-    if name not in TASKS:
-        raise one_of("task", name, sorted(TASKS))
-    return TASKS[name](**kwargs)
+    """A built-in task, else an lmms-eval task (optional extra; BadInput with the install hint)."""
+    if name in TASKS:
+        return TASKS[name](**kwargs)
+    from ptqbench.benchmarks.lmms import LmmsTask  # lazy: optional and slow to import
+
+    return LmmsTask(name, builtin=TASKS, **kwargs)
