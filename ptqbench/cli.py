@@ -49,6 +49,11 @@ def run(
     quantize_vision: Optional[bool] = typer.Option(None, "--quantize-vision/--no-quantize-vision", help="also quantize the vision tower's linears"),
     save_model: Optional[bool] = typer.Option(None, "--save-model/--no-save-model", help="save packed safetensors per cell"),
     force: Optional[bool] = typer.Option(None, "--force", help="recompute cells already in the store"),
+    latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="time the deployed model per cell (default on)"),
+    kernel: Optional[str] = typer.Option(None, help="deployment kernel: auto, int4pack, int8pack, dequant or fake"),
+    infer_dtype: Optional[str] = typer.Option(None, "--infer-dtype", help="dtype of the timed deployment (default bfloat16)"),
+    latency_tokens: Optional[int] = typer.Option(None, "--latency-tokens", help="decode tokens timed (default 16)"),
+    latency_batch: Optional[int] = typer.Option(None, "--latency-batch", help="batch size of the timing (default 1)"),
     executor: Optional[str] = typer.Option(None, help="local (default) or ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with the same fields as these flags"),
@@ -59,7 +64,8 @@ def run(
     overrides = dict(model=model, group_size=group_size, sym=sym, grid=grid, calib=calib, image_root=image_root,
                      calib_n=calib_n, seq_len=seq_len, seed=seed, batch_size=batch_size, eval_n=eval_n, device=device,
                      dtype=dtype, runs=runs, name=name, save_model=save_model, force=force,
-                     quantize_vision=quantize_vision, executor=executor, address=address)
+                     quantize_vision=quantize_vision, executor=executor, address=address, latency=latency, kernel=kernel,
+                     infer_dtype=infer_dtype, latency_tokens=latency_tokens, latency_batch=latency_batch)
     if methods is not None:
         overrides["methods"] = parse_list(methods, str, "methods")
     if bits is not None:
@@ -141,6 +147,24 @@ def leaderboard(
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
         console.print(f"wrote {out}")
+
+
+@app.command()
+def export(
+    cell: str = typer.Argument(..., help="cell id (or unique prefix) from the store, a cell directory, or its model.safetensors"),
+    out: str = typer.Argument(..., help="output directory (new or empty)"),
+    runs: str = typer.Option("runs", help="runs folder holding results.sqlite (to resolve a cell id)"),
+    model: Optional[str] = typer.Option(None, help="base model for config/processor (default: the cell's)"),
+    format: str = typer.Option("gptq", "--format", help="gptq (v1, zeros minus one) or gptq_v2"),
+    shift_zero: bool = typer.Option(True, "--shift-zero/--no-shift-zero", help="rewrite zero 0 as zero 1, codes+1 (lossless) for v1"),
+    overwrite: bool = typer.Option(False, help="replace a non-empty OUT"),
+):
+    """Export a quantized cell as a GPTQ checkpoint (transformers/optimum/GPTQModel layout)."""
+    from ptqbench.harness.export import export_gptq, resolve_cell
+
+    s = export_gptq(resolve_cell(cell, runs), out, model, checkpoint_format=format, shift_zero=shift_zero, overwrite=overwrite)
+    console.print(f"wrote {s.out_dir}: {s.method} w{s.bits} g{s.group_size} desc_act={s.desc_act} sym={s.sym}, "
+                  f"{s.n_quantized} layers, {s.nbytes / 2**20:.1f} MiB, {s.shifted_groups} zero points shifted")
 
 
 def main() -> None:

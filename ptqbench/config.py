@@ -42,6 +42,11 @@ class RunConfig:
     quantize_vision: bool = False
     save_model: bool = True
     force: bool = False
+    latency: bool = True  # measure prefill/decode/memory of the deployed model per cell
+    kernel: str = "auto"  # auto, int4pack, int8pack, dequant or fake (ptqbench.harness.kernels)
+    infer_dtype: str = "bfloat16"  # the dtype the latency deployment runs in (bf16: the only one with fast CPU kernels)
+    latency_tokens: int = 16
+    latency_batch: int = 1
     executor: str = "local"  # local, or ray (pip install ptqbench[ray])
     address: str | None = None  # Ray cluster address (default: start a local Ray instance)
 
@@ -74,6 +79,15 @@ class RunConfig:
             raise BadInput(f"eval-n {self.eval_n!r} is not accepted; accepted: a positive integer")
         if self.device not in DEVICES:
             raise one_of("device", self.device, DEVICES)
+        from ptqbench.harness.kernels import CHOICES as KERNEL_CHOICES
+
+        if self.kernel not in KERNEL_CHOICES:
+            raise one_of("kernel", self.kernel, KERNEL_CHOICES)
+        if self.infer_dtype not in DTYPES[1:]:
+            raise one_of("infer-dtype", self.infer_dtype, DTYPES[1:])
+        for key in ("latency_tokens", "latency_batch"):
+            if getattr(self, key) < (2 if key == "latency_tokens" else 1):
+                raise BadInput(f"{key.replace('_', '-')} {getattr(self, key)!r} is not accepted; accepted: an integer >= {2 if key == 'latency_tokens' else 1}")
         if self.executor not in ("local", "ray"):
             raise one_of("executor", self.executor, ("local", "ray"))
         if self.dtype not in DTYPES:

@@ -26,25 +26,64 @@ used):
   per-row integer offset o (128 for 8-bit) into int8, q8 = q - o, and the remainder (o - z) * s is
   added exactly as a rank-1 term x.sum(-1) (x) ((o - z) * s) -- skipped when z == o everywhere (the
   symmetric grids). Any bits <= 8 fit (``auto`` uses it only for 8-bit unless ``widen=True``).
-- ``dequant``: holds the packed int32 words of `packing.pack_bits` (dense bit stream per row, b bits
-  per code) plus scales (activation dtype) and zeros (uint8 when on-grid integers), and on every
-  forward unpacks, dequantizes to the activation dtype and calls F.linear. Works for any bits, group
-  size and g_idx; it is what 2/3-bit (and grouped 8-bit) really cost without a low-bit kernel.
-- ``fake``: the full-precision dequantized weight as a dense parameter (the accuracy path; no
-  memory saving).
+- ``dequant``: holds the codes packed at exactly b bits each, as bit-planes (`pack_planes`: 3-bit
+  = a 2-bit plane + a 1-bit plane, laid out so that unpacking is whole-block int32 shift/mask
+  operations, without gathers or codes straddling words), plus scales (activation dtype) and zeros
+  (uint8 when on-grid integers); every forward unpacks, dequantizes and multiplies CHUNK_ELEMS
+  weights at a time in reused scratch buffers (torch.mm per chunk of rows; allocating a whole fresh
+  weight per call was 8x slower on 4096^2). Works for any bits, group size and g_idx; it is what
+  2/3-bit (and grouped 8-bit) cost here without a low-bit kernel.
+- ``fake``: the full-precision dequantized weight as a dense tensor (the accuracy path; no memory
+  saving).
 
-`auto` chooses per layer, among the kernels that keep the weight at its quantized width (so a
-layer never silently grows, and `model_nbytes` stays the method's): see AUTO_RULE below and the
-measurements behind it.
+`auto` chooses per layer (AUTO_RULE), among the kernels that keep the weight at its own width (so a
+layer never silently grows and `model_nbytes` stays the method's; `widen=True` lifts that):
+  CPU, bf16 activations: 4-bit with groups of equal size, a group size multiple of 32 and N % 16 == 0
+      -> int4pack; 8-bit per-channel -> int8pack; everything else (2/3-bit, grouped 8-bit) -> dequant.
+  CPU, fp32 or fp16 activations: dequant for every layer (the aten kernels are slower there).
+  CUDA: int4pack for 4-bit (bf16), int8pack for 8-bit per-channel, else dequant (not measured: no GPU
+      in this session; each layer is still verified).
+So on CPU deploy in bf16 to measure the low-bit kernels; an fp32 deployment measures dequant.
 
-Measurements (CPU, this machine: 2 shared cores with a training job and other tests running, so
-numbers are medians of repeated timings; torch 2.14.1; per-layer forward, ms; g = group size)
--- filled in from /tmp/scratch_kernels/bench_rule.py, see MEASUREMENTS below.
+MEASUREMENTS behind the rule (CPU: 2 AVX2 cores, no AVX512/AMX, shared with a training job and other
+tests; so one torch thread -- with two, OpenMP barrier stalls under oversubscription gave timings in
+~16 ms steps -- and the median of >= 5 (up to 200) calls per cell, the spread between repeated runs
+of the script being about +-30%. torch 2.14.1; /tmp/scratch_kernels/bench_rule.py, bench_big.py.)
+Median ms per forward, out x in, random weight, RTN, g128 (g64 on 768x256); M = rows of x:
+
+  kernel      bits   dtype  | 4096x4096    | 1024x1024     | 768x256      | 256x1024
+                            | M=1    M=32  | M=1    M=128  | M=1   M=128  | M=1    M=128
+  fake(dense)  -     fp32   | 10.3   146   | 0.23   21.2   | 0.073  4.06  | 0.076  2.25
+  fake(dense)  -     bf16   | 14.3   400   | 0.45   127    | 0.139  33.1  | 0.142  24.6
+  int4pack     4     bf16   | 8.81   202   | 0.33   26.2   | 0.114  8.51  | 0.126  8.98
+  int4pack     4     fp32   | 305    -     | 16.8   1640   | 1.31   379   | 1.75   405
+  int8pack     8ch   bf16   | 11.8   198   | 0.36   36.0   | 0.167  8.59  | 0.179  9.64
+  int8pack     8ch   fp32   | 60.5   -     | 1.54   363    | 0.371  81.5  | 0.45   88.1
+  dequant      4     bf16   | 142    658   | 7.13   105    | 0.924  24.8  | 1.07   34.0
+  dequant      4     fp32   | 58.2   194   | 1.65   20.8   | 0.601  5.28  | 0.562  6.71
+  dequant      3     fp32   | 104    231   | 7.04   24.8   | 1.46   7.21  | 1.32   4.01
+  dequant      2     fp32   | 73.3   191   | 2.03   20.8   | 0.67   6.47  | 0.645  6.71
+  dequant      8ch   fp32   | 34.9   118   | 1.11   19.0   | 0.341  6.06  | 0.402  6.93
+  dequant      8ch   bf16   | 84     572   | 6.52   73.0   | 0.632  24.4  | 0.777  30.6
+  fp16, 1024x1024, M=1 / M=128: dense 0.38 / 101, int4pack 14.6 / 1650, int8pack 6.2 / 583,
+  dequant w4 8.5 / 111, dequant w8ch 8.2 / 122.
+  Act-order (permuted g_idx) int4pack bf16: 0.331 vs 0.327 (1024^2), 0.129 vs 0.112 (256x768), M=1.
+  widen=True, bf16, 1024^2, M=1: int4pack on 2-bit 0.31 (vs dequant w2 bf16 4.97); int8pack on
+  per-channel 4-bit 0.27.
+(fp32 int4pack/int8pack at M=32 on 4096^2 were not run: ~50 s a call, extrapolating from 1024^2.)
+Reading: in bf16, int4pack / int8pack beat dequant by 4-22x at decode (M=1) and 2-4x at prefill;
+int4pack also beats a dense bf16 matmul everywhere, int8pack is within 30% of it. In fp32 the aten
+kernels are slower than dequant at decode on every shape but 256x256 (int8pack 0.19 vs 0.25 ms) and
+13-80x slower at prefill; in fp16 likewise (above), so dequant is used. Note that dequant in fp32 is
+still 3-8x slower than a dense fp32 matmul at decode: on this CPU only bf16 int4pack/int8pack make a
+quantized layer faster than the full-precision one.
+The dequant cost is eager torch (unpack, convert, subtract, multiply, then mm, per chunk): a fused
+low-bit kernel would be faster, so its latency is an upper bound of what 2/3-bit weights cost here.
 """
 
 from __future__ import annotations
 
-import math
+import threading
 from collections import Counter
 
 import torch
@@ -52,7 +91,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqbench.errors import BadInput, one_of
-from ptqbench.harness.packing import pack_bits
 from ptqbench.methods.quant import QuantizedWeight
 
 KERNELS = ("int4pack", "int8pack", "dequant", "fake")
@@ -71,7 +109,7 @@ def group_layout(qw: QuantizedWeight) -> tuple[int | None, torch.Tensor | None]:
     """(contiguous group size G, column permutation or None) such that the columns `perm` of the
     weight form groups of G consecutive columns in group order; (None, None) when the groups have
     unequal sizes (then only a per-column gather of scales can apply them)."""
-    out_f, in_f = qw.qweight.shape
+    in_f = qw.qweight.shape[1]
     ng = qw.scale.shape[1]
     g_idx = qw.g_idx.to(torch.long).cpu()
     if ng == 1:
@@ -96,7 +134,7 @@ def _int4_group(G: int | None) -> int | None:
 def kernel_unsupported(qw: QuantizedWeight, kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `kernel` cannot run this weight on `device` in `dtype`, or None when it can."""
     bits = qw.spec.bits
-    out_f, in_f = qw.qweight.shape
+    out_f = qw.qweight.shape[0]
     if kernel in ("dequant", "fake"):
         return None
     if device.type not in ("cpu", "cuda"):
@@ -129,40 +167,112 @@ def kernel_unsupported(qw: QuantizedWeight, kernel: str, device: torch.device, d
     raise one_of("kernel", kernel, KERNELS)
 
 
-# ---- unpacking for the dequant kernel -------------------------------------------------------------
-def _unpack_plan(bits: int, device) -> dict[str, torch.Tensor]:
-    """Index/shift tables to read the 32 codes of a block of `bits` int32 words (see packing.py)."""
-    start = torch.arange(32) * bits
-    wi, off = start // 32, start % 32
-    nlo = torch.clamp(32 - off, max=bits)
-    return dict(
-        wi=wi.to(device), wi1=torch.clamp(wi + 1, max=bits - 1).to(device),
-        off=off.to(torch.int32).to(device), lomask=((1 << nlo) - 1).to(torch.int32).to(device),
-        himask=((1 << (bits - nlo)) - 1).to(torch.int32).to(device), hshift=nlo.to(torch.int32).to(device),
-    )
+# ---- bit-plane storage for the dequant kernel ---------------------------------------------------
+def bit_planes(bits: int) -> list[tuple[int, int]]:
+    """(width, shift) of each plane a `bits`-bit code is split into: widths are powers of two
+    (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), widest plane holding the lowest bits, so no
+    code ever straddles a byte and every plane unpacks with whole-block byte operations."""
+    out, shift = [], 0
+    for w in (8, 4, 2, 1):
+        if bits & w:
+            out.append((w, shift))
+            shift += w
+    assert shift == bits, bits
+    return out
 
 
-def unpack_codes(words: torch.Tensor, bits: int, n: int, plan: dict | None = None) -> torch.Tensor:
-    """Codes (rows, n) from the dense bit stream of `packing.pack_bits` (rows, >= ceil(n*bits/32) int32
-    words), vectorized. Bit widths dividing 8 read bytes (little-endian: code j of a byte sits at bits
-    [j*b, (j+1)*b)); the others read blocks of `bits` words holding 32 codes each (`words` must then
-    be padded to a multiple of `bits` words, as QuantLinear stores them). Returns uint8 or int32."""
-    rows = words.shape[0]
-    if 8 % bits == 0:
-        by = words.view(torch.uint8)  # little-endian bytes of the stream
-        if bits == 8:
-            return by[:, :n]
-        per = 8 // bits
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
-        c = (by.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return c.reshape(rows, -1)[:, :n]
-    if plan is None:
-        plan = _unpack_plan(bits, words.device)
-    blocks = words.view(rows, -1, bits)
-    lo = blocks.index_select(2, plan["wi"])
-    hi = blocks.index_select(2, plan["wi1"])
-    c = ((lo >> plan["off"]) & plan["lomask"]) | ((hi & plan["himask"]) << plan["hshift"])
-    return c.reshape(rows, -1)[:, :n]
+def pack_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (rows, n) in [0, 2^bits) -> uint8 (rows, bits * B), B = ceil(n / 32) * 4: exactly `bits`
+    bits a code (n padded to a multiple of 32).
+
+    Layout, per row: the columns are cut into 8 blocks of B (block t = columns t*B .. t*B + B - 1). A
+    plane of width w (bit_planes) takes w rows of B bytes; byte j of its row h holds, at bit offset
+    tp * w, the plane's bits of column j of block t = h * (8 // w) + tp. So every byte lane of every
+    plane maps to the same column j of some block, and unpacking is a few shift/mask operations on
+    the bytes seen as int32 words (SWAR), each writing one whole block (`unpack_planes`)."""
+    rows, n = q.shape
+    B = -(-n // 32) * 4
+    codes = F.pad(q.to(torch.int32), (0, 8 * B - n)).view(rows, 8, B)
+    out = []
+    for w, shift in bit_planes(bits):
+        per = 8 // w
+        pc = ((codes >> shift) & ((1 << w) - 1)).view(rows, w, per, B)
+        byte = torch.zeros(rows, w, B, dtype=torch.int32, device=q.device)
+        for tp in range(per):
+            byte |= pc[:, :, tp] << (tp * w)
+        out.append(byte)
+    return torch.cat(out, dim=1).to(torch.uint8).reshape(rows, bits * B).contiguous()
+
+
+_REP = {1: 0x01010101, 2: 0x03030303, 4: 0x0F0F0F0F}  # a w-bit mask in every byte of an int32
+
+
+def unpack_planes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None,
+                  tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of pack_planes: uint8 codes (rows, 8 * B) in column order (the first n are the codes).
+    `out` / `tmp`: optional int32 scratch of at least rows * 2 * B elements / rows * B elements."""
+    rows, nb = packed.shape
+    B = nb // bits
+    if bits == 8:
+        return packed
+    B4 = B // 4
+    src32 = packed.view(torch.int32).view(rows, bits, B4)
+    c = (torch.empty(rows * 2 * B, dtype=torch.int32, device=packed.device) if out is None
+         else out[: rows * 2 * B]).view(rows, 8, B4)
+    row0 = 0
+    for i, (w, shift) in enumerate(bit_planes(bits)):
+        per = 8 // w
+        src = src32[:, row0:row0 + w]
+        cv = c.view(rows, w, per, B4)
+        for tp in range(per):
+            if i == 0:
+                dst = cv[:, :, tp]
+                torch.bitwise_right_shift(src, tp * w, out=dst)
+                dst.bitwise_and_(_REP[w])
+            else:
+                tt = (torch.empty(rows * w * B4, dtype=torch.int32, device=packed.device) if tmp is None
+                      else tmp[: rows * w * B4]).view(rows, w, B4)
+                torch.bitwise_right_shift(src, tp * w, out=tt)
+                tt.bitwise_and_(_REP[w]).bitwise_left_shift_(shift)
+                cv[:, :, tp].bitwise_or_(tt)
+        row0 += w
+    return c.view(rows, 8 * B4).view(torch.uint8)
+
+
+class _Workspace(threading.local):
+    """Scratch buffers reused by every dequant forward of a thread: allocating (and page-faulting) a
+    fresh dequantized weight on each call cost 3-8x the arithmetic on this machine."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, str(device))
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+_WS = _Workspace()
+_OPS: dict = {}
+
+
+def _op(name: str):
+    """torch.ops.aten.<name>.default, looked up once (the attribute lookup costs microseconds a call)."""
+    op = _OPS.get(name)
+    if op is None:
+        op = _OPS[name] = getattr(torch.ops.aten, name).default
+    return op
+
+
+_FLOAT_BUFFER = {"fake": "weight", "int4pack": "scales_and_zeros", "int8pack": "scales", "dequant": "scales"}
+CHUNK_ELEMS = 1 << 19  # dequantize this many weights at a time (fastest of 2^14..2^22 on 4096^2)
+
+
+def free_workspace() -> None:
+    """Drop this thread's dequant scratch buffers (at most a few MB per dtype)."""
+    _WS.buffers.clear()
 
 
 # ---- the module --------------------------------------------------------------------------------------
@@ -186,7 +296,6 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.kernel = qw.spec.bits, qw.spec.group_size, kernel
         self.layout = device.type
         self.note = ""  # why deploy fell back to this kernel, if it did
-        self.perm: torch.Tensor | None
         self.register_buffer("perm", None)
         self.register_buffer("bias", None if bias is None else bias.detach().to(device=device, dtype=dtype).clone())
         getattr(self, f"_build_{kernel}")(qw, dtype, device)
@@ -208,10 +317,14 @@ class QuantLinear(nn.Module):
         q, G = self._permuted(qw, device)
         g = _int4_group(G)
         self.kgroup = g
+        # Codes of b < 4 bits are moved to the middle of the int4 range (q + c, z + c, same weight) so
+        # that (q - 8) and the float zero stay small: in bf16 both are rounded, and a large offset that
+        # cancels would cost precision.
+        c = 8 - 2 ** (self.bits - 1)
         s = qw.scale.float().repeat_interleave(G // g, dim=1)
-        zf = ((8.0 - qw.zero.float()) * qw.scale.float()).repeat_interleave(G // g, dim=1)
+        zf = ((8.0 - (qw.zero.float() + c)) * qw.scale.float()).repeat_interleave(G // g, dim=1)
         self.register_buffer("scales_and_zeros", torch.stack([s.t(), zf.t()], dim=-1).to(dtype).contiguous().to(device))
-        q = q.to(torch.int32)
+        q = q.to(torch.int32) + c
         if device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
         else:
@@ -232,47 +345,54 @@ class QuantLinear(nn.Module):
         self.register_buffer("corr", None if bool((corr == 0).all()) else corr.float().to(device))
 
     def _build_dequant(self, qw, dtype, device):
-        G, perm = group_layout(qw)
-        if G is not None:
+        if group_layout(qw)[0] is not None:
             q, G = self._permuted(qw, device)
         else:  # unequal groups: scales are gathered per column on every forward
-            q = qw.qweight
+            q, G = qw.qweight, None
             self.register_buffer("g_idx", qw.g_idx.to(torch.long).to(device))
         self.G = G
-        bits = self.bits
-        words = pack_bits(q, bits)
-        if 8 % bits:  # blocks of `bits` words (32 codes each) for the vectorized reader
-            nw = -(-self.in_features // 32) * bits
-            words = F.pad(words, (0, nw - words.shape[1]))
-        self.register_buffer("qwords", words.contiguous().to(device))
+        self.register_buffer("qplanes", pack_planes(q, self.bits).to(device))
         self.register_buffer("scales", qw.scale.to(dtype).to(device))
         z = qw.zero
         on_grid = bool(((z == z.round()) & (z >= 0) & (z <= 255)).all())
         self.register_buffer("zeros", (z.round().to(torch.uint8) if on_grid else z.to(dtype)).to(device))
-        self._plan = None if 8 % bits == 0 else _unpack_plan(bits, device)
 
     # -- forward ------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        for name in ("weight", "scales_and_zeros", "scales"):
-            t = getattr(self, name, None)
-            if t is not None:
-                return t.dtype
-        raise AssertionError("QuantLinear without a float buffer")
+        """Compute dtype: that of the float buffer the kernel reads (follows `model.to(dtype)`)."""
+        return self.scales_like.dtype
 
     @property
     def scales_like(self) -> torch.Tensor:
-        return getattr(self, "weight", None) if self.kernel == "fake" else (
-            self.scales_and_zeros if self.kernel == "int4pack" else self.scales)
+        return self._buffers[_FLOAT_BUFFER[self.kernel]]
 
-    def _dequant_weight(self, dtype) -> torch.Tensor:
-        c = unpack_codes(self.qwords, self.bits, self.in_features, self._plan)
+    def _dequant_rows(self, r0: int, r1: int, dtype) -> torch.Tensor:
+        """Rows r0:r1 of the dequantized weight (columns in the stored order) in a scratch buffer."""
+        k, bits = self.in_features, self.bits
+        packed = self.qplanes[r0:r1]
+        dev, r, B = packed.device, r1 - r0, self.qplanes.shape[1] // bits
+        w = _WS.get("w", r * k, dtype, dev).view(r, k)
+        c = unpack_planes(packed, bits, out=_WS.get("c32", r * 2 * B, torch.int32, dev),
+                          tmp=_WS.get("t32", r * B, torch.int32, dev))[:, :k]
+        w.copy_(c)
+        z, s = self.zeros[r0:r1], self.scales[r0:r1]
+        if self.G is None:  # unequal groups: per-column gathers
+            return w.sub_(z[:, self.g_idx].to(dtype)).mul_(s[:, self.g_idx].to(dtype))
+        # (q - z) * s exactly as QuantizedWeight.dequantize (a fused c*s - z*s addcmul was 3x slower here)
+        w.view(r, k // self.G, self.G).sub_(z.to(dtype)[:, :, None]).mul_(s.to(dtype)[:, :, None])
+        return w
+
+    def _dequant_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 @ W_hat.T, dequantizing CHUNK_ELEMS weights at a time into reused scratch buffers."""
         n, k = self.out_features, self.in_features
-        z, s = self.zeros.to(dtype), self.scales.to(dtype)
-        if self.G is None:
-            return (c.to(dtype) - z[:, self.g_idx]) * s[:, self.g_idx]
-        ng = k // self.G
-        return ((c.to(dtype).view(n, ng, self.G) - z[:, :, None]) * s[:, :, None]).view(n, k)
+        rows = max(1, CHUNK_ELEMS // k)
+        yt = torch.empty(n, x2.shape[0], dtype=x2.dtype, device=x2.device)
+        xt = x2.t()
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            torch.mm(self._dequant_rows(r0, r1, x2.dtype), xt, out=yt[r0:r1])
+        return yt.t()
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, K) in the compute dtype -> (M, N) without bias."""
@@ -284,27 +404,30 @@ class QuantLinear(nn.Module):
             if x2.device.type != self.layout:
                 raise RuntimeError(f"int4pack weights were packed for {self.layout}, input is on {x2.device.type}; "
                                    "deploy the model on the device it runs on")
-            op = torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "cpu" else torch.ops.aten._weight_int4pack_mm
+            op = _op("_weight_int4pack_mm_for_cpu" if self.layout == "cpu" else "_weight_int4pack_mm")
             return op(x2.contiguous(), self.packed, self.kgroup, self.scales_and_zeros)
         if self.kernel == "int8pack":
-            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
-            if self.corr is not None:
-                out = (out.float() + x2.float().sum(-1, keepdim=True) * self.corr).to(out.dtype)
+            out = _op("_weight_int8pack_mm")(x2.contiguous(), self.qweight, self.scales)
+            if self.corr is not None:  # + x.sum(-1) (x) (o - z) * s, in fp32, rounded once
+                xs = x2.sum(-1, keepdim=True, dtype=torch.float32)
+                out = torch.addmm(out.float(), xs, self.corr[None, :]).to(out.dtype)
             return out
-        return F.linear(x2, self._dequant_weight(x2.dtype))
+        return self._dequant_mm(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype
-        in_dtype = x.dtype
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        if x2.shape[0] == 0:
-            out = x2.new_zeros(0, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        in_dtype, dtype = x2.dtype, self._buffers[_FLOAT_BUFFER[self.kernel]].dtype
+        if in_dtype != dtype:
+            x2 = x2.to(dtype)
+        bias = self.bias
+        if self.kernel == "fake":
+            out = F.linear(x2, self.weight, bias)
         else:
-            out = self._mm(x2)
-        if self.bias is not None:
-            out = out + self.bias.to(dtype)
-        return out.reshape(*lead, self.out_features).to(in_dtype)
+            out = self._mm(x2) if x2.shape[0] else x2.new_zeros(0, self.out_features)
+            if bias is not None:
+                out = out.add_(bias)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if in_dtype == dtype else out.to(in_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -331,6 +454,12 @@ def auto_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype, w
 
 
 def _faster_than_dequant(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """AUTO_RULE's measured part: on CPU the aten int4/int8 kernels only pay off with bf16
+    activations; with fp32 or fp16 activations they are 10-100x slower than dequant at prefill and
+    no faster at decode (MEASUREMENTS). On CUDA they are the standard fast path (unmeasured here: no
+    GPU; `deploy(verify=True)` still checks their results)."""
+    if device.type == "cpu":
+        return dtype == torch.bfloat16
     return True
 
 
@@ -398,7 +527,7 @@ def deploy(model: nn.Module, quantized: dict[str, QuantizedWeight], kernel: str 
                 err = verify_layer(layer, qw)
                 if not err <= tol:
                     note, layer = f"{want}: relative error {err:.2e} > {tol:.0e} against the dequantized matmul", None
-            except Exception as e:  # a kernel missing on this build/device: fall back, loudly in .note
+            except Exception as e:  # noqa: BLE001 -- a kernel missing on this build/device: fall back, noted
                 note, layer = f"{want}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", None
             if layer is None:
                 want = "dequant"
@@ -427,8 +556,8 @@ def kernel_label(model: nn.Module) -> str:
 
 def model_nbytes(model: nn.Module) -> int:
     """Bytes of the tensors the model holds: parameters and buffers (packed words, scales, zeros,
-    permutations, unquantized weights, non-persistent buffers too), each storage counted once (tied
-    embeddings / lm_head count once)."""
+    permutations, unquantized weights, non-persistent buffers too), each tensor counted once (tied
+    embeddings / lm_head count once). Dequant scratch buffers are inference memory, not counted."""
     seen: set[tuple] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):

@@ -173,12 +173,12 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
 
 
 def plan(grid: Grid) -> list[Cell]:
-    """Full precision first (when there are tasks to score it on), then every (method, bits)."""
+    """Full precision first (when there is a task or latency to measure), then every (method, bits)."""
     from ptqbench.leaderboard.store import ResultsStore
 
     cfg = grid.cfg
     cells = []
-    if grid.tasks:
+    if grid.tasks or cfg.latency:  # full precision: the accuracy and latency baseline
         key = dict(model=cfg.model, method=FP_METHOD, method_options={}, bits=16, group_size=0, sym=False, calib_hash="-")
         cells.append(Cell(FP_METHOD, 16, key, ResultsStore.cell_id(**key)))
     for (method, bits), inst in grid.instances.items():
@@ -220,11 +220,19 @@ def run_cell(grid: Grid, cell: Cell, progress=None) -> tuple[list[dict], dict]:
     else:
         extra = dict(model_bytes=state_bytes(model.state_dict()), kernel="fake")
     model.to(device)
-    try:
-        for t, task in grid.tasks.items():
-            rows += [dict(task=t, metric=m, value=v) for m, v in task.evaluate(model, lm.processor, n=cfg.eval_n, progress=progress).items()]
-    finally:
-        del model
+    for t, task in grid.tasks.items():  # accuracy on the fake-quant weights (the method's exact output)
+        rows += [dict(task=t, metric=m, value=v) for m, v in task.evaluate(model, lm.processor, n=cfg.eval_n, progress=progress).items()]
+    if cfg.latency:  # then deploy real packed kernels in place and time them; every figure names its kernel
+        from ptqbench.harness.latency import ROW_FIELDS, deploy_and_measure
+
+        lat = deploy_and_measure(model, lm.processor, result.quantized if inst is not None else None, kernel=cfg.kernel,
+                                 dtype=getattr(torch, cfg.infer_dtype), device=device, new_tokens=cfg.latency_tokens,
+                                 batch_size=cfg.latency_batch)
+        extra.update({k: lat[k] for k in ROW_FIELDS})
+        artifacts["latency"] = {k: v for k, v in lat.items() if k not in ROW_FIELDS}
+        if not rows:  # no task and full precision: the latency row alone
+            rows.append(dict(task="deploy", metric="decode_tok_s", value=lat["decode_tok_s"]))
+    del model
     return [dict(r, **extra) for r in rows], artifacts
 
 

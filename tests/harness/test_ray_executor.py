@@ -62,7 +62,7 @@ def die_once_hook():
 
 def grid_config(runs, **kw) -> RunConfig:
     base = dict(model="tiny:qwen2-vl", methods=["rtn", "gptq"], bits=[2, 4], calib_n=2, runs=str(runs),
-                save_model=False, device="cpu", executor="ray")
+                save_model=False, device="cpu", executor="ray", latency=False)
     return RunConfig(**{**base, **kw})
 
 

@@ -19,7 +19,7 @@ def run(*args):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_rtn_and_gptq_on_every_family(family, tmp_path):
     code, out = run("--model", f"tiny:{family}", "--methods", "rtn,gptq", "--bits", "3", "--calib-n", "4",
-                    "--runs", str(tmp_path), "--name", "r")
+                    "--runs", str(tmp_path), "--name", "r", "--no-latency")
     assert code == 0, out
     con = sqlite3.connect(tmp_path / "results.sqlite")
     errs = dict(con.execute("select method, value from results where task='recon' and metric='final_rel_err'"))
@@ -29,7 +29,7 @@ def test_rtn_and_gptq_on_every_family(family, tmp_path):
 
 def test_vision_tower_and_resume(tmp_path):
     args = ("--model", "tiny:qwen2.5-vl", "--methods", "rtn,gptq", "--bits", "4", "--calib-n", "2", "--runs", str(tmp_path),
-            "--quantize-vision", "--group-size", "16", "--no-save-model")
+            "--quantize-vision", "--group-size", "16", "--no-save-model", "--no-latency")
     code, out = run(*args)
     assert code == 0, out
     con = sqlite3.connect(tmp_path / "results.sqlite")
@@ -49,7 +49,7 @@ def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gptq, "solve", broken)
     code, out = run("--model", "tiny:llava", "--methods", "gptq,rtn", "--bits", "2,4", "--calib-n", "2",
-                    "--runs", str(tmp_path), "--no-save-model")
+                    "--runs", str(tmp_path), "--no-save-model", "--no-latency")
     assert code == 1
     con = sqlite3.connect(tmp_path / "results.sqlite")
     status = dict(((m, b), s) for m, b, s in con.execute("select method, bits, status from cells"))
@@ -57,5 +57,18 @@ def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, monkeypatch):
     assert "synthetic failure" in con.execute("select error from cells where method='gptq'").fetchone()[0]
     monkeypatch.undo()
     code, out = run("--model", "tiny:llava", "--methods", "gptq,rtn", "--bits", "2,4", "--calib-n", "2",
-                    "--runs", str(tmp_path), "--no-save-model")
+                    "--runs", str(tmp_path), "--no-save-model", "--no-latency")
     assert code == 0 and out.count("already done") == 2  # the failed cells are retried, done ones kept
+
+
+def test_latency_rows_name_their_kernel(tmp_path):
+    code, out = run("--model", "tiny:qwen2-vl", "--methods", "rtn", "--bits", "2,4", "--calib-n", "2", "--runs", str(tmp_path),
+                    "--no-save-model", "--latency-tokens", "4")
+    assert code == 0, out
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    rows = {(m, b): (k, size, tok) for m, b, k, size, tok in con.execute(
+        "select method, bits, kernel, model_bytes, decode_tok_s from results where metric in ('decode_tok_s', 'final_rel_err')")}
+    assert rows[("fp", 16)][0] == "dense[bf16]"
+    assert rows[("rtn", 4)][0] == "int4pack[bf16]" and rows[("rtn", 2)][0] == "dequant[bf16]"
+    assert rows[("rtn", 2)][1] < rows[("rtn", 4)][1] < rows[("fp", 16)][1]  # measured from the held tensors
+    assert all(v[2] and v[2] > 0 for v in rows.values())
