@@ -148,7 +148,8 @@ def _mark_best(table: Table, entries: list[Entry], col: int, higher: bool):
 
 
 def _tables(entries: list[Entry]) -> list[Table]:
-    cols = sorted({k for e in entries for k in e.metrics}, key=lambda k: (k[0], "/" in k[1], k[1]))
+    # "deploy" rows only carry a cell's latency figures (a full-precision cell without tasks): not accuracy.
+    cols = sorted({k for e in entries for k in e.metrics if k[0] != "deploy"}, key=lambda k: (k[0], "/" in k[1], k[1]))
     avg_cols = [k for k in cols if "/" not in k[1] and higher_is_better(k[1])]
     fp = next((e for e in entries if e.is_fp), None)
     lead = lambda e: [Cell(e.method, e.method, note=e.note), Cell(str(e.bits), e.bits), Cell(e.config, e.config)]  # noqa: E731
@@ -374,7 +375,7 @@ def _plot_pareto(entries, acc: Table, deploy: Table) -> Markup | None:
     x, xlo, xhi = _scale(min(p[1] for p in pts) / 1e6, max(p[1] for p in pts) / 1e6, L, W - R)
     y, lo, hi = _scale(min(p[2] for p in pts), max(p[2] for p in pts), H - B, T)
     body = _axes(lo, hi, y, "model size (MB)", name)
-    body += [f'<text x="{x(xlo + (xhi - xlo) * i / 4):.1f}" y="{H - B + 16}" text-anchor="middle">{xlo + (xhi - xlo) * i / 4:.0f}</text>' for i in range(5)]
+    body += [f'<text x="{x(xlo + (xhi - xlo) * i / 4):.1f}" y="{H - B + 16}" text-anchor="middle">{fmt_num(xlo + (xhi - xlo) * i / 4)}</text>' for i in range(5)]
     front = pareto_front([(p[1], p[2]) for p in pts])
     line = " ".join(f"{x(pts[i][1] / 1e6):.1f},{y(pts[i][2]):.1f}" for i in front)
     body.append(f'<polyline fill="none" stroke="#d62728" stroke-width="2" points="{line}"/>')
