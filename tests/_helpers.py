@@ -22,3 +22,16 @@ def write_sharegpt(tmp_path, samples):
     path = tmp_path / "calib.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def store_writer(runs_dir, worker, n):
+    """A process writing n cells into the results store (module-level: picklable for spawn)."""
+    from ptqbench.leaderboard.store import ResultsStore
+
+    store = ResultsStore(runs_dir)
+    for i in range(n):
+        k = {"model": "tiny", "method": f"m{worker}", "method_options": {}, "bits": 2 + i % 7, "group_size": i,
+             "sym": False, "calib_hash": "c0ffee"}
+        cid = ResultsStore.cell_id(**k)
+        store.start_cell(cid, k)
+        store.finish_cell(cid, [{"task": "synthvqa", "metric": m, "value": float(i)} for m in ("acc", "nll")])

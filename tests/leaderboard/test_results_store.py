@@ -122,16 +122,11 @@ def test_artifacts_stored_apart(tmp_path):
         store.artifacts("nope")
 
 
-def _writer(runs_dir, worker, n):
-    store = ResultsStore(runs_dir)
-    for i in range(n):
-        k = key(method=f"m{worker}", bits=2 + i % 7, group_size=i)
-        run_cell(store, k, [{"task": "synthvqa", "metric": m, "value": float(i)} for m in ("acc", "nll")])
-
-
 def test_concurrent_writers(tmp_path):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 50)) for w in range(4)]
+    from _helpers import store_writer  # importable by the spawned processes (tests/ is on their path)
+
+    procs = [ctx.Process(target=store_writer, args=(str(tmp_path), w, 50)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
