@@ -15,7 +15,7 @@ from ptqbench.methods.quant import GRIDS, QuantSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_MODEL = "testbed"
+DEFAULT_MODEL = "tiny:qwen2-vl"  # "testbed" once its trained checkpoint has landed (issue 3)
 
 
 @dataclass
