@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# On a shared CPU, spinning OpenMP workers stall each other badly (measured 4x slower steps at load 8
+# on 2 cores); passive waiting costs nothing when the cores are free. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -35,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 from ptqbench.benchmarks import synthvqa as sv  # noqa: E402
 from ptqbench.benchmarks import tasks as T  # noqa: E402
 from ptqbench.benchmarks import testbed as tb  # noqa: E402
+
+
+CAPTION_PROMPT = "describe the image."
 
 
 def log(msg: str) -> None:
@@ -82,17 +88,20 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def messages(self, group):
+    def messages(self, group, caption: str | None = None):
         msgs = []
         for k, it in enumerate(group):
             q = T.user_text(it.question) if (k == 0 or self.every) else it.question
             content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
             msgs.append({"role": "user", "content": content})
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": it.answer}]})
+        if caption is not None:  # dense supervision: every object, its colour/size, left-to-right order, the text
+            msgs.append({"role": "user", "content": [{"type": "text", "text": CAPTION_PROMPT}]})
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
         return msgs
 
-    def encode(self, group, check: bool = False):
-        msgs = self.messages(group)
+    def encode(self, group, caption: str | None = None, check: bool = False):
+        msgs = self.messages(group, caption)
         ids: list[int] = []
         labels: list[int] = []
         for k in range(0, len(msgs), 2):
@@ -134,26 +143,31 @@ def collate(batch, pad_id: int, image_id: int):
     return input_ids, attn, labels, mm
 
 
-def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder):
-    """Pre-render the training pool once: uint8 images + token ids + labels (+ families)."""
+def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_objects: int = 5,
+                caption_prob: float = 0.0):
+    """Pre-render a training pool once: uint8 images + token ids + labels (+ families)."""
+    meta = {"n": n_images, "seed": seed, "vocab": len(encoder.tok), "max_objects": max_objects,
+            "caption_prob": caption_prob, "every": encoder.every}
     if path.exists():
         z = torch.load(path, weights_only=False)
-        if z["n"] == n_images and z["seed"] == seed and z["vocab"] == len(encoder.tok):
+        if all(z.get(k) == v for k, v in meta.items()):
             log(f"loaded training cache {path} ({n_images} images)")
             return z
-    log(f"rendering {n_images} training images (seed {seed}) ...")
+    log(f"rendering {n_images} training images (seed {seed}, max {max_objects} objects) ...")
+    cap_rng = np.random.default_rng([seed, max_objects, 77])
     t0 = time.time()
     images = np.empty((n_images, sv.SIZE, sv.SIZE, 3), dtype=np.uint8)
     seqs = []
     chunk = 500
     for start in range(0, n_images, chunk):
         n = min(chunk, n_images - start)
-        groups = sv.generate_multi("train", n, seed=seed, start=start)
+        groups = sv.generate_multi("train", n, seed=seed, start=start, max_objects=max_objects)
         for j, g in enumerate(groups):
             images[start + j] = np.asarray(g[0].image.convert("RGB"))
-            ids, lab = encoder.encode(g, check=(start + j) < 20)
+            cap = g[0].caption if cap_rng.random() < caption_prob else None
+            ids, lab = encoder.encode(g, caption=cap, check=(start + j) < 20)
             seqs.append((ids, lab, [it.family for it in g]))
-    z = {"n": n_images, "seed": seed, "vocab": len(encoder.tok), "images": torch.from_numpy(images), "seqs": seqs}
+    z = {**meta, "images": torch.from_numpy(images), "seqs": seqs}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(z, path)
     log(f"rendered in {time.time() - t0:.0f}s -> {path}")
@@ -180,6 +194,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=str(ROOT / "runs" / "testbed_cache"))
     ap.add_argument("--instruction-every-turn", action="store_true")
+    ap.add_argument("--easy-images", type=int, default=0, help="curriculum pool of simple scenes")
+    ap.add_argument("--easy-objects", type=int, default=1, help="objects per curriculum scene (1 or 2)")
+    ap.add_argument("--easy-steps", type=int, default=0,
+                    help="share of easy images falls linearly from 1 to 0 over these first steps")
+    ap.add_argument("--caption-prob", type=float, default=0.0,
+                    help="share of training images that also get a 'describe the image.' turn")
     ap.add_argument("--no-final", action="store_true", help="skip saving (for quick design runs)")
     args = ap.parse_args(argv)
 
@@ -206,9 +226,17 @@ def main(argv=None) -> int:
     assert torch.allclose(ref["pixel_values"], mine, atol=1e-5), "patchify differs from the processor"
     assert ref["image_grid_thw"][0].tolist() == [1, sv.SIZE // 14, sv.SIZE // 14]
 
-    cache_path = Path(args.cache) / f"pool_n{args.images}_s{args.data_seed}.pt"
-    data = build_cache(cache_path, args.images, args.data_seed, enc)
+    tag = f"_c{args.caption_prob:g}" if args.caption_prob else ""
+    tag += "_every" if args.instruction_every_turn else ""
+    cache_path = Path(args.cache) / f"pool_n{args.images}_s{args.data_seed}{tag}.pt"
+    data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob)
     images, seqs = data["images"], data["seqs"]
+    if args.easy_images and args.easy_steps:
+        easy = build_cache(Path(args.cache) / f"easy{args.easy_objects}_n{args.easy_images}_s{args.data_seed}{tag}.pt",
+                           args.easy_images, args.data_seed, enc, args.easy_objects, args.caption_prob)
+        e_images, e_seqs = easy["images"], easy["seqs"]
+    else:
+        e_images, e_seqs = images[:0], []
 
     seed_everything(args.seed)
     model = Qwen2VLForConditionalGeneration(config).to(device)
@@ -235,6 +263,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(seqs), generator=g).tolist()
     pos = 0
+    e_order = torch.randperm(len(e_seqs), generator=g).tolist() if e_seqs else []
+    e_pos = 0
     pad_id = config.text_config.pad_token_id
     image_id = config.image_token_id
     ip = processor.image_processor
@@ -243,29 +273,49 @@ def main(argv=None) -> int:
     ema = None
     t_train = time.time()
     for step in range(args.steps):
-        if pos + args.batch > len(order):
+        p_easy = max(0.0, 1.0 - step / args.easy_steps) if (e_seqs and args.easy_steps) else 0.0
+        n_easy = int((torch.rand(args.batch, generator=g) < p_easy).sum())
+        if pos + args.batch - n_easy > len(order):
             order = torch.randperm(len(seqs), generator=g).tolist()
             pos = 0
-        idx = order[pos:pos + args.batch]
-        pos += args.batch
-        input_ids, attn, labels, mm = collate([seqs[i][:2] for i in idx], pad_id, image_id)
-        pv = patchify(images[idx].permute(0, 3, 1, 2), ip)
-        thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(idx))
+        if e_pos + n_easy > len(e_order):
+            e_order = torch.randperm(len(e_seqs), generator=g).tolist()
+            e_pos = 0
+        idx = order[pos:pos + args.batch - n_easy]
+        e_idx = e_order[e_pos:e_pos + n_easy]
+        pos += len(idx)
+        e_pos += n_easy
+        batch_seqs = [seqs[i][:2] for i in idx] + [e_seqs[i][:2] for i in e_idx]
+        batch_img = torch.cat([images[idx], e_images[e_idx]]) if n_easy else images[idx]
+        input_ids, attn, labels, mm = collate(batch_seqs, pad_id, image_id)
+        pv = patchify(batch_img.permute(0, 3, 1, 2), ip)
+        thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(batch_seqs))
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step)
         model.train()
-        out = model(input_ids=input_ids.to(device), attention_mask=attn.to(device), labels=labels.to(device),
+        out = model(input_ids=input_ids.to(device), attention_mask=attn.to(device),
                     pixel_values=pv.to(device), image_grid_thw=thw.to(device), mm_token_type_ids=mm.to(device))
-        loss = out.loss
+        # mean cross-entropy over answer tokens (as the model's own loss), kept per token for logging
+        tgt = labels[:, 1:].to(device)
+        tok_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), tgt,
+                                                     ignore_index=-100, reduction="none")
+        n_tok = (tgt != -100).sum()
+        loss = tok_loss.sum() / n_tok
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        lv = float(loss)
+        lv = loss.item()
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        with torch.no_grad():
+            per = tok_loss.sum(1) / (tgt != -100).sum(1).clamp(min=1)
+            n_full = len(idx)
+            full_l = float(per[:n_full].mean()) if n_full else float("nan")
+            easy_l = float(per[n_full:].mean()) if n_easy else float("nan")
         if step % 10 == 0 or step == args.steps - 1:
             el = time.time() - t_train
-            log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} gnorm {float(gn):.2f} lr {lr_at(step):.2e} "
+            log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} full {full_l:.3f} easy {easy_l:.3f} ({n_easy}/{len(batch_seqs)}) "
+                f"gnorm {float(gn):.2f} lr {lr_at(step):.2e} "
                 f"{el / (step + 1):.2f}s/step elapsed {el / 60:.1f}min")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             model.eval()
@@ -346,6 +396,8 @@ up as lost accuracy. It is not a general-purpose model: it only knows SynthVQA s
 
 ## Training
 - data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order (the first turn carries the image and the task instruction, exactly the evaluation prompt)
+- curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
+- captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
 - loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100)
 - optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps} steps of {args.batch} images, seed {args.seed}
 - command: `{cmd}`

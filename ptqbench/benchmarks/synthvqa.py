@@ -2,8 +2,9 @@
 
 Every image is a 224x224 canvas with a large plain (or lightly noise-textured) background, a few
 coloured shapes and one rendered label (a digit or a short word, drawn with a built-in bitmap font
-so rendering never depends on the fonts of the machine). Most 14x14 patches are pure background;
-the few that carry objects or text carry the answer. That is the regime in which vision-token
+so rendering never depends on the fonts of the machine). Objects and the label sit in the cells of
+an 8x8 grid of 28 px cells -- the area of one merged Qwen2-VL vision token -- so most 14x14 patches
+(about 90%) are pure background and the few that carry objects or text carry the answer. That is the regime in which vision-token
 pruning and activation-outlier behaviour of VLMs matter, at a size a CPU can evaluate.
 
 Question families (reported separately): ``color``, ``shape``, ``count``, ``spatial``, ``exists``,
@@ -33,6 +34,8 @@ DEFAULT_SEED = {"train": 1, "calib": 1, "eval": 1}
 
 SIZE = 224  # canvas side; 16x16 patches of 14 px -> 64 vision tokens after Qwen2-VL's 2x2 merge
 PATCH = 14
+CELL = 28  # one merged vision token
+GRID = SIZE // CELL
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
@@ -127,6 +130,7 @@ class _Scene:
     label: str
     label_box: tuple[int, int, int, int]
     label_scale: int
+    size: int = SIZE
 
 
 # ----------------------------------------------------------------------------- validation
@@ -147,36 +151,36 @@ def _check_pos_int(what: str, value) -> int:
 # ----------------------------------------------------------------------------- scenes
 
 
-def _overlaps(box, boxes, gap: int) -> bool:
-    x0, y0, x1, y1 = box
-    for a0, b0, a1, b1 in boxes:
-        if x0 < a1 + gap and a0 < x1 + gap and y0 < b1 + gap and b0 < y1 + gap:
-            return True
-    return False
-
-
 def _label_size(label: str, scale: int) -> tuple[int, int]:
     n = len(label)
     return n * 5 * scale + (n - 1) * scale, 7 * scale
 
 
-def _sample_scene(rng: np.random.Generator) -> _Scene:
-    """Draw a scene: unique (colour, shape) pairs, no overlaps, one text label."""
+def _sample_scene(rng: np.random.Generator, max_objects: int = 5, grid: int = GRID) -> _Scene:
+    """Draw a scene: unique (colour, shape) pairs, one text label, each in its own grid cell.
+
+    The canvas is an 8x8 grid of 28 px cells, the area of one merged Qwen2-VL vision token (2x2
+    patches of 14 px). Every object sits inside one cell (with a little jitter) and the label in one
+    (digit) or two (word) cells, so every other token of the image is pure background.
+    """
     while True:
         background = str(rng.choice(list(BACKGROUNDS)))
         textured = bool(rng.random() < 0.5)
         if rng.random() < 0.5:
             label = str(rng.choice(DIGITS))
-            scale = int(rng.integers(4, 6))  # 20x28 .. 25x35 px glyphs
+            scale, span = 3, 1  # 15x21 px glyph in one cell
         else:
             label = str(rng.choice(WORDS))
-            scale = 3  # 51x21 px words
+            scale, span = 3, 2  # 51x21 px word over two cells
         lw, lh = _label_size(label, scale)
-        m = 6
-        lx = int(rng.integers(m, SIZE - m - lw))
-        ly = int(rng.integers(m, SIZE - m - lh))
-        boxes = [(lx, ly, lx + lw, ly + lh)]
-        n_obj = int(rng.integers(2, 6))  # 2..5 shapes
+        free = [(r, c) for r in range(grid) for c in range(grid)]
+        lr = int(rng.integers(grid))
+        lc = int(rng.integers(grid - span + 1))
+        for k in range(span):
+            free.remove((lr, lc + k))
+        lx = lc * CELL + (span * CELL - lw) // 2 + int(rng.integers(-2, 3))
+        ly = lr * CELL + (CELL - lh) // 2 + int(rng.integers(-2, 3))
+        n_obj = int(rng.integers(min(2, max_objects), max_objects + 1))  # 2..5 shapes
         pairs = [(c, s) for c in COLORS for s in SHAPES]
         order = rng.permutation(len(pairs))
         chosen = []
@@ -195,23 +199,15 @@ def _sample_scene(rng: np.random.Generator) -> _Scene:
             if sum(1 for c in chosen if c[1] == p[1]) >= MAX_COUNT:
                 continue
             chosen.append(p)
+        cells = rng.permutation(len(free))[: len(chosen)]
         objs: list[_Obj] = []
-        ok = True
-        for color, shape in chosen:
-            for _ in range(60):
-                r = int(rng.integers(12, 21))  # 24..40 px across
-                cx = int(rng.integers(r + 4, SIZE - r - 4))
-                cy = int(rng.integers(r + 4, SIZE - r - 4))
-                o = _Obj(shape, color, cx, cy, r)
-                if not _overlaps(o.box, boxes, gap=6):
-                    objs.append(o)
-                    boxes.append(o.box)
-                    break
-            else:
-                ok = False
-                break
-        if ok:
-            return _Scene(background, textured, objs, label, (lx, ly, lx + lw, ly + lh), scale)
+        for (color, shape), k in zip(chosen, cells):
+            r_, c_ = free[int(k)]
+            r = int(rng.integers(8, 12))  # 16..22 px across, inside a 28 px cell
+            cx = c_ * CELL + CELL // 2 + int(rng.integers(-2, 3))
+            cy = r_ * CELL + CELL // 2 + int(rng.integers(-2, 3))
+            objs.append(_Obj(shape, color, cx, cy, r))
+        return _Scene(background, textured, objs, label, (lx, ly, lx + lw, ly + lh), scale, grid * CELL)
 
 
 def _star(cx, cy, r):
@@ -225,9 +221,10 @@ def _star(cx, cy, r):
 
 def _render(scene: _Scene, rng: np.random.Generator) -> Image.Image:
     bg = np.array(BACKGROUNDS[scene.background], dtype=np.int16)
-    arr = np.broadcast_to(bg, (SIZE, SIZE, 3)).copy()
+    n = scene.size
+    arr = np.broadcast_to(bg, (n, n, 3)).copy()
     if scene.textured:  # light per-pixel noise: still "background" for background_patch_share
-        arr += rng.integers(-4, 5, size=(SIZE, SIZE, 1), dtype=np.int16)
+        arr += rng.integers(-4, 5, size=(n, n, 1), dtype=np.int16)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(img)
     for o in scene.objects:
@@ -256,7 +253,7 @@ def _render(scene: _Scene, rng: np.random.Generator) -> Image.Image:
 def _caption(scene: _Scene) -> str:
     parts = []
     for o in sorted(scene.objects, key=lambda o: (o.cx, o.cy)):
-        size = "small" if o.r <= 15 else "large"
+        size = "small" if o.r <= 9 else "large"
         parts.append(f"a {size} {o.color} {o.shape}")
     objs = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     kind = "number" if scene.label.isdigit() else "word"
@@ -276,10 +273,10 @@ def _relation(a: _Obj, b: _Obj) -> str | None:
     return None
 
 
-def _target(family: str, rng: np.random.Generator):
+def _target(family: str, rng: np.random.Generator, max_objects: int = 5):
     """The answer to aim for, drawn before the scene so that rejection sampling keeps it balanced."""
     if family == "count":
-        return int(rng.integers(1, MAX_COUNT + 1))
+        return int(rng.integers(1, max(1, min(MAX_COUNT, max_objects - 1)) + 1))
     if family == "spatial":
         return RELATIONS[int(rng.integers(len(RELATIONS)))]
     if family == "exists":
@@ -332,10 +329,11 @@ def _question(scene: _Scene, family: str, target, rng: np.random.Generator) -> t
     raise one_of("family", family, FAMILIES)
 
 
-def _scene_with(rng: np.random.Generator, families) -> tuple[_Scene, list[tuple[str, str]]]:
-    targets = [_target(f, rng) for f in families]
+def _scene_with(rng: np.random.Generator, families, max_objects: int = 5,
+                grid: int = GRID) -> tuple[_Scene, list[tuple[str, str]]]:
+    targets = [_target(f, rng, max_objects) for f in families]
     for _ in range(1000):
-        scene = _sample_scene(rng)
+        scene = _sample_scene(rng, max_objects, grid)
         qa = [_question(scene, f, t, rng) for f, t in zip(families, targets)]
         if all(q is not None for q in qa):
             return scene, qa
@@ -361,25 +359,35 @@ def generate(split: str, n: int, seed: int | None = None) -> list[Item]:
     return items
 
 
-def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0) -> list[list[Item]]:
+def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0,
+                   max_objects: int = 5, grid: int = GRID) -> list[list[Item]]:
     """Images ``start .. start+n-1``, each with one question of every family (in a random order).
 
     Used for training: one image encode serves six answers. Item ids end in ``-<family>``.
-    Uses a seed stream distinct from :func:`generate` (index offset by 2**40).
+    Uses a seed stream distinct from :func:`generate` (index offset by 2**40). ``max_objects``
+    (1..5) caps the shapes per scene: simpler scenes for a training curriculum (ids get ``-e<k>``;
+    one-object scenes have no ``spatial`` question). ``grid`` (3..8) shrinks the canvas to
+    ``grid * 28`` px, i.e. ``grid**2`` vision tokens: a resolution curriculum (ids get ``-g<k>``).
     """
     split = _check_split(split)
     n = _check_pos_int("n", n)
     seed = DEFAULT_SEED[split] if seed is None else _check_pos_int("seed", seed)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise BadInput(f"start {start!r} is not accepted; accepted: a non-negative integer")
+    if max_objects not in (1, 2, 3, 4, 5):
+        raise one_of("max_objects", max_objects, (1, 2, 3, 4, 5))
+    if grid not in range(3, GRID + 1):
+        raise one_of("grid", grid, range(3, GRID + 1))
+    fam_pool = [f for f in FAMILIES if not (max_objects == 1 and f == "spatial")]
     out = []
     for i in range(start, start + n):
-        rng = _rng(split, seed, (1 << 40) + i)
-        fams = [FAMILIES[j] for j in rng.permutation(len(FAMILIES))]
-        scene, qa = _scene_with(rng, fams)
+        rng = _rng(split, seed, (1 << 40) + ((5 - max_objects) << 36) + ((GRID - grid) << 32) + i)
+        fams = [fam_pool[j] for j in rng.permutation(len(fam_pool))]
+        scene, qa = _scene_with(rng, fams, max_objects, grid)
         img = _render(scene, rng)
         cap = _caption(scene)
-        base = f"{split}-{seed}-m{i:06d}"
+        base = f"{split}-{seed}-m{i:06d}" + (f"-e{max_objects}" if max_objects != 5 else "") + \
+            (f"-g{grid}" if grid != GRID else "")
         out.append([Item(f"{base}-{f}", img, q, a, f, cap) for f, (q, a) in zip(fams, qa)])
     return out
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ptqbench.benchmarks import synthvqa as sv
-from ptqbench.errors import BadInput, one_of
+from ptqbench.errors import BadInput
 
 # Appended to every question (LLaVA's short-answer instruction) so that real VLMs answer in one word.
 INSTRUCTION = "\nAnswer the question using a single word or phrase."

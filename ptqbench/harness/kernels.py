@@ -247,7 +247,8 @@ class _Workspace(threading.local):
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, dtype, str(device))
+        # Buffers made under inference_mode cannot be written outside it (and vice versa): keep both.
+        key = (name, dtype, str(device), torch.is_inference_mode_enabled())
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)

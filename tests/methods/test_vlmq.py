@@ -181,11 +181,13 @@ def test_fallback_and_diagnostics_recorded(probe):
 def test_global_scale_of_factors_changes_nothing(probe, quantize, run, monkeypatch):
     """H and dXXT are both weighted: a global scale cancels in P and in the relative damping. A power
     of two keeps every floating-point step exact, so the result must be bit-identical; the default
-    per-block mean normalisation (not a power of two) may only flip a rare rounding tie."""
+    per-block mean normalisation (not a power of two) may flip rounding ties, and one flip cascades
+    through GPTQ's error feedback, so it is held to the same output error instead of the same codes."""
     _, base = probe
     normed = run("vlmq")
-    flips = sum(int((normed.quantized[k].qweight != base.quantized[k].qweight).sum()) for k in base.quantized)
-    assert flips <= 1e-3 * sum(q.qweight.numel() for q in base.quantized.values())  # observed: 0
+    last = max(base.diagnostics["blocks"])
+    e_base, e_norm = (r.diagnostics["blocks"][last]["stream"]["all"] for r in (base, normed))
+    assert abs(e_norm - e_base) <= 0.05 * e_base, (e_norm, e_base)
     orig = V.gradient_importance
 
     def scaled(block, proj):
