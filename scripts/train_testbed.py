@@ -147,7 +147,7 @@ def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_obje
                 caption_prob: float = 0.0):
     """Pre-render a training pool once: uint8 images + token ids + labels (+ families)."""
     meta = {"n": n_images, "seed": seed, "vocab": len(encoder.tok), "max_objects": max_objects,
-            "caption_prob": caption_prob, "every": encoder.every}
+            "caption_prob": caption_prob, "every": encoder.every, "version": 3}
     if path.exists():
         z = torch.load(path, weights_only=False)
         if all(z.get(k) == v for k, v in meta.items()):
@@ -158,20 +158,64 @@ def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_obje
     t0 = time.time()
     images = np.empty((n_images, sv.SIZE, sv.SIZE, 3), dtype=np.uint8)
     seqs = []
+    cells = []
     chunk = 500
     for start in range(0, n_images, chunk):
         n = min(chunk, n_images - start)
-        groups = sv.generate_multi("train", n, seed=seed, start=start, max_objects=max_objects)
+        groups, cl = sv.generate_multi_with_cells("train", n, seed=seed, start=start, max_objects=max_objects)
+        cells += cl
         for j, g in enumerate(groups):
             images[start + j] = np.asarray(g[0].image.convert("RGB"))
             cap = g[0].caption if cap_rng.random() < caption_prob else None
             ids, lab = encoder.encode(g, caption=cap, check=(start + j) < 20)
             seqs.append((ids, lab, [it.family for it in g]))
-    z = {**meta, "images": torch.from_numpy(images), "seqs": seqs}
+    z = {**meta, "images": torch.from_numpy(images), "seqs": seqs, "cells": torch.from_numpy(np.stack(cells))}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(z, path)
     log(f"rendered in {time.time() - t0:.0f}s -> {path}")
     return z
+
+
+def dct_init_(conv: torch.nn.Conv3d) -> None:
+    """Initialise the patch embedding with an orthonormal low-frequency 2D DCT basis per colour channel.
+
+    With the default N(0, 0.02) init, a patch's colour is entangled with the random per-pixel
+    weights and the from-scratch vision tower barely learns (measured: not even the colour of a
+    lone object within 100 steps); DCT filters separate colour (DC terms) from shape (low
+    frequencies) from the first step.
+    """
+    out_c, in_c, t, p, _ = conv.weight.shape
+    x = torch.arange(p, dtype=torch.float64)
+    freqs = sorted(((u, v) for u in range(p) for v in range(p)), key=lambda f: (f[0] + f[1], f[0]))
+    w = torch.zeros(out_c, in_c, t, p, p, dtype=torch.float64)
+    k = 0
+    for u, v in freqs:
+        b = torch.cos(math.pi * (2 * x + 1) * u / (2 * p))[:, None] * torch.cos(math.pi * (2 * x + 1) * v / (2 * p))[None]
+        b = b / b.norm() / math.sqrt(t)
+        for c in range(in_c):
+            if k < out_c:
+                w[k, c] = b
+                k += 1
+    with torch.no_grad():
+        conv.weight.copy_(w.to(conv.weight.dtype))
+
+
+class CellHead(torch.nn.Module):
+    """Auxiliary per-token head on the merger output: colour / shape / text class of each grid cell."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, k) for k in sv.CELL_CLASSES)
+
+    def loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        # object/text cells are rare: weight them up so "none" does not dominate
+        tot = 0.0
+        for j, h in enumerate(self.heads):
+            y = cells[:, j]
+            w = torch.ones(sv.CELL_CLASSES[j], device=feats.device)
+            w[0] = 0.1
+            tot = tot + torch.nn.functional.cross_entropy(h(feats), y, weight=w)
+        return tot / len(self.heads)
 
 
 # ----------------------------------------------------------------------------- main
@@ -198,6 +242,13 @@ def main(argv=None) -> int:
     ap.add_argument("--easy-objects", type=int, default=1, help="objects per curriculum scene (1 or 2)")
     ap.add_argument("--easy-steps", type=int, default=0,
                     help="share of easy images falls linearly from 1 to 0 over these first steps")
+    ap.add_argument("--dct-init", action="store_true", help="DCT-basis init of the patch embedding")
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="stage 1: pre-train the vision tower alone with the per-token cell loss")
+    ap.add_argument("--vision-lr", type=float, default=1e-3)
+    ap.add_argument("--vision-batch", type=int, default=16)
+    ap.add_argument("--aux-weight", type=float, default=0.0,
+                    help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--caption-prob", type=float, default=0.0,
                     help="share of training images that also get a 'describe the image.' turn")
     ap.add_argument("--no-final", action="store_true", help="skip saving (for quick design runs)")
@@ -230,13 +281,13 @@ def main(argv=None) -> int:
     tag += "_every" if args.instruction_every_turn else ""
     cache_path = Path(args.cache) / f"pool_n{args.images}_s{args.data_seed}{tag}.pt"
     data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob)
-    images, seqs = data["images"], data["seqs"]
+    images, seqs, cells = data["images"], data["seqs"], data["cells"]
     if args.easy_images and args.easy_steps:
         easy = build_cache(Path(args.cache) / f"easy{args.easy_objects}_n{args.easy_images}_s{args.data_seed}{tag}.pt",
                            args.easy_images, args.data_seed, enc, args.easy_objects, args.caption_prob)
-        e_images, e_seqs = easy["images"], easy["seqs"]
+        e_images, e_seqs, e_cells = easy["images"], easy["seqs"], easy["cells"]
     else:
-        e_images, e_seqs = images[:0], []
+        e_images, e_seqs, e_cells = images[:0], [], cells[:0]
 
     seed_everything(args.seed)
     model = Qwen2VLForConditionalGeneration(config).to(device)
@@ -247,9 +298,47 @@ def main(argv=None) -> int:
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.bos_token_id = config.text_config.bos_token_id
     model.generation_config.do_sample = False
+    if args.dct_init:
+        dct_init_(model.model.visual.patch_embed.proj)
+    ip = processor.image_processor
+    thw1 = [1, sv.SIZE // 14, sv.SIZE // 14]
+    cell_head = CellHead(config.text_config.hidden_size).to(device)
+
+    # ---- stage 1: the vision tower alone, per-token cell classification (a stand-in for a pre-trained encoder)
+    if args.vision_steps:
+        vparams = list(model.model.visual.parameters()) + list(cell_head.parameters())
+        vopt = torch.optim.AdamW(vparams, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.0)
+        gv = torch.Generator().manual_seed(args.seed + 1)
+        t_vis = time.time()
+        model.train()
+        for step in range(args.vision_steps):
+            idx = torch.randint(0, len(seqs), (args.vision_batch,), generator=gv).tolist()
+            for grp in vopt.param_groups:
+                grp["lr"] = args.vision_lr * min(1.0, (step + 1) / 20)
+            pv = patchify(images[idx].permute(0, 3, 1, 2), ip)
+            thw = torch.tensor([thw1] * len(idx))
+            feats = model.model.visual(pv.to(device), grid_thw=thw.to(device)).pooler_output
+            vloss = cell_head.loss(feats, cells[idx].reshape(-1, 3).to(device))
+            vopt.zero_grad(set_to_none=True)
+            vloss.backward()
+            torch.nn.utils.clip_grad_norm_(vparams, 1.0)
+            vopt.step()
+            if step % 20 == 0 or step == args.vision_steps - 1:
+                with torch.no_grad():
+                    c = cells[idx].reshape(-1, 3).to(device)
+                    accs = []
+                    for j, h in enumerate(cell_head.heads):
+                        m_ = c[:, j] > 0
+                        accs.append(float((h(feats[m_]).argmax(-1) == c[m_, j]).float().mean()) if m_.any() else float("nan"))
+                log(f"vision step {step:4d} cell loss {vloss.item():.4f} acc colour {accs[0]:.2f} shape {accs[1]:.2f} "
+                    f"text {accs[2]:.2f} ({(time.time() - t_vis) / (step + 1):.2f}s/step)")
+        log(f"vision pre-training done in {(time.time() - t_vis) / 60:.1f} min")
+    captured = {}
+    model.model.visual.merger.register_forward_hook(lambda mod, inp, out: captured.__setitem__("f", out))
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    no_decay += list(cell_head.parameters()) if args.aux_weight else []
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -267,7 +356,6 @@ def main(argv=None) -> int:
     e_pos = 0
     pad_id = config.text_config.pad_token_id
     image_id = config.image_token_id
-    ip = processor.image_processor
     task = T.SynthVQAAccuracy()
     history = []
     ema = None
@@ -287,6 +375,7 @@ def main(argv=None) -> int:
         e_pos += n_easy
         batch_seqs = [seqs[i][:2] for i in idx] + [e_seqs[i][:2] for i in e_idx]
         batch_img = torch.cat([images[idx], e_images[e_idx]]) if n_easy else images[idx]
+        batch_cells = torch.cat([cells[idx], e_cells[e_idx]]) if n_easy else cells[idx]
         input_ids, attn, labels, mm = collate(batch_seqs, pad_id, image_id)
         pv = patchify(batch_img.permute(0, 3, 1, 2), ip)
         thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(batch_seqs))
@@ -301,8 +390,10 @@ def main(argv=None) -> int:
                                                      ignore_index=-100, reduction="none")
         n_tok = (tgt != -100).sum()
         loss = tok_loss.sum() / n_tok
+        aux = cell_head.loss(captured["f"], batch_cells.reshape(-1, 3).to(device)) if args.aux_weight else None
+        total = loss + args.aux_weight * aux if aux is not None else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         lv = loss.item()
@@ -315,6 +406,7 @@ def main(argv=None) -> int:
         if step % 10 == 0 or step == args.steps - 1:
             el = time.time() - t_train
             log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} full {full_l:.3f} easy {easy_l:.3f} ({n_easy}/{len(batch_seqs)}) "
+                + (f"aux {aux.item():.3f} " if aux is not None else "") +
                 f"gnorm {float(gn):.2f} lr {lr_at(step):.2e} "
                 f"{el / (step + 1):.2f}s/step elapsed {el / 60:.1f}min")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:

@@ -131,6 +131,7 @@ class _Scene:
     label_box: tuple[int, int, int, int]
     label_scale: int
     size: int = SIZE
+    label_cell: tuple[int, int] = (0, 0)  # (row, col) of the label's first grid cell
 
 
 # ----------------------------------------------------------------------------- validation
@@ -207,7 +208,7 @@ def _sample_scene(rng: np.random.Generator, max_objects: int = 5, grid: int = GR
             cx = c_ * CELL + CELL // 2 + int(rng.integers(-2, 3))
             cy = r_ * CELL + CELL // 2 + int(rng.integers(-2, 3))
             objs.append(_Obj(shape, color, cx, cy, r))
-        return _Scene(background, textured, objs, label, (lx, ly, lx + lw, ly + lh), scale, grid * CELL)
+        return _Scene(background, textured, objs, label, (lx, ly, lx + lw, ly + lh), scale, grid * CELL, (lr, lc))
 
 
 def _star(cx, cy, r):
@@ -379,17 +380,60 @@ def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0,
     if grid not in range(3, GRID + 1):
         raise one_of("grid", grid, range(3, GRID + 1))
     fam_pool = [f for f in FAMILIES if not (max_objects == 1 and f == "spatial")]
-    out = []
+    return [_multi_one(split, seed, i, max_objects, grid, fam_pool)[0] for i in range(start, start + n)]
+
+
+def _multi_one(split, seed, i, max_objects, grid, fam_pool):
+    rng = _rng(split, seed, (1 << 40) + ((5 - max_objects) << 36) + ((GRID - grid) << 32) + i)
+    fams = [fam_pool[j] for j in rng.permutation(len(fam_pool))]
+    scene, qa = _scene_with(rng, fams, max_objects, grid)
+    img = _render(scene, rng)
+    cap = _caption(scene)
+    base = f"{split}-{seed}-m{i:06d}" + (f"-e{max_objects}" if max_objects != 5 else "") + \
+        (f"-g{grid}" if grid != GRID else "")
+    return [Item(f"{base}-{f}", img, q, a, f, cap) for f, (q, a) in zip(fams, qa)], scene
+
+
+def generate_multi_with_cells(split: str, n: int, seed: int | None = None, start: int = 0,
+                              max_objects: int = 5, grid: int = GRID):
+    """:func:`generate_multi` plus, per image, a ``(grid*grid, 3)`` int array of cell targets.
+
+    Row ``r*grid + c`` describes grid cell (r, c) -- one merged vision token -- as
+    ``(colour, shape, text)`` class ids (0 = none): colour ``1 + COLORS index``, shape
+    ``1 + SHAPES index``, text ``1 + digit`` or ``11 + 2 * WORDS index + part`` (words span two cells).
+    Used to pre-train the testbed's vision tower with a per-token auxiliary loss.
+    """
+    generate_multi(split, 1, seed, start, max_objects, grid)  # validates the arguments
+    n = _check_pos_int("n", n)
+    seed = DEFAULT_SEED[split] if seed is None else seed
+    fam_pool = [f for f in FAMILIES if not (max_objects == 1 and f == "spatial")]
+    groups, cells = [], []
     for i in range(start, start + n):
-        rng = _rng(split, seed, (1 << 40) + ((5 - max_objects) << 36) + ((GRID - grid) << 32) + i)
-        fams = [fam_pool[j] for j in rng.permutation(len(fam_pool))]
-        scene, qa = _scene_with(rng, fams, max_objects, grid)
-        img = _render(scene, rng)
-        cap = _caption(scene)
-        base = f"{split}-{seed}-m{i:06d}" + (f"-e{max_objects}" if max_objects != 5 else "") + \
-            (f"-g{grid}" if grid != GRID else "")
-        out.append([Item(f"{base}-{f}", img, q, a, f, cap) for f, (q, a) in zip(fams, qa)])
-    return out
+        items, scene = _multi_one(split, seed, i, max_objects, grid, fam_pool)
+        groups.append(items)
+        cells.append(scene_cells(scene))
+    return groups, cells
+
+
+CELL_CLASSES = (1 + len(COLORS), 1 + len(SHAPES), 1 + len(DIGITS) + 2 * len(WORDS))
+
+
+def scene_cells(scene: _Scene) -> np.ndarray:
+    g = scene.size // CELL
+    t = np.zeros((g * g, 3), dtype=np.int64)
+    colors, shapes = list(COLORS), list(SHAPES)
+    for o in scene.objects:
+        k = (o.cy // CELL) * g + (o.cx // CELL)
+        t[k, 0] = 1 + colors.index(o.color)
+        t[k, 1] = 1 + shapes.index(o.shape)
+    r, c = scene.label_cell
+    if scene.label.isdigit():
+        t[r * g + c, 2] = 1 + int(scene.label)
+    else:
+        w = WORDS.index(scene.label)
+        t[r * g + c, 2] = 11 + 2 * w
+        t[r * g + c + 1, 2] = 12 + 2 * w
+    return t
 
 
 # ----------------------------------------------------------------------------- export / report
