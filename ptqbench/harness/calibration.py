@@ -235,7 +235,9 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
 
 
 def _hash_obj(h, obj) -> None:
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and obj.is_meta:  # a lazily built block: identified by its seed (fingerprint)
+        h.update(f"meta{obj.dtype}{tuple(obj.shape)}".encode())
+    elif isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -261,6 +263,7 @@ def model_fingerprint(model) -> str:
     """Identity of a model for cache keys: every parameter for small models, config + files for big ones."""
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     h.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    h.update(f"{getattr(model, 'name_or_path', '')}:{getattr(model, '_ptq_random_seed', '')}".encode())
     n_params = sum(p.numel() for p in model.parameters())
     if n_params <= 50_000_000:
         for name, p in model.state_dict().items():

@@ -24,6 +24,7 @@ from torch import nn
 
 from ptqbench.harness.adapters import Adapter, move
 from ptqbench.harness.calibration import CalibSet
+from ptqbench.harness.lazy import block_seed, is_lazy, materialize_block
 from ptqbench.methods.base import Method
 from ptqbench.methods.quant import QuantizedWeight, QuantSpec
 
@@ -241,8 +242,12 @@ def _quantize_stack(layers: nn.ModuleList, prefix: str, batches: list, q_start: 
     label = "vision" if is_vision else "blocks"
     task = progress.add_task(f"{method.name} w{method.spec.bits} {label}", total=len(layers)) if progress else None
     for i, layer in enumerate(layers):
-        storage = next(layer.parameters()).device
-        block = layer.to(device)
+        if is_lazy(layer):  # a random-weight block on meta: materialize it on the device, keep the result on CPU
+            storage = torch.device("cpu")
+            block = materialize_block(layer, adapter.model, device, block_seed(adapter.model, i))
+        else:
+            storage = next(layer.parameters()).device
+            block = layer.to(device)
         fp_block = copy.deepcopy(block).requires_grad_(False)
         names = list(adapter.block_linears(block))
         ctx = BlockContext(i, f"{prefix}.{i}", block, fp_block, names, adapter.sequential_groups(names), fp, q,

@@ -10,7 +10,8 @@ import torch
 from ptqbench.errors import BadInput
 from ptqbench.harness.adapters import Adapter, adapter_for
 
-ACCEPTED = "testbed, tiny:<family>, a local checkpoint directory, or a hub id already in the local cache"
+ACCEPTED = ("testbed, tiny:<family>, random:<config.json or dir>[@<image side>], a local checkpoint directory, "
+            "or a hub id already in the local cache")
 
 
 @dataclass
@@ -21,6 +22,7 @@ class LoadedModel:
     adapter: Adapter
     group_size: int  # the model's natural group size for `bench run` defaults
     tasks: list[str] = field(default_factory=list)  # default tasks
+    lazy: bool = False  # decoder blocks on meta, materialized one at a time (random-weight cost runs)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -50,6 +52,15 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         model, processor = build_tiny(name.split(":", 1)[1])
         model = model.to(dtype)
         return LoadedModel(name, model, processor, adapter_for(model), 32, [])
+    if name.startswith("random:"):  # a real architecture from its config, random weights, lazy blocks
+        from ptqbench.harness.lazy import build_random
+
+        spec = name.split(":", 1)[1]
+        path, _, side = spec.partition("@")
+        if side and not (side.isdigit() and int(side) >= 28):
+            raise BadInput(f"image side {side!r} in {name!r} is not accepted; accepted: an integer >= 28 (pixels)")
+        model, processor = build_random(path, dtype=dtype, image_side=int(side) if side else None)
+        return LoadedModel(name, model, processor, adapter_for(model), 128, [], lazy=True)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     if not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") is None:

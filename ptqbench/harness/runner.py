@@ -133,6 +133,17 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
     methods = {m: get_method(m) for m in cfg.method_list()}
     lm = load_model(cfg.model, dtype)
     lm.adapter.image_token_id()  # a model without an image token is refused here
+    if lm.lazy:  # random-weight cost runs: nothing to score, no deployment, no whole-model passes
+        whole = [m for m, cls in methods.items() if cls.needs_whole_model]
+        if whole:
+            raise BadInput(f"method {whole[0]!r} needs the whole model before quantizing (gradient pass), which a lazily built "
+                           f"{cfg.model!r} does not hold; accepted: " + ", ".join(m for m, c in methods.items() if not c.needs_whole_model))
+        if cfg.tasks:
+            raise BadInput(f"tasks {','.join(cfg.tasks)!r} cannot score random weights ({cfg.model!r}); accepted: no tasks")
+        if cfg.latency:
+            raise BadInput(f"latency cannot be measured on a lazily built {cfg.model!r} (its blocks are not in memory); accepted: --no-latency")
+        if cfg.save_model:
+            raise BadInput(f"saving the quantized random-weight {cfg.model!r} is refused (its size is the checkpoint's); accepted: --no-save-model")
     group_size = cfg.group_size if cfg.group_size is not None else lm.group_size
     specs = {b: QuantSpec(bits=b, group_size=group_size, sym=cfg.sym, grid=cfg.grid) for b in cfg.bits}
     widths = {m.in_features for blk in lm.adapter.decoder_layers() for m in lm.adapter.block_linears(blk).values()}
@@ -218,7 +229,8 @@ def run_cell(grid: Grid, cell: Cell, progress=None) -> tuple[list[dict], dict]:
                                 group_size=grid.group_size, sym=cfg.sym, calib_hash=grid.manifest["content_hash"]))
     else:
         extra = dict(model_bytes=state_bytes(model.state_dict()), kernel="fake")
-    model.to(device)
+    if grid.tasks or cfg.latency:  # a lazily built model has neither (refused in prepare)
+        model.to(device)
     for t, task in grid.tasks.items():  # accuracy on the fake-quant weights (the method's exact output)
         rows += [dict(task=t, metric=m, value=v) for m, v in task.evaluate(model, lm.processor, n=cfg.eval_n, progress=progress).items()]
     if cfg.latency:  # then deploy real packed kernels in place and time them; every figure names its kernel

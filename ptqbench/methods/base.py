@@ -44,6 +44,8 @@ class Method:
     streams: ClassVar[str] = "quant"
     # Whether the method can quantize vision-tower blocks (it needs no Llama-style block structure).
     supports_vision: ClassVar[bool] = True
+    # Whether on_start runs the whole decoder (MBQ's gradient pass): not possible on lazily built models.
+    needs_whole_model: ClassVar[bool] = False
 
     def __init__(self, spec: QuantSpec, **options: Any):
         self.spec = spec

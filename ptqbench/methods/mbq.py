@@ -189,6 +189,7 @@ class MBQ(Method):
     Options = MBQOptions
     streams = "fp"
     supports_vision = False
+    needs_whole_model = True  # the gradient pass runs every decoder layer before block 0 is quantized
 
     def __init__(self, spec: QuantSpec, **options):
         super().__init__(spec, **options)
