@@ -47,6 +47,7 @@ def run(
     runs: Optional[str] = typer.Option(None, help="runs folder holding results.sqlite (default runs)"),
     name: Optional[str] = typer.Option(None, help="run folder name (default: a timestamp)"),
     quantize_vision: Optional[bool] = typer.Option(None, "--quantize-vision/--no-quantize-vision", help="also quantize the vision tower's linears"),
+    max_blocks: Optional[int] = typer.Option(None, "--max-blocks", help="quantize only the first N decoder blocks (cost runs on huge models)"),
     save_model: Optional[bool] = typer.Option(None, "--save-model/--no-save-model", help="save packed safetensors per cell"),
     force: Optional[bool] = typer.Option(None, "--force", help="recompute cells already in the store"),
     latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="time the deployed model per cell (default on)"),
@@ -64,7 +65,7 @@ def run(
     overrides = dict(model=model, group_size=group_size, sym=sym, grid=grid, calib=calib, image_root=image_root,
                      calib_n=calib_n, seq_len=seq_len, seed=seed, batch_size=batch_size, eval_n=eval_n, device=device,
                      dtype=dtype, runs=runs, name=name, save_model=save_model, force=force,
-                     quantize_vision=quantize_vision, executor=executor, address=address, latency=latency, kernel=kernel,
+                     quantize_vision=quantize_vision, max_blocks=max_blocks, executor=executor, address=address, latency=latency, kernel=kernel,
                      infer_dtype=infer_dtype, latency_tokens=latency_tokens, latency_batch=latency_batch)
     if methods is not None:
         overrides["methods"] = parse_list(methods, str, "methods")

@@ -40,6 +40,7 @@ class RunConfig:
     runs: str = "runs"
     name: str | None = None
     quantize_vision: bool = False
+    max_blocks: int | None = None  # quantize only the first N decoder blocks (cost runs on huge models; the cell says so)
     save_model: bool = True
     force: bool = False
     latency: bool = True  # measure prefill/decode/memory of the deployed model per cell
@@ -75,6 +76,8 @@ class RunConfig:
         for key, low in (("calib_n", 1), ("seq_len", 8), ("batch_size", 1), ("seed", 1)):
             if getattr(self, key) < low:
                 raise BadInput(f"{key.replace('_', '-')} {getattr(self, key)!r} is not accepted; accepted: an integer >= {low}")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise BadInput(f"max-blocks {self.max_blocks!r} is not accepted; accepted: a positive integer (or unset: every block)")
         if self.eval_n is not None and self.eval_n < 1:
             raise BadInput(f"eval-n {self.eval_n!r} is not accepted; accepted: a positive integer")
         if self.device not in DEVICES:

@@ -201,21 +201,77 @@ def dct_init_(conv: torch.nn.Conv3d) -> None:
 
 
 class CellHead(torch.nn.Module):
-    """Auxiliary per-token head on the merger output: colour / shape / text class of each grid cell."""
+    """Auxiliary per-token loss on the merger output, scored against the LLM's own word embeddings.
 
-    def __init__(self, dim: int):
+    Each merged vision token is classified three ways -- colour, shape, text (what the grid cell
+    under it holds, from the generator's scene description) -- with logits ``feats @ E[word]^T``
+    where ``E`` is the (tied) embedding of the answer word ("red", "circle", "7", "cat"), plus a
+    learned "nothing here" vector. Image tokens thus land near the embeddings of the words that
+    describe them, the way a projector pre-trained for alignment does, and the LLM can answer by
+    copying. Only used for training; not part of the checkpoint.
+    """
+
+    def __init__(self, model, tokenizer):
         super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, k) for k in sv.CELL_CLASSES)
+        self.model = [model]  # not a submodule: the embedding belongs to the model
+        groups = [list(sv.COLORS), list(sv.SHAPES), list(sv.DIGITS) + list(sv.WORDS)]
+        ids = []
+        for words in groups:
+            row = []
+            for w in words:
+                t = tokenizer(w, add_special_tokens=False)["input_ids"]
+                assert len(t) == 1, f"answer {w!r} is not a single token"
+                row.append(t[0])
+            ids.append(torch.tensor(row))
+        for j, t in enumerate(ids):
+            self.register_buffer(f"ids{j}", t)
+        dim = model.config.text_config.hidden_size
+        self.none = torch.nn.Parameter(torch.randn(3, dim) * 0.02)
+        # Absolute grid row / column of every token: the vision tower only has relative (RoPE)
+        # positions, and spatial questions need to compare where two objects are.
+        self.grid = sv.GRID
+        self.pos = torch.nn.Linear(dim, 2 * sv.GRID)
+
+    def targets(self, cells: torch.Tensor) -> torch.Tensor:
+        t = cells.clone()
+        words = t[:, 2] > 10  # word parts (11 + 2w + part) -> one class per word
+        t[words, 2] = 11 + (t[words, 2] - 11) // 2
+        return t
+
+    def logits(self, feats: torch.Tensor, j: int) -> torch.Tensor:
+        emb = self.model[0].get_input_embeddings().weight
+        w = torch.cat([self.none[j:j + 1], emb[getattr(self, f"ids{j}")]])
+        return feats @ w.t()
 
     def loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        # object/text cells are rare: weight them up so "none" does not dominate
+        y = self.targets(cells)
         tot = 0.0
-        for j, h in enumerate(self.heads):
-            y = cells[:, j]
-            w = torch.ones(sv.CELL_CLASSES[j], device=feats.device)
-            w[0] = 0.1
-            tot = tot + torch.nn.functional.cross_entropy(h(feats), y, weight=w)
-        return tot / len(self.heads)
+        for j in range(3):
+            lg = self.logits(feats, j)
+            w = torch.ones(lg.shape[-1], device=feats.device)
+            w[0] = 0.1  # object/text cells are rare: "nothing here" must not dominate
+            tot = tot + torch.nn.functional.cross_entropy(lg, y[:, j], weight=w)
+        rc = self._rowcol(len(y), feats.device)
+        pl = self.pos(feats)
+        tot = tot + 0.5 * (torch.nn.functional.cross_entropy(pl[:, :self.grid], rc[:, 0])
+                           + torch.nn.functional.cross_entropy(pl[:, self.grid:], rc[:, 1]))
+        return tot / 4
+
+    def _rowcol(self, n: int, device) -> torch.Tensor:
+        k = torch.arange(n, device=device) % (self.grid * self.grid)
+        return torch.stack([k // self.grid, k % self.grid], 1)
+
+    @torch.no_grad()
+    def accuracy(self, feats: torch.Tensor, cells: torch.Tensor) -> list[float]:
+        y = self.targets(cells)
+        out = []
+        for j in range(3):
+            m = y[:, j] > 0
+            out.append(float((self.logits(feats[m], j).argmax(-1) == y[m, j]).float().mean()) if m.any() else float("nan"))
+        rc = self._rowcol(len(y), feats.device)
+        pl = self.pos(feats)
+        out.append(float(((pl[:, :self.grid].argmax(-1) == rc[:, 0]) & (pl[:, self.grid:].argmax(-1) == rc[:, 1])).float().mean()))
+        return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -247,6 +303,8 @@ def main(argv=None) -> int:
                     help="stage 1: pre-train the vision tower alone with the per-token cell loss")
     ap.add_argument("--vision-lr", type=float, default=1e-3)
     ap.add_argument("--vision-batch", type=int, default=16)
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="stage 2: keep the pre-trained vision tower fixed (no backward through it)")
     ap.add_argument("--aux-weight", type=float, default=0.0,
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--caption-prob", type=float, default=0.0,
@@ -302,8 +360,9 @@ def main(argv=None) -> int:
         dct_init_(model.model.visual.patch_embed.proj)
     ip = processor.image_processor
     thw1 = [1, sv.SIZE // 14, sv.SIZE // 14]
-    cell_head = CellHead(config.text_config.hidden_size).to(device)
+    cell_head = CellHead(model, tok).to(device)
 
+    vision_heldout = None
     # ---- stage 1: the vision tower alone, per-token cell classification (a stand-in for a pre-trained encoder)
     if args.vision_steps:
         vparams = list(model.model.visual.parameters()) + list(cell_head.parameters())
@@ -324,20 +383,29 @@ def main(argv=None) -> int:
             torch.nn.utils.clip_grad_norm_(vparams, 1.0)
             vopt.step()
             if step % 20 == 0 or step == args.vision_steps - 1:
-                with torch.no_grad():
-                    c = cells[idx].reshape(-1, 3).to(device)
-                    accs = []
-                    for j, h in enumerate(cell_head.heads):
-                        m_ = c[:, j] > 0
-                        accs.append(float((h(feats[m_]).argmax(-1) == c[m_, j]).float().mean()) if m_.any() else float("nan"))
+                accs = cell_head.accuracy(feats, cells[idx].reshape(-1, 3).to(device))
                 log(f"vision step {step:4d} cell loss {vloss.item():.4f} acc colour {accs[0]:.2f} shape {accs[1]:.2f} "
-                    f"text {accs[2]:.2f} ({(time.time() - t_vis) / (step + 1):.2f}s/step)")
+                    f"text {accs[2]:.2f} position {accs[3]:.2f} ({(time.time() - t_vis) / (step + 1):.2f}s/step)")
         log(f"vision pre-training done in {(time.time() - t_vis) / 60:.1f} min")
+        # held-out check on calibration-split scenes (never trained on)
+        model.eval()
+        with torch.no_grad():
+            hg, hc = sv.generate_multi_with_cells("calib", 64, seed=args.data_seed)
+            himg = torch.from_numpy(np.stack([np.asarray(g[0].image.convert("RGB")) for g in hg]))
+            hf = model.model.visual(patchify(himg.permute(0, 3, 1, 2), ip).to(device),
+                                    grid_thw=torch.tensor([thw1] * len(hg)).to(device)).pooler_output
+            accs = cell_head.accuracy(hf, torch.from_numpy(np.stack(hc)).reshape(-1, 3).to(device))
+        log(f"vision held-out cell acc colour {accs[0]:.3f} shape {accs[1]:.3f} text {accs[2]:.3f} position {accs[3]:.3f}")
+        vision_heldout = accs
+    if args.freeze_vision:
+        for p_ in model.model.visual.parameters():
+            p_.requires_grad_(False)
     captured = {}
     model.model.visual.merger.register_forward_hook(lambda mod, inp, out: captured.__setitem__("f", out))
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     no_decay += list(cell_head.parameters()) if args.aux_weight else []
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                              {"params": no_decay, "weight_decay": 0.0}],
@@ -390,7 +458,8 @@ def main(argv=None) -> int:
                                                      ignore_index=-100, reduction="none")
         n_tok = (tgt != -100).sum()
         loss = tok_loss.sum() / n_tok
-        aux = cell_head.loss(captured["f"], batch_cells.reshape(-1, 3).to(device)) if args.aux_weight else None
+        aux = cell_head.loss(captured["f"], batch_cells.reshape(-1, 3).to(device)) \
+            if args.aux_weight and not args.freeze_vision else None
         total = loss + args.aux_weight * aux if aux is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -447,11 +516,12 @@ def main(argv=None) -> int:
                f"{torch.get_num_threads()} torch threads" if device.type == "cpu"
                else torch.cuda.get_device_name(0))
     card = _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
-                 acc, nll, bg, size, history, transformers.__version__)
+                 acc, nll, bg, size, history, transformers.__version__, vision_heldout)
     (tmp / "MODEL_CARD.md").write_text(card)
     (tmp / "train_metrics.json").write_text(json.dumps(
         {"eval": {**acc, **nll}, "background_patch_share": bg, "history": history,
-         "train_seconds": train_s, "wall_seconds": wall, "args": vars(args)}, indent=1))
+         "train_seconds": train_s, "wall_seconds": wall, "args": vars(args),
+         "vision_heldout_cell_acc": vision_heldout}, indent=1))
     tb.write_sha256sums(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -462,15 +532,14 @@ def main(argv=None) -> int:
 
 
 def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
-          acc, nll, bg, size, history, tf_version) -> str:
+          acc, nll, bg, size, history, tf_version, vision_heldout=None) -> str:
     tc, vc = config.text_config, config.vision_config
     rows = "\n".join(f"| {f} | {acc.get(f'acc/{f}', float('nan')):.3f} | {nll.get(f'nll/{f}', float('nan')):.3f} |"
                      for f in sv.FAMILIES)
     hist = "\n".join(f"- step {h['step']}: acc {h['acc']:.3f}" for h in history) or "- (none)"
     cmd = "python scripts/train_testbed.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("out", "cache", "no_final") and not isinstance(v, bool)) + \
-        (" --instruction-every-turn" if args.instruction_every_turn else "")
+        f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}") for k, v in vars(args).items()
+        if k not in ("out", "cache", "no_final") and v is not False)
     return f"""# ptqbench testbed: tiny Qwen2-VL trained on SynthVQA
 
 A `Qwen2VLForConditionalGeneration` (the real transformers architecture: Qwen2-VL vision tower with
@@ -488,6 +557,7 @@ up as lost accuracy. It is not a general-purpose model: it only knows SynthVQA s
 
 ## Training
 - data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order (the first turn carries the image and the task instruction, exactly the evaluation prompt)
+- vision tower: {"patch embedding initialised with an orthonormal low-frequency DCT basis per colour channel; " if args.dct_init else ""}{f"pre-trained alone for {args.vision_steps} steps of {args.vision_batch} images with a per-token auxiliary loss: each merged token is scored against the LLM's word embeddings of the colour / shape / text of the grid cell under it (from the generator's scene description) and a linear head predicts the cell's grid row and column, an alignment stand-in for the pre-trained encoder and projector a real VLM starts from (word embeddings frozen in this stage); the auxiliary heads are discarded" + (f" (held-out cell accuracy on 64 calib-split scenes: colour {vision_heldout[0]:.3f}, shape {vision_heldout[1]:.3f}, text {vision_heldout[2]:.3f}, row+column {vision_heldout[3]:.3f})" if vision_heldout else "") if args.vision_steps else "trained from scratch with the rest"}{f"; the auxiliary loss stays on during QA training with weight {args.aux_weight}" if args.aux_weight else ""}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
 - loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100)

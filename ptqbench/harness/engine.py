@@ -233,15 +233,18 @@ def _err_final(acc: dict) -> dict:
 
 def _quantize_stack(layers: nn.ModuleList, prefix: str, batches: list, q_start: list[torch.Tensor] | None,
                     method: Method, adapter: Adapter, calib: CalibSet, device: torch.device, dtype: torch.dtype,
-                    quantized: dict, diag: dict, is_vision: bool, progress=None) -> None:
+                    quantized: dict, diag: dict, is_vision: bool, progress=None, max_blocks: int | None = None) -> None:
     """Quantize one stack of blocks in place. `batches` hold the stack's FP inputs (`hidden`) with
     their kwargs/masks/extras; `q_start` the quantized stream's inputs (None: same as FP)."""
     fp = [b.hidden.to(dtype) for b in batches]
     q = [h.to(dtype) for h in q_start] if q_start is not None else [h.clone() for h in fp]
     after = (lambda i, h, e: h) if is_vision else adapter.after_layer
     label = "vision" if is_vision else "blocks"
-    task = progress.add_task(f"{method.name} w{method.spec.bits} {label}", total=len(layers)) if progress else None
+    n_blocks = len(layers) if max_blocks is None else min(max_blocks, len(layers))
+    task = progress.add_task(f"{method.name} w{method.spec.bits} {label}", total=n_blocks) if progress else None
     for i, layer in enumerate(layers):
+        if i >= n_blocks:
+            break
         if is_lazy(layer):  # a random-weight block on meta: materialize it on the device, keep the result on CPU
             storage = torch.device("cpu")
             block = materialize_block(layer, adapter.model, device, block_seed(adapter.model, i))
@@ -296,14 +299,16 @@ def _quantize_stack(layers: nn.ModuleList, prefix: str, batches: list, q_start: 
 
 
 def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: Method,
-                   device: torch.device | str | None = None, progress=None, include_vision: bool = False) -> EngineResult:
+                   device: torch.device | str | None = None, progress=None, include_vision: bool = False,
+                   max_blocks: int | None = None) -> EngineResult:
     """Quantize the language-model decoder in place, block by block (and first the vision tower when
     `include_vision`: its quantized output then feeds the decoder's quantized stream)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     layers = adapter.decoder_layers()
     prefix = adapter.decoder_path
     dtype = next(model.parameters()).dtype
-    linear_names = [f"{prefix}.{i}.{n}" for i, blk in enumerate(layers) for n in adapter.block_linears(blk)]
+    n_dec = len(layers) if max_blocks is None else min(max_blocks, len(layers))
+    linear_names = [f"{prefix}.{i}.{n}" for i, blk in enumerate(layers) if i < n_dec for n in adapter.block_linears(blk)]
     if include_vision:
         if not method.supports_vision:
             from ptqbench.errors import BadInput
@@ -328,6 +333,6 @@ def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: 
         # The decoder's quantized stream starts from what the quantized vision tower produces.
         q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
     _quantize_stack(layers, prefix, calib.batches, q_start, method, adapter, calib, device, dtype, quantized, diag,
-                    False, progress)
+                    False, progress, max_blocks=max_blocks)
     info = method.on_end(run)
     return EngineResult(quantized, diag, info)

@@ -195,6 +195,8 @@ def plan(grid: Grid) -> list[Cell]:
         options = inst.options_dict()
         if cfg.quantize_vision:
             options["quantize_vision"] = True  # part of the cell's identity
+        if cfg.max_blocks is not None:
+            options["max_blocks"] = cfg.max_blocks  # a partial (cost) cell is never mistaken for a whole one
         key = dict(model=cfg.model, method=method, method_options=options, bits=bits, group_size=grid.group_size,
                    sym=cfg.sym, calib_hash=grid.manifest["content_hash"])
         cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key)))
@@ -214,7 +216,7 @@ def run_cell(grid: Grid, cell: Cell, progress=None) -> tuple[list[dict], dict]:
     if inst is not None:
         with measure(device) as cost:
             result = quantize_model(model, adapter_for(model), grid.calib, inst, device=device, progress=progress,
-                                    include_vision=cfg.quantize_vision)
+                                    include_vision=cfg.quantize_vision, max_blocks=cfg.max_blocks)
         packed = {n: pack(qw) for n, qw in result.quantized.items()}
         other = {n: p for n, p in model.state_dict().items() if n.removesuffix(".weight") not in result.quantized}
         model_bytes = sum(packed_nbytes(t) for t in packed.values()) + state_bytes(other)

@@ -79,7 +79,23 @@ def test_bench_run_random_model(config_path, tmp_path):
     assert all(c.metrics["recon/final_rel_err"] < 0.05 for c in summary.cells)
 
 
+def test_max_blocks_cost_run(config_path, tmp_path):
+    """--max-blocks N quantizes the first N blocks only, and the cell's identity says so."""
+    from ptqbench.config import RunConfig
+    from ptqbench.harness.runner import plan, prepare, run_cell
+
+    cfg = RunConfig(model=f"random:{config_path}", methods=["gptq"], bits=[4], calib_n=2, group_size=16, max_blocks=1,
+                    latency=False, save_model=False, runs=str(tmp_path))
+    grid = prepare(cfg, log=lambda *_: None)
+    (cell,) = plan(grid)
+    assert cell.key["method_options"]["max_blocks"] == 1
+    rows, artifacts = run_cell(grid, cell)
+    assert {k.split(".")[3] for k in artifacts["diagnostics"]["linears"]} == {"0"}
+    assert list(artifacts["diagnostics"]["blocks"]) == [0]
+
+
 @pytest.mark.parametrize("kw, needle", [
+    (dict(methods=["gptq"], max_blocks=0), "max-blocks 0"),
     (dict(methods=["mbq"]), "'mbq'"),
     (dict(methods=["gptq"], latency=True), "latency"),
     (dict(methods=["gptq"], tasks=["synthvqa"]), "synthvqa"),
