@@ -114,10 +114,13 @@ def build_random(path: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, 
         if hasattr(tt, k):
             setattr(rt, k, getattr(tt, k))
     del tiny_model
-    if image_side is not None and hasattr(processor.image_processor, "max_pixels"):
+    if image_side is not None:
         ip = processor.image_processor
-        ip.size = {"shortest_edge": image_side * image_side, "longest_edge": image_side * image_side}
-        ip.min_pixels = ip.max_pixels = image_side * image_side
+        if not hasattr(ip, "merge_size"):
+            raise BadInput(f"an image side (@{image_side}) is only understood for Qwen-family processors; accepted: "
+                           + ", ".join(k for k in FAMILY_OF if k.startswith("qwen")) + " configs, or no @side")
+        px = image_side * image_side  # Qwen processors resize to a pixel budget: fix it to side^2
+        ip.size = type(ip.size)(shortest_edge=px, longest_edge=px)
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
