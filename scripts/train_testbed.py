@@ -309,6 +309,8 @@ def main(argv=None) -> int:
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--caption-prob", type=float, default=0.0,
                     help="share of training images that also get a 'describe the image.' turn")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this finished checkpoint directory (a second training phase; use --vision-steps 0)")
     ap.add_argument("--no-final", action="store_true", help="skip saving (for quick design runs)")
     args = ap.parse_args(argv)
 
@@ -349,6 +351,11 @@ def main(argv=None) -> int:
 
     seed_everything(args.seed)
     model = Qwen2VLForConditionalGeneration(config).to(device)
+    if args.init_from:  # a second phase: continue from a finished checkpoint (its vision tower included)
+        prev, _ = tb.load_testbed(args.init_from, dtype=torch.float32)
+        model.load_state_dict(prev.state_dict())
+        del prev
+        log(f"initialised from {args.init_from}")
     n_params = sum(p.numel() for p in model.parameters())
     n_vis = sum(p.numel() for p in model.model.visual.parameters())
     log(f"params {n_params / 1e6:.2f}M (vision {n_vis / 1e6:.2f}M), vocab {config.text_config.vocab_size}")
@@ -356,7 +363,7 @@ def main(argv=None) -> int:
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.bos_token_id = config.text_config.bos_token_id
     model.generation_config.do_sample = False
-    if args.dct_init:
+    if args.dct_init and not args.init_from:
         dct_init_(model.model.visual.patch_embed.proj)
     ip = processor.image_processor
     thw1 = [1, sv.SIZE // 14, sv.SIZE // 14]

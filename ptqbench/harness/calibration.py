@@ -221,8 +221,14 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
             progress.advance(task)
 
     counts = {k: int(sum(b.masks[k].sum() for b in batches)) for k in ("valid", "vision", "text", "answer")}
+    # How redundant the vision tokens are: the share of 14x14 image patches that are pure background.
+    from ptqbench.benchmarks.synthvqa import background_patch_share
+
+    images = [c[1] for c in encoded if c[1] is not None]
+    bg = float(sum(background_patch_share(im) for im in images) / len(images)) if images else None
     manifest = dict(desc, n_requested=n, n_samples=len(encoded), n_dropped=dropped, seq_len=seq_len, seed=seed,
-                    batch_size=batch_size, tokens=counts, model=fingerprint, cache_key=key)
+                    batch_size=batch_size, tokens=counts, model=fingerprint, cache_key=key,
+                    background_patch_share=bg)
     manifest["content_hash"] = content_hash(batches + vision_batches)
     cs = CalibSet(batches, manifest, vision_batches)
     if cache is not None:

@@ -178,7 +178,12 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
     if new_run_dir:
         (run_dir / "calibration.json").write_text(json.dumps(calib.manifest, indent=2))
         m = calib.manifest
-        log(f"calibration {m['content_hash']}: {m['n_samples']} samples, tokens {m['tokens']}")
+        t = m["tokens"]
+        share = t["vision"] / max(1, t["valid"])
+        log(f"calibration {m['content_hash']}: {m['n_samples']} samples, {t['valid']} tokens: vision {t['vision']} "
+            f"({share:.0%}), text {t['text']} ({1 - share:.0%}, of which answer {t['answer']})"
+            + (f"; {m['background_patch_share']:.0%} of image patches are pure background"
+               if m.get("background_patch_share") is not None else ""))
     return Grid(cfg, lm, calib, instances, tasks, group_size, device, run_dir, env)
 
 

@@ -75,3 +75,12 @@ def test_text_only_source(tiny_qwen, tmp_path):
     cs = C.build_calibration(model, adapter_for(model), processor, str(path), 2, 512, 1)
     t = cs.manifest["tokens"]
     assert t["vision"] == 0 and t["answer"] == t["valid"] > 0
+
+
+def test_manifest_reports_token_shares_and_background(tiny_qwen):
+    """The manifest says how many tokens are vision vs text and how redundant the images are."""
+    model, processor = tiny_qwen
+    cs = C.build_calibration(model, adapter_for(model), processor, "synthvqa", 3, 512, 1, batch_size=3)
+    t = cs.manifest["tokens"]
+    assert t["vision"] + t["text"] == t["valid"] and t["vision"] > 0 and 0 < t["answer"] < t["text"]
+    assert 0.6 < cs.manifest["background_patch_share"] < 1.0  # synthvqa scenes are mostly plain background
