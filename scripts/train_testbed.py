@@ -144,10 +144,11 @@ def collate(batch, pad_id: int, image_id: int):
 
 
 def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_objects: int = 5,
-                caption_prob: float = 0.0):
+                caption_prob: float = 0.0, extra: tuple[str, ...] = ()):
     """Pre-render a training pool once: uint8 images + token ids + labels (+ families)."""
     meta = {"n": n_images, "seed": seed, "vocab": len(encoder.tok), "max_objects": max_objects,
-            "caption_prob": caption_prob, "every": encoder.every, "version": 3}
+            "caption_prob": caption_prob, "every": encoder.every, "version": 3,
+            **({"extra": list(extra)} if extra else {})}
     if path.exists():
         z = torch.load(path, weights_only=False)
         if all(z.get(k) == v for k, v in meta.items()):
@@ -162,7 +163,8 @@ def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_obje
     chunk = 500
     for start in range(0, n_images, chunk):
         n = min(chunk, n_images - start)
-        groups, cl = sv.generate_multi_with_cells("train", n, seed=seed, start=start, max_objects=max_objects)
+        groups, cl = sv.generate_multi_with_cells("train", n, seed=seed, start=start, max_objects=max_objects,
+                                                  extra=extra)
         cells += cl
         for j, g in enumerate(groups):
             images[start + j] = np.asarray(g[0].image.convert("RGB"))
@@ -309,6 +311,8 @@ def main(argv=None) -> int:
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--caption-prob", type=float, default=0.0,
                     help="share of training images that also get a 'describe the image.' turn")
+    ap.add_argument("--extra", default="", help="comma-separated families asked a second time per image (e.g. count,spatial)")
+    ap.add_argument("--prepare-only", action="store_true", help="render the training pool cache and stop")
     ap.add_argument("--init-from", default=None,
                     help="start from this finished checkpoint directory (a second training phase; use --vision-steps 0)")
     ap.add_argument("--no-final", action="store_true", help="skip saving (for quick design runs)")
@@ -339,9 +343,13 @@ def main(argv=None) -> int:
 
     tag = f"_c{args.caption_prob:g}" if args.caption_prob else ""
     tag += "_every" if args.instruction_every_turn else ""
+    extra = tuple(f for f in args.extra.split(",") if f)
+    tag += ("_x" + "-".join(extra)) if extra else ""
     cache_path = Path(args.cache) / f"pool_n{args.images}_s{args.data_seed}{tag}.pt"
-    data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob)
+    data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob, extra)
     images, seqs, cells = data["images"], data["seqs"], data["cells"]
+    if args.prepare_only:
+        return 0
     if args.easy_images and args.easy_steps:
         easy = build_cache(Path(args.cache) / f"easy{args.easy_objects}_n{args.easy_images}_s{args.data_seed}{tag}.pt",
                            args.easy_images, args.data_seed, enc, args.easy_objects, args.caption_prob)

@@ -361,7 +361,7 @@ def generate(split: str, n: int, seed: int | None = None) -> list[Item]:
 
 
 def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0,
-                   max_objects: int = 5, grid: int = GRID) -> list[list[Item]]:
+                   max_objects: int = 5, grid: int = GRID, extra: tuple[str, ...] = ()) -> list[list[Item]]:
     """Images ``start .. start+n-1``, each with one question of every family (in a random order).
 
     Used for training: one image encode serves six answers. Item ids end in ``-<family>``.
@@ -369,6 +369,8 @@ def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0,
     (1..5) caps the shapes per scene: simpler scenes for a training curriculum (ids get ``-e<k>``;
     one-object scenes have no ``spatial`` question). ``grid`` (3..8) shrinks the canvas to
     ``grid * 28`` px, i.e. ``grid**2`` vision tokens: a resolution curriculum (ids get ``-g<k>``).
+    ``extra`` adds one more question of each listed family per image (more signal for the families a
+    model learns last; ids get ``-x`` and a different seed stream).
     """
     split = _check_split(split)
     n = _check_pos_int("n", n)
@@ -379,23 +381,32 @@ def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0,
         raise one_of("max_objects", max_objects, (1, 2, 3, 4, 5))
     if grid not in range(3, GRID + 1):
         raise one_of("grid", grid, range(3, GRID + 1))
+    for f in extra:
+        if f not in FAMILIES:
+            raise one_of("extra family", f, FAMILIES)
     fam_pool = [f for f in FAMILIES if not (max_objects == 1 and f == "spatial")]
-    return [_multi_one(split, seed, i, max_objects, grid, fam_pool)[0] for i in range(start, start + n)]
+    return [_multi_one(split, seed, i, max_objects, grid, fam_pool, tuple(extra))[0] for i in range(start, start + n)]
 
 
-def _multi_one(split, seed, i, max_objects, grid, fam_pool):
-    rng = _rng(split, seed, (1 << 40) + ((5 - max_objects) << 36) + ((GRID - grid) << 32) + i)
-    fams = [fam_pool[j] for j in rng.permutation(len(fam_pool))]
+def _multi_one(split, seed, i, max_objects, grid, fam_pool, extra=()):
+    rng = _rng(split, seed, (1 << 40) + ((5 - max_objects) << 36) + ((GRID - grid) << 32) + (bool(extra) << 31) + i)
+    pool = fam_pool + list(extra)
+    fams = [pool[j] for j in rng.permutation(len(pool))]
     scene, qa = _scene_with(rng, fams, max_objects, grid)
     img = _render(scene, rng)
     cap = _caption(scene)
     base = f"{split}-{seed}-m{i:06d}" + (f"-e{max_objects}" if max_objects != 5 else "") + \
-        (f"-g{grid}" if grid != GRID else "")
-    return [Item(f"{base}-{f}", img, q, a, f, cap) for f, (q, a) in zip(fams, qa)], scene
+        (f"-g{grid}" if grid != GRID else "") + ("-x" if extra else "")
+    seen: dict[str, int] = {}
+    items = []
+    for f, (q, a) in zip(fams, qa):
+        seen[f] = seen.get(f, 0) + 1
+        items.append(Item(f"{base}-{f}" + (f"{seen[f]}" if seen[f] > 1 else ""), img, q, a, f, cap))
+    return items, scene
 
 
 def generate_multi_with_cells(split: str, n: int, seed: int | None = None, start: int = 0,
-                              max_objects: int = 5, grid: int = GRID):
+                              max_objects: int = 5, grid: int = GRID, extra: tuple[str, ...] = ()):
     """:func:`generate_multi` plus, per image, a ``(grid*grid, 3)`` int array of cell targets.
 
     Row ``r*grid + c`` describes grid cell (r, c) -- one merged vision token -- as
@@ -403,13 +414,13 @@ def generate_multi_with_cells(split: str, n: int, seed: int | None = None, start
     ``1 + SHAPES index``, text ``1 + digit`` or ``11 + 2 * WORDS index + part`` (words span two cells).
     Used to pre-train the testbed's vision tower with a per-token auxiliary loss.
     """
-    generate_multi(split, 1, seed, start, max_objects, grid)  # validates the arguments
+    generate_multi(split, 1, seed, start, max_objects, grid, extra)  # validates the arguments
     n = _check_pos_int("n", n)
     seed = DEFAULT_SEED[split] if seed is None else seed
     fam_pool = [f for f in FAMILIES if not (max_objects == 1 and f == "spatial")]
     groups, cells = [], []
     for i in range(start, start + n):
-        items, scene = _multi_one(split, seed, i, max_objects, grid, fam_pool)
+        items, scene = _multi_one(split, seed, i, max_objects, grid, fam_pool, tuple(extra))
         groups.append(items)
         cells.append(scene_cells(scene))
     return groups, cells

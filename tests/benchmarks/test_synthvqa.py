@@ -55,6 +55,17 @@ def test_multi_has_every_family_per_image():
     assert _digest(sv.generate_multi("train", 2, start=1)[0]) == _digest(groups[1])
 
 
+def test_multi_extra_questions():
+    """`extra` asks some families twice per image; ids stay unique, answers stay consistent."""
+    groups = sv.generate_multi("train", 4, extra=("count", "spatial"))
+    for g in groups:
+        fams = [it.family for it in g]
+        assert sorted(fams) == sorted(list(sv.FAMILIES) + ["count", "spatial"])
+        assert len({it.id for it in g}) == len(g)
+    with pytest.raises(BadInput, match="'size'"):
+        sv.generate_multi("train", 1, extra=("size",))
+
+
 @pytest.mark.parametrize("split", ["test", "", None, "TRAIN"])
 def test_bad_split(split):
     with pytest.raises(BadInput) as e:
