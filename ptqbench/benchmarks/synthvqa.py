@@ -333,7 +333,10 @@ def _question(scene: _Scene, family: str, target, rng: np.random.Generator) -> t
 def _scene_with(rng: np.random.Generator, families, max_objects: int = 5,
                 grid: int = GRID) -> tuple[_Scene, list[tuple[str, str]]]:
     targets = [_target(f, rng, max_objects) for f in families]
-    for _ in range(1000):
+    repeated = len(set(families)) < len(families)
+    for attempt in range(1000):
+        if repeated and attempt and attempt % 50 == 0:  # e.g. two counts of 3 cannot share 5 objects: redraw
+            targets = [_target(f, rng, max_objects) for f in families]
         scene = _sample_scene(rng, max_objects, grid)
         qa = [_question(scene, f, t, rng) for f, t in zip(families, targets)]
         if all(q is not None for q in qa):
