@@ -546,9 +546,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def _previous_phase(args) -> str:
+    """A phase continuing a checkpoint (--init-from) carries that checkpoint's training section along."""
+    if not args.init_from:
+        return ""
+    prev = (Path(args.init_from) / "MODEL_CARD.md").read_text()
+    start = prev.index("## Training") + len("## Training")
+    body = prev[start:prev.index("\n## ", start)].strip()
+    body = body.replace("\n### ", "\n#### ")
+    return ("\nThe lines above describe the last training phase; it started from the weights of the earlier phase "
+            "below (`--init-from`, with a fresh optimiser):\n\n### Earlier phase\n" + body + "\n")
+
+
 def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
           acc, nll, bg, size, history, tf_version, vision_heldout=None) -> str:
     tc, vc = config.text_config, config.vision_config
+    if args.init_from:
+        vision_line = "from the earlier phase, " + ("kept frozen" if args.freeze_vision else
+                                                  f"trained with the rest (auxiliary cell loss weight {args.aux_weight})")
+    else:
+        vision_line = f"""{"patch embedding initialised with an orthonormal low-frequency DCT basis per colour channel; " if args.dct_init else ""}{f"pre-trained alone for {args.vision_steps} steps of {args.vision_batch} images with a per-token auxiliary loss: each merged token is scored against the LLM's word embeddings of the colour / shape / text of the grid cell under it (from the generator's scene description) and a linear head predicts the cell's grid row and column, an alignment stand-in for the pre-trained encoder and projector a real VLM starts from (word embeddings frozen in this stage); the auxiliary heads are discarded" + (f" (held-out cell accuracy on 64 calib-split scenes: colour {vision_heldout[0]:.3f}, shape {vision_heldout[1]:.3f}, text {vision_heldout[2]:.3f}, row+column {vision_heldout[3]:.3f})" if vision_heldout else "") if args.vision_steps else "trained from scratch with the rest"}{f"; the auxiliary loss stays on during QA training with weight {args.aux_weight}" if args.aux_weight else ""}"""
     rows = "\n".join(f"| {f} | {acc.get(f'acc/{f}', float('nan')):.3f} | {nll.get(f'nll/{f}', float('nan')):.3f} |"
                      for f in sv.FAMILIES)
     hist = "\n".join(f"- step {h['step']}: acc {h['acc']:.3f}" for h in history) or "- (none)"
@@ -571,8 +588,8 @@ up as lost accuracy. It is not a general-purpose model: it only knows SynthVQA s
 - tokenizer: byte-level BPE built with `tokenizers` over the generator's text (`testbed.build_tokenizer`), Qwen special tokens, Qwen-style chat template without a default system prompt
 
 ## Training
-- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order (the first turn carries the image and the task instruction, exactly the evaluation prompt)
-- vision tower: {"patch embedding initialised with an orthonormal low-frequency DCT basis per colour channel; " if args.dct_init else ""}{f"pre-trained alone for {args.vision_steps} steps of {args.vision_batch} images with a per-token auxiliary loss: each merged token is scored against the LLM's word embeddings of the colour / shape / text of the grid cell under it (from the generator's scene description) and a linear head predicts the cell's grid row and column, an alignment stand-in for the pre-trained encoder and projector a real VLM starts from (word embeddings frozen in this stage); the auxiliary heads are discarded" + (f" (held-out cell accuracy on 64 calib-split scenes: colour {vision_heldout[0]:.3f}, shape {vision_heldout[1]:.3f}, text {vision_heldout[2]:.3f}, row+column {vision_heldout[3]:.3f})" if vision_heldout else "") if args.vision_steps else "trained from scratch with the rest"}{f"; the auxiliary loss stays on during QA training with weight {args.aux_weight}" if args.aux_weight else ""}
+- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order{f" plus a second question of each of {args.extra.replace(',', ', ')}" if args.extra else ""} (the first turn carries the image and the task instruction, exactly the evaluation prompt)
+- vision tower: {vision_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
 - loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100)
@@ -580,7 +597,7 @@ up as lost accuracy. It is not a general-purpose model: it only knows SynthVQA s
 - command: `{cmd}`
 - machine: {device.type}: {machine}; transformers {tf_version}, torch {torch.__version__}
 - training time: {train_s / 60:.1f} min; total wall time (rendering, training, saving, evaluation): {wall / 60:.1f} min
-
+{_previous_phase(args)}
 ## Evaluation (held-out `eval` split, seed {T.EVAL_SEED}, n={args.eval_n}, the checkpoint as stored, loaded in float32)
 Greedy generation, exact match after strip/lowercase (`ptqbench.benchmarks.tasks`, task `synthvqa`);
 NLL is the mean answer-token negative log-likelihood (task `synthvqa-nll`).
