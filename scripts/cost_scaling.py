@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 def scaled_config(width: int, base: Path) -> dict:
     cfg = json.loads(base.read_text())
     heads = width // 128
-    cfg.update(hidden_size=width, intermediate_size=int(round(width * 18944 / 3584 / 64)) * 64,
+    cfg.update(hidden_size=width, intermediate_size=int(round(width * 18944 / 3584 / 128)) * 128,
                num_attention_heads=heads, num_key_value_heads=min(4, heads), num_hidden_layers=2, max_window_layers=2)
     cfg["vision_config"].update(depth=2, hidden_size=width)
     return cfg
