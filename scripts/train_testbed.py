@@ -213,7 +213,7 @@ class CellHead(torch.nn.Module):
     copying. Only used for training; not part of the checkpoint.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, with_count: bool = False):
         super().__init__()
         self.model = [model]  # not a submodule: the embedding belongs to the model
         groups = [list(sv.COLORS), list(sv.SHAPES), list(sv.DIGITS) + list(sv.WORDS)]
@@ -233,6 +233,17 @@ class CellHead(torch.nn.Module):
         # positions, and spatial questions need to compare where two objects are.
         self.grid = sv.GRID
         self.pos = torch.nn.Linear(dim, 2 * sv.GRID)
+        # Optional: each object token also predicts how many objects of its shape the image holds
+        # (global context in every token, as a real encoder's tokens carry; a count question becomes
+        # "find a token of that shape, read its count", the retrieval the LLM learns first).
+        self.with_count = with_count
+        self.count = torch.nn.Linear(dim, 1 + sv.MAX_COUNT)
+
+    def same_shape_counts(self, cells: torch.Tensor) -> torch.Tensor:
+        g2 = self.grid * self.grid
+        s = cells[:, 1].view(-1, g2)
+        c = ((s[:, :, None] == s[:, None, :]) & (s[:, None, :] > 0)).sum(-1)
+        return torch.where(s > 0, c, torch.zeros_like(c)).reshape(-1)
 
     def targets(self, cells: torch.Tensor) -> torch.Tensor:
         t = cells.clone()
@@ -257,7 +268,11 @@ class CellHead(torch.nn.Module):
         pl = self.pos(feats)
         tot = tot + 0.5 * (torch.nn.functional.cross_entropy(pl[:, :self.grid], rc[:, 0])
                            + torch.nn.functional.cross_entropy(pl[:, self.grid:], rc[:, 1]))
-        return tot / 4
+        if not self.with_count:
+            return tot / 4
+        w = torch.ones(1 + sv.MAX_COUNT, device=feats.device)
+        w[0] = 0.1
+        return (tot + torch.nn.functional.cross_entropy(self.count(feats), self.same_shape_counts(cells), weight=w)) / 5
 
     def _rowcol(self, n: int, device) -> torch.Tensor:
         k = torch.arange(n, device=device) % (self.grid * self.grid)
@@ -273,6 +288,10 @@ class CellHead(torch.nn.Module):
         rc = self._rowcol(len(y), feats.device)
         pl = self.pos(feats)
         out.append(float(((pl[:, :self.grid].argmax(-1) == rc[:, 0]) & (pl[:, self.grid:].argmax(-1) == rc[:, 1])).float().mean()))
+        if self.with_count:
+            c = self.same_shape_counts(cells)
+            m = c > 0
+            out.append(float((self.count(feats[m]).argmax(-1) == c[m]).float().mean()))
         return out
 
 
@@ -309,6 +328,8 @@ def main(argv=None) -> int:
                     help="stage 2: keep the pre-trained vision tower fixed (no backward through it)")
     ap.add_argument("--aux-weight", type=float, default=0.0,
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
+    ap.add_argument("--aux-count", action="store_true",
+                    help="the auxiliary cell loss also asks each object token for the count of its shape in the image")
     ap.add_argument("--caption-prob", type=float, default=0.0,
                     help="share of training images that also get a 'describe the image.' turn")
     ap.add_argument("--extra", default="", help="comma-separated families asked a second time per image (e.g. count,spatial)")
@@ -375,7 +396,7 @@ def main(argv=None) -> int:
         dct_init_(model.model.visual.patch_embed.proj)
     ip = processor.image_processor
     thw1 = [1, sv.SIZE // 14, sv.SIZE // 14]
-    cell_head = CellHead(model, tok).to(device)
+    cell_head = CellHead(model, tok, with_count=args.aux_count).to(device)
 
     vision_heldout = None
     # ---- stage 1: the vision tower alone, per-token cell classification (a stand-in for a pre-trained encoder)
@@ -490,7 +511,9 @@ def main(argv=None) -> int:
         if step % 10 == 0 or step == args.steps - 1:
             el = time.time() - t_train
             log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} full {full_l:.3f} easy {easy_l:.3f} ({n_easy}/{len(batch_seqs)}) "
-                + (f"aux {aux.item():.3f} " if aux is not None else "") +
+                + (f"aux {aux.item():.3f} " if aux is not None else "")
+                + ("cell acc " + "/".join(f"{a:.2f}" for a in cell_head.accuracy(captured["f"], batch_cells.reshape(-1, 3).to(device))) + " "
+                   if aux is not None else "") +
                 f"gnorm {float(gn):.2f} lr {lr_at(step):.2e} "
                 f"{el / (step + 1):.2f}s/step elapsed {el / 60:.1f}min")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
