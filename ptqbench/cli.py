@@ -53,7 +53,7 @@ def run(
     latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="time the deployed model per cell (default on)"),
     kernel: Optional[str] = typer.Option(None, help="deployment kernel: auto, int4pack, int8pack, dequant or fake"),
     infer_dtype: Optional[str] = typer.Option(None, "--infer-dtype", help="dtype of the timed deployment (default bfloat16)"),
-    latency_tokens: Optional[int] = typer.Option(None, "--latency-tokens", help="decode tokens timed (default 16)"),
+    latency_tokens: Optional[int] = typer.Option(None, "--latency-tokens", help="decode tokens timed (default 8)"),
     latency_batch: Optional[int] = typer.Option(None, "--latency-batch", help="batch size of the timing (default 1)"),
     executor: Optional[str] = typer.Option(None, help="local (default) or ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)"),

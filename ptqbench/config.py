@@ -15,7 +15,7 @@ from ptqbench.methods.quant import GRIDS, QuantSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_MODEL = "tiny:qwen2-vl"  # "testbed" once its trained checkpoint has landed (issue 3)
+DEFAULT_MODEL = "testbed"  # the trained testbed VLM shipped in ptqbench/benchmarks/testbed_model
 
 
 @dataclass
@@ -46,7 +46,7 @@ class RunConfig:
     latency: bool = True  # measure prefill/decode/memory of the deployed model per cell
     kernel: str = "auto"  # auto, int4pack, int8pack, dequant or fake (ptqbench.harness.kernels)
     infer_dtype: str = "bfloat16"  # the dtype the latency deployment runs in (bf16: the only one with fast CPU kernels)
-    latency_tokens: int = 16
+    latency_tokens: int = 8
     latency_batch: int = 1
     executor: str = "local"  # local, or ray (pip install ptqbench[ray])
     address: str | None = None  # Ray cluster address (default: start a local Ray instance)

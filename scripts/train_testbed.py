@@ -585,8 +585,11 @@ def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s,
           acc, nll, bg, size, history, tf_version, vision_heldout=None) -> str:
     tc, vc = config.text_config, config.vision_config
     if args.init_from:
-        vision_line = "from the earlier phase, " + ("kept frozen" if args.freeze_vision else
-                                                  f"trained with the rest (auxiliary cell loss weight {args.aux_weight})")
+        vision_line = "from the earlier phase" + (
+            f"; first re-trained alone for {args.vision_steps} steps of {args.vision_batch} images on the auxiliary cell loss"
+            + (" with the same-shape count target added (each object token also predicts how many objects of its shape"
+               " the image holds)" if args.aux_count else "") if args.vision_steps else "") + "; then " + (
+            "kept frozen" if args.freeze_vision else f"trained with the rest (auxiliary cell loss weight {args.aux_weight})")
     else:
         vision_line = f"""{"patch embedding initialised with an orthonormal low-frequency DCT basis per colour channel; " if args.dct_init else ""}{f"pre-trained alone for {args.vision_steps} steps of {args.vision_batch} images with a per-token auxiliary loss: each merged token is scored against the LLM's word embeddings of the colour / shape / text of the grid cell under it (from the generator's scene description) and a linear head predicts the cell's grid row and column, an alignment stand-in for the pre-trained encoder and projector a real VLM starts from (word embeddings frozen in this stage); the auxiliary heads are discarded" + (f" (held-out cell accuracy on 64 calib-split scenes: colour {vision_heldout[0]:.3f}, shape {vision_heldout[1]:.3f}, text {vision_heldout[2]:.3f}, row+column {vision_heldout[3]:.3f})" if vision_heldout else "") if args.vision_steps else "trained from scratch with the rest"}{f"; the auxiliary loss stays on during QA training with weight {args.aux_weight}" if args.aux_weight else ""}"""
     rows = "\n".join(f"| {f} | {acc.get(f'acc/{f}', float('nan')):.3f} | {nll.get(f'nll/{f}', float('nan')):.3f} |"
@@ -594,7 +597,7 @@ def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s,
     hist = "\n".join(f"- step {h['step']}: acc {h['acc']:.3f}" for h in history) or "- (none)"
     cmd = "python scripts/train_testbed.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}") for k, v in vars(args).items()
-        if k not in ("out", "cache", "no_final") and v is not False)
+        if k not in ("out", "cache", "no_final", "prepare_only") and v not in (False, None, ""))
     return f"""# ptqbench testbed: tiny Qwen2-VL trained on SynthVQA
 
 A `Qwen2VLForConditionalGeneration` (the real transformers architecture: Qwen2-VL vision tower with
