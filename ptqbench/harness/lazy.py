@@ -43,13 +43,17 @@ def is_lazy(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
 
 
+def _init_own(root: nn.Module, mod: nn.Module) -> None:
+    """transformers' own initialisation of `mod`'s own tensors (weights and RoPE buffers), forced."""
+    for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+        if hasattr(t, "_is_hf_initialized"):
+            del t._is_hf_initialized
+    root._init_weights(mod)
+
+
 def _init_module(root: nn.Module, module: nn.Module) -> None:
-    """transformers' own initialisation of every submodule (weights and RoPE buffers)."""
     for sub in module.modules():
-        for t in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
-            if hasattr(t, "_is_hf_initialized"):
-                del t._is_hf_initialized
-        root._init_weights(sub)
+        _init_own(root, sub)
 
 
 def materialize_block(layer: nn.Module, root: nn.Module, device: torch.device, seed: int) -> nn.Module:
@@ -141,10 +145,7 @@ def build_random(path: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, 
                 for bname, b in list(mod.named_buffers(recurse=False)):
                     if b is not None and b.is_meta:
                         mod._buffers[bname] = torch.empty_like(b, device="cpu")
-                for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
-                    if hasattr(t, "_is_hf_initialized"):
-                        del t._is_hf_initialized
-                model._init_weights(mod)
+                _init_own(model, mod)
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
