@@ -65,8 +65,8 @@ def patchify(images_u8: torch.Tensor, ip) -> torch.Tensor:
     """
     B, C, H, W = images_u8.shape
     ps, tps, ms = ip.patch_size, ip.temporal_patch_size, ip.merge_size
-    mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=images_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std, dtype=torch.float32, device=images_u8.device).view(1, 3, 1, 1)
     x = (images_u8.float() * ip.rescale_factor - mean) / std
     x = x.unsqueeze(1).expand(B, tps, C, H, W)  # a still image repeated over the temporal patch
     gh, gw = H // ps, W // ps
@@ -143,9 +143,28 @@ def collate(batch, pad_id: int, image_id: int):
     return input_ids, attn, labels, mm
 
 
+_WORKER_ENCODER = None  # set before the pool forks: workers inherit it
+
+
+def _render_chunk(job):
+    """Render and encode items [start, start + n) of the pool (deterministic per item index)."""
+    start, n, seed, max_objects, extra, captions = job
+    groups, cl = sv.generate_multi_with_cells("train", n, seed=seed, start=start, max_objects=max_objects,
+                                              extra=extra)
+    images = np.stack([np.asarray(g[0].image.convert("RGB")) for g in groups])
+    seqs = []
+    for j, g in enumerate(groups):
+        ids, lab = _WORKER_ENCODER.encode(g, caption=g[0].caption if captions[j] else None, check=(start + j) < 20)
+        seqs.append((ids, lab, [it.family for it in g]))
+    return images, seqs, cl
+
+
 def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_objects: int = 5,
-                caption_prob: float = 0.0, extra: tuple[str, ...] = ()):
-    """Pre-render a training pool once: uint8 images + token ids + labels (+ families)."""
+                caption_prob: float = 0.0, extra: tuple[str, ...] = (), workers: int = 1):
+    """Pre-render a training pool once: uint8 images + token ids + labels (+ families).
+
+    Items depend on their index alone, so `workers` processes render chunks with identical results."""
+    global _WORKER_ENCODER
     meta = {"n": n_images, "seed": seed, "vocab": len(encoder.tok), "max_objects": max_objects,
             "caption_prob": caption_prob, "every": encoder.every, "version": 3,
             **({"extra": list(extra)} if extra else {})}
@@ -154,23 +173,24 @@ def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_obje
         if all(z.get(k) == v for k, v in meta.items()):
             log(f"loaded training cache {path} ({n_images} images)")
             return z
-    log(f"rendering {n_images} training images (seed {seed}, max {max_objects} objects) ...")
+    log(f"rendering {n_images} training images (seed {seed}, max {max_objects} objects, {workers} workers) ...")
     cap_rng = np.random.default_rng([seed, max_objects, 77])
+    captions = [cap_rng.random() < caption_prob for _ in range(n_images)]  # the same draws as one at a time
     t0 = time.time()
-    images = np.empty((n_images, sv.SIZE, sv.SIZE, 3), dtype=np.uint8)
-    seqs = []
-    cells = []
     chunk = 500
-    for start in range(0, n_images, chunk):
-        n = min(chunk, n_images - start)
-        groups, cl = sv.generate_multi_with_cells("train", n, seed=seed, start=start, max_objects=max_objects,
-                                                  extra=extra)
-        cells += cl
-        for j, g in enumerate(groups):
-            images[start + j] = np.asarray(g[0].image.convert("RGB"))
-            cap = g[0].caption if cap_rng.random() < caption_prob else None
-            ids, lab = encoder.encode(g, caption=cap, check=(start + j) < 20)
-            seqs.append((ids, lab, [it.family for it in g]))
+    jobs = [(st, min(chunk, n_images - st), seed, max_objects, extra, captions[st:st + chunk])
+            for st in range(0, n_images, chunk)]
+    _WORKER_ENCODER = encoder
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs)
+    else:
+        parts = [_render_chunk(j) for j in jobs]
+    images = np.concatenate([p[0] for p in parts])
+    seqs = [s for p in parts for s in p[1]]
+    cells = [c for p in parts for c in p[2]]
     z = {**meta, "images": torch.from_numpy(images), "seqs": seqs, "cells": torch.from_numpy(np.stack(cells))}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(z, path)
@@ -337,6 +357,10 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", default=None,
                     help="start from this finished checkpoint directory (a second training phase; use --vision-steps 0)")
     ap.add_argument("--no-final", action="store_true", help="skip saving (for quick design runs)")
+    ap.add_argument("--workers", type=int, default=1, help="processes rendering the training pool")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="wall-clock budget of the QA training loop: the LR schedule follows the larger of step and "
+                         "time progress, and training stops when either is spent (for a leased GPU)")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -367,7 +391,7 @@ def main(argv=None) -> int:
     extra = tuple(f for f in args.extra.split(",") if f)
     tag += ("_x" + "-".join(extra)) if extra else ""
     cache_path = Path(args.cache) / f"pool_n{args.images}_s{args.data_seed}{tag}.pt"
-    data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob, extra)
+    data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob, extra, args.workers)
     images, seqs, cells = data["images"], data["seqs"], data["cells"]
     if args.prepare_only:
         return 0
@@ -410,9 +434,9 @@ def main(argv=None) -> int:
             idx = torch.randint(0, len(seqs), (args.vision_batch,), generator=gv).tolist()
             for grp in vopt.param_groups:
                 grp["lr"] = args.vision_lr * min(1.0, (step + 1) / 20)
-            pv = patchify(images[idx].permute(0, 3, 1, 2), ip)
+            pv = patchify(images[idx].to(device).permute(0, 3, 1, 2), ip)
             thw = torch.tensor([thw1] * len(idx))
-            feats = model.model.visual(pv.to(device), grid_thw=thw.to(device)).pooler_output
+            feats = model.model.visual(pv, grid_thw=thw.to(device)).pooler_output
             vloss = cell_head.loss(feats, cells[idx].reshape(-1, 3).to(device))
             vopt.zero_grad(set_to_none=True)
             vloss.backward()
@@ -447,10 +471,16 @@ def main(argv=None) -> int:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
+    def progress(step):
+        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        if args.max_minutes:
+            p = max(p, (time.time() - t_train) / (60 * args.max_minutes))
+        return p
+
     def lr_at(step):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        p = min(1.0, progress(step))
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
     g = torch.Generator().manual_seed(args.seed)
@@ -464,7 +494,12 @@ def main(argv=None) -> int:
     history = []
     ema = None
     t_train = time.time()
+    steps_done = 0
     for step in range(args.steps):
+        if step >= args.warmup and progress(step) >= 1.0:
+            log(f"time budget spent after {step} steps")
+            break
+        steps_done = step + 1
         p_easy = max(0.0, 1.0 - step / args.easy_steps) if (e_seqs and args.easy_steps) else 0.0
         n_easy = int((torch.rand(args.batch, generator=g) < p_easy).sum())
         if pos + args.batch - n_easy > len(order):
@@ -481,7 +516,7 @@ def main(argv=None) -> int:
         batch_img = torch.cat([images[idx], e_images[e_idx]]) if n_easy else images[idx]
         batch_cells = torch.cat([cells[idx], e_cells[e_idx]]) if n_easy else cells[idx]
         input_ids, attn, labels, mm = collate(batch_seqs, pad_id, image_id)
-        pv = patchify(batch_img.permute(0, 3, 1, 2), ip)
+        pv = patchify(batch_img.to(device).permute(0, 3, 1, 2), ip)
         thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(batch_seqs))
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step)
@@ -522,6 +557,7 @@ def main(argv=None) -> int:
             history.append({"step": step + 1, **r})
             log("probe " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
     train_s = time.time() - t_train
+    args.steps_done = steps_done  # for the card (a wall-clock budget may stop before args.steps)
     log(f"training done in {train_s / 60:.1f} min")
     if args.no_final:
         model.eval()
@@ -597,7 +633,7 @@ def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s,
     hist = "\n".join(f"- step {h['step']}: acc {h['acc']:.3f}" for h in history) or "- (none)"
     cmd = "python scripts/train_testbed.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}") for k, v in vars(args).items()
-        if k not in ("out", "cache", "no_final", "prepare_only") and v not in (False, None, ""))
+        if k not in ("out", "cache", "no_final", "prepare_only", "steps_done") and v not in (False, None, ""))
     return f"""# ptqbench testbed: tiny Qwen2-VL trained on SynthVQA
 
 A `Qwen2VLForConditionalGeneration` (the real transformers architecture: Qwen2-VL vision tower with
@@ -619,7 +655,7 @@ up as lost accuracy. It is not a general-purpose model: it only knows SynthVQA s
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
 - loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100)
-- optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps} steps of {args.batch} images, seed {args.seed}
+- optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps_done} steps of {args.batch} images{f" (wall-clock budget {args.max_minutes} min, schedule planned for {args.steps})" if args.max_minutes else ""}, seed {args.seed}
 - command: `{cmd}`
 - machine: {device.type}: {machine}; transformers {tf_version}, torch {torch.__version__}
 - training time: {train_s / 60:.1f} min; total wall time (rendering, training, saving, evaluation): {wall / 60:.1f} min

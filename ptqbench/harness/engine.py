@@ -16,6 +16,7 @@ in fp32 over valid (non-padding) tokens only, with TF32 off.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -245,6 +246,7 @@ def _quantize_stack(layers: nn.ModuleList, prefix: str, batches: list, q_start: 
     for i, layer in enumerate(layers):
         if i >= n_blocks:
             break
+        t0 = time.perf_counter()
         if is_lazy(layer):  # a random-weight block on meta: materialize it on the device, keep the result on CPU
             storage = torch.device("cpu")
             block = materialize_block(layer, adapter.model, device, block_seed(adapter.model, i))
@@ -293,7 +295,10 @@ def _quantize_stack(layers: nn.ModuleList, prefix: str, batches: list, q_start: 
         layers[i] = block.to(storage)
         del fp_block, ctx
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
+        # Wall seconds per block (materialize, quantize, both streams): cost runs read these.
+        diag.setdefault("vision_block_seconds" if is_vision else "block_seconds", {})[i] = round(time.perf_counter() - t0, 3)
         if progress:
             progress.advance(task)
 

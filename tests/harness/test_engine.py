@@ -55,6 +55,9 @@ def test_streams_and_cross_term(tiny_qwen, tiny_calib):
         assert torch.equal(model.get_submodule(name).weight.data, qw.dequantize().to(model.dtype))
     d = res.diagnostics["linears"][next(iter(res.quantized))]
     assert set(d) == {"all", "vision", "text", "answer"} and d["vision"] is not None
+    # wall seconds per block, one entry per quantized block (cost runs read them)
+    secs = res.diagnostics["block_seconds"]
+    assert sorted(secs) == sorted(res.diagnostics["blocks"]) and all(v > 0 for v in secs.values())
 
 
 def test_method_must_quantize_every_linear(tiny_qwen, tiny_calib):
