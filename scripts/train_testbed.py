@@ -639,8 +639,10 @@ def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s,
 A `Qwen2VLForConditionalGeneration` (the real transformers architecture: Qwen2-VL vision tower with
 2D RoPE and 2x2 patch merger, GQA decoder with M-RoPE) trained **from scratch** on the procedural
 SynthVQA generator (`ptqbench.benchmarks.synthvqa`). It is the default model of ptqbench: small
-enough to quantize and evaluate on a CPU in seconds, trained enough that quantization error shows
-up as lost accuracy. It is not a general-purpose model: it only knows SynthVQA scenes.
+enough to quantize and evaluate on a CPU in seconds. It is not a general-purpose model: it only
+knows SynthVQA scenes. Whether quantization error shows up as lost accuracy is measured, not
+assumed: see the known limitations (added by hand after training) and
+`tests/benchmarks/test_testbed_discriminates.py`.
 
 ## Architecture
 - parameters: {n_params / 1e6:.2f}M ({n_vis / 1e6:.2f}M vision), stored as float16 ({size / 1e6:.1f} MB directory)
