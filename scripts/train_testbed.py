@@ -357,6 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", default=None,
                     help="start from this finished checkpoint directory (a second training phase; use --vision-steps 0)")
     ap.add_argument("--no-final", action="store_true", help="skip saving (for quick design runs)")
+    ap.add_argument("--layers", type=int, default=4,
+                    help="decoder layers of a from-scratch model (with --init-from, the checkpoint's own count)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the training pool")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="wall-clock budget of the QA training loop: the LR schedule follows the larger of step and "
@@ -374,7 +376,10 @@ def main(argv=None) -> int:
 
     tok = tb.build_tokenizer()
     processor = tb.build_processor(tok)
-    config = tb.testbed_config(tok)
+    if args.init_from:  # the architecture continues the checkpoint's
+        prev_cfg = json.loads((Path(args.init_from) / "config.json").read_text())
+        args.layers = prev_cfg.get("text_config", prev_cfg).get("num_hidden_layers", args.layers)
+    config = tb.testbed_config(tok, layers=args.layers)
     n_img_tokens = (sv.SIZE // 14) ** 2 // 4
     enc = Encoder(processor, n_img_tokens, args.instruction_every_turn)
 

@@ -116,8 +116,9 @@ def build_processor(tokenizer):
     )
 
 
-def testbed_config(tokenizer=None):
-    """Qwen2VLConfig of the testbed: 4 GQA decoder layers of width 256, a 4-block vision tower."""
+def testbed_config(tokenizer=None, layers: int = 4):
+    """Qwen2VLConfig of the testbed: `layers` GQA decoder layers of width 256 (4 in the shipped
+    checkpoint), a 4-block vision tower."""
     from transformers import Qwen2VLConfig
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
@@ -127,7 +128,7 @@ def testbed_config(tokenizer=None):
         vocab_size=vocab,
         hidden_size=256,
         intermediate_size=768,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         hidden_act="silu",

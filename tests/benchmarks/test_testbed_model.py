@@ -46,6 +46,9 @@ def test_config_and_processor_give_64_vision_tokens(tokenizer):
     enc = proc(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[item.image], return_tensors="pt")
     assert (enc["input_ids"] == cfg.image_token_id).sum().item() == 64
     assert enc["image_grid_thw"].tolist() == [[1, 16, 16]]
+    # a deeper variant for retraining experiments; the shipped checkpoint has 4 layers
+    assert cfg.text_config.num_hidden_layers == 4
+    assert tb.testbed_config(tokenizer, layers=8).text_config.num_hidden_layers == 8
 
 
 def test_sha256_helpers(tmp_path):
