@@ -1,0 +1,80 @@
+"""The testbed training and diagnostic scripts' building blocks (scripts/train_testbed.py,
+scripts/noise_sensitivity.py): the frozen-tower feature cache must feed the decoder exactly what the
+live tower would, and the re-initialisation / spectrum / truncation helpers do what they say."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tt():
+    return _load("train_testbed")
+
+
+def test_spectral_flatness_penalty(tt):
+    q = torch.linalg.qr(torch.randn(256, 256))[0]
+    assert float(tt.spectral_flatness_penalty([q * 3.0])) < 1e-6  # flat spectrum, any scale
+    low = torch.randn(256, 8) @ torch.randn(8, 768)  # rank 8 of 256: about d / rank - 1
+    assert 25 < float(tt.spectral_flatness_penalty([low])) < 40
+    rnd = float(tt.spectral_flatness_penalty([torch.randn(768, 256)]))
+    assert rnd < 1.0
+
+
+def test_reinit_text_keeps_nothing_of_the_decoder(tt):
+    lm = torch.nn.ModuleDict({"proj": torch.nn.Linear(64, 64), "norm": torch.nn.LayerNorm(64)})
+    with torch.no_grad():
+        lm["norm"].weight.fill_(3.0)
+    torch.manual_seed(0)
+    tt.reinit_text_(lm, 0.004)
+    assert abs(float(lm["proj"].weight.detach().std()) - 0.004) < 0.0005
+    assert float(lm["proj"].bias.abs().max()) == 0.0 and torch.all(lm["norm"].weight == 1.0)
+
+
+def test_cached_vision_features_equal_the_live_tower(tt):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from ptqbench.benchmarks import synthvqa as sv
+    from ptqbench.benchmarks import testbed as tb
+
+    tok = tb.build_tokenizer()
+    proc = tb.build_processor(tok)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(tb.testbed_config(tok, layers=1)).eval()
+    groups, _ = sv.generate_multi_with_cells("train", 3, seed=5)
+    imgs = torch.from_numpy(np.stack([np.asarray(g[0].image.convert("RGB")) for g in groups]))
+    feats = tt.vision_features(model, imgs, proc.image_processor, torch.device("cpu"), batch=2)
+    assert feats.shape == (3, 64, 256)
+    enc = tt.Encoder(proc, 64, False)
+    ids, attn, _, mm = tt.collate([enc.encode(g) for g in groups], 0, model.config.image_token_id)
+    thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * 3)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    with torch.no_grad():
+        live = model(input_ids=ids, attention_mask=attn, image_grid_thw=thw, mm_token_type_ids=mm,
+                     pixel_values=tt.patchify(imgs.permute(0, 3, 1, 2), proc.image_processor)).logits
+        cached = model(input_ids=ids, attention_mask=attn, image_grid_thw=thw, mm_token_type_ids=mm,
+                       mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}).logits
+    assert torch.allclose(live, cached, atol=1e-5), float((live - cached).abs().max())
+
+
+def test_top_rank_truncation():
+    ns = _load("noise_sensitivity")
+    w = torch.randn(96, 64)
+    assert torch.equal(ns.top_rank(w, 0), w)
+    t = ns.top_rank(w, 5)
+    assert int(torch.linalg.matrix_rank(t)) == 5
+    assert float((t - w).norm()) < float(w.norm())
