@@ -738,7 +738,7 @@ assumed: see the known limitations (added by hand after training) and
 - tokenizer: byte-level BPE built with `tokenizers` over the generator's text (`testbed.build_tokenizer`), Qwen special tokens, Qwen-style chat template without a default system prompt
 
 ## Training
-- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order{f" plus a second question of each of {args.extra.replace(',', ', ')}" if args.extra else ""} (the first turn carries the image and the task instruction, exactly the evaluation prompt)
+- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order{f" plus one more question of each of {args.extra.replace(',', ', ')}" if args.extra else ""}{" (`where` is a training-only question: which side of the image centre one named object lies on, the lookup a spatial question makes twice; it is never evaluated)" if "where" in args.extra.split(",") else ""} (the first turn carries the image and the task instruction, exactly the evaluation prompt)
 - vision tower: {vision_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}

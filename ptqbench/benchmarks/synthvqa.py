@@ -56,6 +56,9 @@ TEXT_COLOR = (25, 25, 25)
 WORDS: tuple[str, ...] = ("cat", "dog", "sun", "box", "map", "cup", "hat", "key")
 DIGITS: tuple[str, ...] = tuple("0123456789")
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+# Training-only question families (never in the eval split): ``where`` asks where one object sits
+# relative to the image centre ("in the image"), the single lookup a ``spatial`` question makes twice.
+TRAIN_FAMILIES: tuple[str, ...] = ("where",)
 MAX_COUNT = 3  # count answers are 1..MAX_COUNT
 
 # 5x7 bitmap glyphs: deterministic text rendering on every platform.
@@ -94,6 +97,7 @@ _Q = {
     "shape": ("what shape is the {color} object?", "which shape is {color}?"),
     "count": ("how many {shape}s are there?", "count the {shape}s."),
     "spatial": ("where is the {c1} {s1} relative to the {c2} {s2}?",),
+    "where": ("where is the {c1} {s1} in the image?",),
     "exists": ("is there a {color} {shape}?", "does the image contain a {color} {shape}?"),
     "text": ("what is written in the image?", "what does the text say?"),
 }
@@ -278,7 +282,7 @@ def _target(family: str, rng: np.random.Generator, max_objects: int = 5):
     """The answer to aim for, drawn before the scene so that rejection sampling keeps it balanced."""
     if family == "count":
         return int(rng.integers(1, max(1, min(MAX_COUNT, max_objects - 1)) + 1))
-    if family == "spatial":
+    if family in ("spatial", "where"):
         return RELATIONS[int(rng.integers(len(RELATIONS)))]
     if family == "exists":
         return "yes" if rng.random() < 0.5 else "no"
@@ -315,6 +319,14 @@ def _question(scene: _Scene, family: str, target, rng: np.random.Generator) -> t
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]
         return tmpl.format(c1=a.color, s1=a.shape, c2=b.color, s2=b.shape), want
+    if family == "where":
+        centre = _Obj("", "", SIZE // 2, SIZE // 2, 0)
+        named = [o for o in objs if sum((p.color, p.shape) == (o.color, o.shape) for p in objs) == 1]
+        hits = [o for o in named if _relation(o, centre) == target]
+        if not hits:
+            return None
+        a = hits[int(rng.integers(len(hits)))]
+        return tmpl.format(c1=a.color, s1=a.shape), target
     if family == "exists":
         present = {(o.color, o.shape) for o in objs}
         if target == "yes":
@@ -385,8 +397,10 @@ def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0,
     if grid not in range(3, GRID + 1):
         raise one_of("grid", grid, range(3, GRID + 1))
     for f in extra:
-        if f not in FAMILIES:
-            raise one_of("extra family", f, FAMILIES)
+        if f not in FAMILIES + TRAIN_FAMILIES:
+            raise one_of("extra family", f, FAMILIES + TRAIN_FAMILIES)
+    if split != "train" and any(f in TRAIN_FAMILIES for f in extra):
+        raise BadInput(f"extra families {', '.join(TRAIN_FAMILIES)} are for the train split only, not {split!r}")
     fam_pool = [f for f in FAMILIES if not (max_objects == 1 and f == "spatial")]
     return [_multi_one(split, seed, i, max_objects, grid, fam_pool, tuple(extra))[0] for i in range(start, start + n)]
 

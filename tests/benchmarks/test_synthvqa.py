@@ -66,6 +66,23 @@ def test_multi_extra_questions():
         sv.generate_multi("train", 1, extra=("size",))
 
 
+def test_where_is_train_only_and_answers_match_the_scene():
+    """The train-only `where` question: the named object's side of the image centre, never the eval split."""
+    centre = sv._Obj("", "", sv.SIZE // 2, sv.SIZE // 2, 0)
+    answers = set()
+    for i in range(40):
+        items, scene = sv._multi_one("train", 1, i, 5, sv.GRID, list(sv.FAMILIES), ("where",))
+        (it,) = [x for x in items if x.family == "where"]
+        color, shape = it.question.split()[3:5]
+        (obj,) = [o for o in scene.objects if (o.color, o.shape) == (color, shape)]
+        assert sv._relation(obj, centre) == it.answer
+        answers.add(it.answer)
+    assert answers == set(sv.RELATIONS)
+    assert "where" not in sv.FAMILIES
+    with pytest.raises(BadInput, match="train split only"):
+        sv.generate_multi("eval", 1, extra=("where",))
+
+
 @pytest.mark.parametrize("split", ["test", "", None, "TRAIN"])
 def test_bad_split(split):
     with pytest.raises(BadInput) as e:
