@@ -537,6 +537,8 @@ def main(argv=None) -> int:
 
     decoder_linears = [m.weight for n, m in model.model.language_model.layers.named_modules()
                        if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        spec_before = float(spectral_flatness_penalty(decoder_linears))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
@@ -672,7 +674,8 @@ def main(argv=None) -> int:
                f"{torch.get_num_threads()} torch threads" if device.type == "cpu"
                else torch.cuda.get_device_name(0))
     card = _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
-                 acc, nll, bg, size, history, transformers.__version__, vision_heldout)
+                 acc, nll, bg, size, history, transformers.__version__, vision_heldout,
+                 spec_before, float(spectral_flatness_penalty(decoder_linears)))
     (tmp / "MODEL_CARD.md").write_text(card)
     (tmp / "train_metrics.json").write_text(json.dumps(
         {"eval": {**acc, **nll}, "background_patch_share": bg, "history": history,
@@ -700,14 +703,15 @@ def _previous_phase(args) -> str:
 
 
 def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
-          acc, nll, bg, size, history, tf_version, vision_heldout=None) -> str:
+          acc, nll, bg, size, history, tf_version, vision_heldout=None, spec_before=0.0, spec_after=0.0) -> str:
     tc, vc = config.text_config, config.vision_config
     if args.init_from:
         vision_line = "from the earlier phase" + (
             f"; first re-trained alone for {args.vision_steps} steps of {args.vision_batch} images on the auxiliary cell loss"
             + (" with the same-shape count target added (each object token also predicts how many objects of its shape"
                " the image holds)" if args.aux_count else "") if args.vision_steps else "") + "; then " + (
-            "kept frozen" if args.freeze_vision else f"trained with the rest (auxiliary cell loss weight {args.aux_weight})")
+            "kept frozen (its features computed once per pool image)" if args.freeze_vision
+            else f"trained with the rest (auxiliary cell loss weight {args.aux_weight})")
         if args.reinit_text is not None:
             vision_line += (f"; the language model (embeddings, decoder, final norm) was **re-initialised** from "
                             f"N(0, {args.reinit_text}) and trained from scratch on this tower's features, so "
@@ -742,7 +746,7 @@ assumed: see the known limitations (added by hand after training) and
 - vision tower: {vision_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
-- loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100)
+- loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100){f"; plus {args.spectral_reg} x a spectral-flatness penalty on every decoder matrix (`spectral_flatness_penalty`: the squared distance of its normalised Gram matrix from the identity, zero when all singular values are equal; {spec_before:.2f} -> {spec_after:.2f} over this phase, a random Gaussian matrix scores about 0.34)" if args.spectral_reg else ""}
 - optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps_done} steps of {args.batch} images{f" (wall-clock budget {args.max_minutes} min, schedule planned for {args.steps})" if args.max_minutes else ""}, seed {args.seed}
 - command: `{cmd}`
 - machine: {device.type}: {machine}; transformers {tf_version}, torch {torch.__version__}

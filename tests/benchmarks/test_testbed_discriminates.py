@@ -42,18 +42,22 @@ def test_w4_rtn_close_to_full_precision(grid_results):
     assert acc(grid_results, "rtn", 4) >= acc(grid_results, "fp", 16) - 0.05, grid_results
 
 
-# Known gap (issue 3, open): the shipped checkpoint keeps its accuracy under W2 RTN g64 (0.805 vs
-# 0.810, NLL unchanged, though each decoder linear's output moves by 5.7% and the answer-token stream
-# by 2.5%): its decisions have wide margins (it tolerates weight noise of the weights' own norm;
-# scripts/noise_sensitivity.py, MODEL_CARD.md). Strict: the day a retrained testbed discriminates,
-# this turns into a failure that asks for the marker to go.
-@pytest.mark.xfail(strict=True, reason="the shipped testbed is not sensitive to W2 RTN yet (issue 3)")
+# Known gap (issue 3, open): on the shipped checkpoint W2 RTN g64 costs 3% of the accuracy (default
+# run: 0.855 vs 0.880, NLL +8%), not a large share: the decoder's function lives in ~32 of 256
+# dimensions per matrix and W2 RTN error (0.45x row norm) sits just below the knee of its noise
+# curve (scripts/noise_sensitivity.py, MODEL_CARD.md). Strict: the day a retrained testbed
+# discriminates, this turns into a failure that asks for the marker to go.
+@pytest.mark.xfail(strict=True, reason="the shipped testbed loses only ~3% at W2 RTN (issue 3)")
 def test_w2_rtn_loses_much(grid_results):
     fp = acc(grid_results, "fp", 16)
     assert acc(grid_results, "rtn", 2) <= fp - 0.25 * fp, grid_results
 
 
-@pytest.mark.xfail(strict=False, reason="every cell sits within noise of full precision on the shipped testbed (issue 3)")
+# Known gap (issue 3, open): the differences between methods are within item noise on the shipped
+# testbed. On the 200 items of the default run GPTQ W2 is ahead of RTN W2 (0.880 / NLL 0.2392 vs
+# 0.855 / 0.2582); on the 120 items of this grid they tie in accuracy (0.867) and RTN has the lower
+# NLL (0.2421 vs 0.2453). Non-strict: it may pass by chance.
+@pytest.mark.xfail(strict=False, reason="method differences are within item noise on the shipped testbed (issue 3)")
 def test_gptq_beats_rtn_at_low_bits(grid_results):
     assert acc(grid_results, "gptq", 2) > acc(grid_results, "rtn", 2), grid_results
     assert nll(grid_results, "gptq", 3) < nll(grid_results, "rtn", 3), grid_results
