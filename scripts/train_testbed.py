@@ -226,9 +226,9 @@ def dct_init_(conv: torch.nn.Conv3d) -> None:
 def reinit_text_(lm: torch.nn.Module, std: float) -> None:
     """A fresh language model on a kept vision tower: N(0, std) for every matrix, zero biases, unit norms.
 
-    A small std means the trained weights are almost all learned structure rather than the random
-    init the network learns to ignore (measured on the 0.02-init checkpoint: half of every matrix's
-    energy stayed in its random bulk, and weight noise of that size changed nothing)."""
+    The tower's features were trained to sit on the old word embeddings (the auxiliary cell loss), so
+    the old decoder could answer most questions by copying a vision token through the tied LM head. A
+    fresh embedding table removes that copy path: the new decoder has to learn the mapping."""
     with torch.no_grad():
         for name, p in lm.named_parameters():
             if p.ndim >= 2:
@@ -675,7 +675,7 @@ def main(argv=None) -> int:
                else torch.cuda.get_device_name(0))
     card = _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
                  acc, nll, bg, size, history, transformers.__version__, vision_heldout,
-                 spec_before, float(spectral_flatness_penalty(decoder_linears)))
+                 spec_before, float(spectral_flatness_penalty([w.detach() for w in decoder_linears])))
     (tmp / "MODEL_CARD.md").write_text(card)
     (tmp / "train_metrics.json").write_text(json.dumps(
         {"eval": {**acc, **nll}, "background_patch_share": bg, "history": history,
