@@ -78,3 +78,11 @@ def test_top_rank_truncation():
     t = ns.top_rank(w, 5)
     assert int(torch.linalg.matrix_rank(t)) == 5
     assert float((t - w).norm()) < float(w.norm())
+
+
+def test_linear_probe_reads_a_linear_code_and_not_noise():
+    pp = _load("position_probe")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g)
+    assert pp.linear_probe(x, (x[:, 3] > 0).long(), 2) > 0.95
+    assert pp.linear_probe(x, torch.randint(0, 4, (400,), generator=g), 4) < 0.45
