@@ -14,7 +14,6 @@ If (1) is high and (2) is at chance, the information is there and the decoder do
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,14 +28,10 @@ from ptqbench.benchmarks import synthvqa as sv  # noqa: E402
 from ptqbench.benchmarks import tasks as T  # noqa: E402
 from ptqbench.benchmarks import testbed as tb  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from train_testbed import vision_features  # noqa: E402
+
 UNUSED_DATA_SEED = 777
-
-
-def _train_testbed():
-    spec = importlib.util.spec_from_file_location("train_testbed", ROOT / "scripts" / "train_testbed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 500) -> float:
@@ -64,7 +59,7 @@ def main(argv=None) -> int:
 
     groups, cells = sv.generate_multi_with_cells("calib", args.images, seed=3)
     imgs = torch.from_numpy(np.stack([np.asarray(g[0].image.convert("RGB")) for g in groups]))
-    feats = _train_testbed().vision_features(model, imgs, proc.image_processor, torch.device("cpu"))
+    feats = vision_features(model, imgs, proc.image_processor, torch.device("cpu"))
     cells = torch.from_numpy(np.stack(cells)).reshape(len(groups), sv.GRID * sv.GRID, 3)
     obj = cells[..., 1] > 0  # tokens whose grid cell holds part of an object
     col = (torch.arange(sv.GRID * sv.GRID) % sv.GRID).expand(len(groups), -1)[obj]

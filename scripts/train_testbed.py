@@ -539,6 +539,8 @@ def main(argv=None) -> int:
                        if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         spec_before = float(spectral_flatness_penalty(decoder_linears))
+        g_ref = torch.Generator().manual_seed(0)  # the reference: random Gaussian matrices of the same shapes
+        spec_random = float(spectral_flatness_penalty([torch.randn(w.shape, generator=g_ref) for w in decoder_linears]))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
@@ -589,7 +591,6 @@ def main(argv=None) -> int:
         pos += len(idx)
         e_pos += n_easy
         batch_seqs = [seqs[i][:2] for i in idx] + [e_seqs[i][:2] for i in e_idx]
-        batch_img = torch.cat([images[idx], e_images[e_idx]]) if n_easy else images[idx]
         batch_cells = torch.cat([cells[idx], e_cells[e_idx]]) if n_easy else cells[idx]
         input_ids, attn, labels, mm = collate(batch_seqs, pad_id, image_id)
         thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(batch_seqs))
@@ -598,6 +599,7 @@ def main(argv=None) -> int:
             image_in = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
                 pooler_output=tuple(f.to(device, torch.float32)))}}
         else:
+            batch_img = torch.cat([images[idx], e_images[e_idx]]) if n_easy else images[idx]
             image_in = {"pixel_values": patchify(batch_img.to(device).permute(0, 3, 1, 2), ip).to(device)}
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step)
@@ -675,7 +677,7 @@ def main(argv=None) -> int:
                else torch.cuda.get_device_name(0))
     card = _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
                  acc, nll, bg, size, history, transformers.__version__, vision_heldout,
-                 spec_before, float(spectral_flatness_penalty([w.detach() for w in decoder_linears])))
+                 (spec_before, float(spectral_flatness_penalty([w.detach() for w in decoder_linears])), spec_random))
     (tmp / "MODEL_CARD.md").write_text(card)
     (tmp / "train_metrics.json").write_text(json.dumps(
         {"eval": {**acc, **nll}, "background_patch_share": bg, "history": history,
@@ -703,7 +705,7 @@ def _previous_phase(args) -> str:
 
 
 def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
-          acc, nll, bg, size, history, tf_version, vision_heldout=None, spec_before=0.0, spec_after=0.0) -> str:
+          acc, nll, bg, size, history, tf_version, vision_heldout=None, spectrum=(0.0, 0.0, 0.0)) -> str:
     tc, vc = config.text_config, config.vision_config
     if args.init_from:
         vision_line = "from the earlier phase" + (
@@ -746,7 +748,7 @@ assumed: see the known limitations (added by hand after training) and
 - vision tower: {vision_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
-- loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100){f"; plus {args.spectral_reg} x a spectral-flatness penalty on every decoder matrix (`spectral_flatness_penalty`: the squared distance of its normalised Gram matrix from the identity, zero when all singular values are equal; {spec_before:.2f} -> {spec_after:.2f} over this phase, a random Gaussian matrix scores about 0.34)" if args.spectral_reg else ""}
+- loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100){f"; plus {args.spectral_reg} x a spectral-flatness penalty on every decoder matrix (`spectral_flatness_penalty`: the squared distance of its normalised Gram matrix from the identity, zero when all singular values are equal; {spectrum[0]:.2f} -> {spectrum[1]:.2f} over this phase; random Gaussian matrices of the same shapes score {spectrum[2]:.2f})" if args.spectral_reg else ""}
 - optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps_done} steps of {args.batch} images{f" (wall-clock budget {args.max_minutes} min, schedule planned for {args.steps})" if args.max_minutes else ""}, seed {args.seed}
 - command: `{cmd}`
 - machine: {device.type}: {machine}; transformers {tf_version}, torch {torch.__version__}
