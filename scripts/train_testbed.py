@@ -128,6 +128,21 @@ class Encoder:
         return ids, labels
 
 
+def keep_families(labels: list[int], families: list[str], keep: tuple[str, ...]) -> list[int]:
+    """Labels with the answers of families outside ``keep`` masked (-100): a focus phase.
+
+    Answers are the contiguous label runs, in the order of ``families`` (a caption turn, if any, is
+    the run after the last family and counts as the family ``caption``)."""
+    out, run, prev = list(labels), -1, -100
+    for i, t in enumerate(labels):
+        if t != -100 and prev == -100:
+            run += 1
+        if t != -100 and (families[run] if run < len(families) else "caption") not in keep:
+            out[i] = -100
+        prev = t
+    return out
+
+
 def collate(batch, pad_id: int, image_id: int):
     """Left-pad (the eval task generates with left padding too)."""
     L = max(len(ids) for ids, _ in batch)
@@ -149,26 +164,27 @@ _WORKER_ENCODER = None  # set before the pool forks: workers inherit it
 
 def _render_chunk(job):
     """Render and encode items [start, start + n) of the pool (deterministic per item index)."""
-    start, n, seed, max_objects, extra, captions = job
+    start, n, seed, max_objects, extra, captions, singles = job
     groups, cl = sv.generate_multi_with_cells("train", n, seed=seed, start=start, max_objects=max_objects,
                                               extra=extra)
     images = np.stack([np.asarray(g[0].image.convert("RGB")) for g in groups])
     seqs = []
     for j, g in enumerate(groups):
         ids, lab = _WORKER_ENCODER.encode(g, caption=g[0].caption if captions[j] else None, check=(start + j) < 20)
-        seqs.append((ids, lab, [it.family for it in g]))
+        seqs.append((ids, lab, [it.family for it in g])
+                    + ((tuple(_WORKER_ENCODER.encode([it]) for it in g),) if singles else ()))
     return images, seqs, cl
 
 
 def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_objects: int = 5,
-                caption_prob: float = 0.0, extra: tuple[str, ...] = (), workers: int = 1):
+                caption_prob: float = 0.0, extra: tuple[str, ...] = (), workers: int = 1, singles: bool = False):
     """Pre-render a training pool once: uint8 images + token ids + labels (+ families).
 
     Items depend on their index alone, so `workers` processes render chunks with identical results."""
     global _WORKER_ENCODER
     meta = {"n": n_images, "seed": seed, "vocab": len(encoder.tok), "max_objects": max_objects,
             "caption_prob": caption_prob, "every": encoder.every, "version": 3,
-            **({"extra": list(extra)} if extra else {})}
+            **({"extra": list(extra)} if extra else {}), **({"singles": True} if singles else {})}
     if path.exists():
         z = torch.load(path, weights_only=False)
         if all(z.get(k) == v for k, v in meta.items()):
@@ -179,7 +195,7 @@ def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_obje
     captions = [cap_rng.random() < caption_prob for _ in range(n_images)]  # the same draws as one at a time
     t0 = time.time()
     chunk = 500
-    jobs = [(st, min(chunk, n_images - st), seed, max_objects, extra, captions[st:st + chunk])
+    jobs = [(st, min(chunk, n_images - st), seed, max_objects, extra, captions[st:st + chunk], singles)
             for st in range(0, n_images, chunk)]
     _WORKER_ENCODER = encoder
     if workers > 1:
@@ -401,6 +417,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reinit-text", type=float, default=None, metavar="STD",
                     help="with --init-from: keep the vision tower, re-initialise the language model (embeddings, "
                          "decoder, final norm) from N(0, STD) and train it from scratch")
+    ap.add_argument("--focus", default="", help="comma-separated families whose answers alone are trained for the "
+                    "first --focus-steps steps (the others' labels are masked)")
+    ap.add_argument("--focus-steps", type=int, default=0)
+    ap.add_argument("--single-turn", action="store_true",
+                    help="with --freeze-vision: train every question as its own one-turn chat right after the image "
+                         "(the evaluation prompt), instead of one multi-turn chat per image")
+    ap.add_argument("--rope-theta", type=float, default=10000.0,
+                    help="M-RoPE base of a from-scratch or --reinit-text decoder (Qwen2-VL checkpoints use 1e6)")
     ap.add_argument("--aux-weight", type=float, default=0.0,
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--aux-count", action="store_true",
@@ -420,6 +444,16 @@ def main(argv=None) -> int:
                     help="wall-clock budget of the QA training loop: the LR schedule follows the larger of step and "
                          "time progress, and training stops when either is spent (for a leased GPU)")
     args = ap.parse_args(argv)
+    focus = tuple(f for f in args.focus.split(",") if f)
+    for f in focus:
+        if f not in sv.FAMILIES + sv.TRAIN_FAMILIES:
+            ap.error(f"--focus {f!r}: accepted families are {', '.join(sv.FAMILIES + sv.TRAIN_FAMILIES)}")
+    if args.focus_steps and not focus:
+        ap.error("--focus-steps needs --focus FAMILIES")
+    if args.single_turn and not args.freeze_vision:
+        ap.error("--single-turn needs --freeze-vision (one tower pass per image, reused by its chats)")
+    if args.single_turn and (args.easy_images or args.caption_prob):
+        ap.error("--single-turn does not combine with --easy-images or --caption-prob")
     if args.reinit_text is not None and not (args.init_from and args.reinit_text > 0):
         ap.error(f"--reinit-text {args.reinit_text}: needs --init-from (the tower to keep) and a positive std")
 
@@ -437,7 +471,9 @@ def main(argv=None) -> int:
     if args.init_from and args.reinit_text is None:  # the architecture continues the checkpoint's
         prev_cfg = json.loads((Path(args.init_from) / "config.json").read_text())
         args.layers = prev_cfg.get("text_config", prev_cfg).get("num_hidden_layers", args.layers)
-    config = tb.testbed_config(tok, layers=args.layers)
+    if args.init_from and args.reinit_text is None:
+        args.rope_theta = prev_cfg.get("text_config", prev_cfg)["rope_parameters"]["rope_theta"]
+    config = tb.testbed_config(tok, layers=args.layers, rope_theta=args.rope_theta)
     n_img_tokens = (sv.SIZE // 14) ** 2 // 4
     enc = Encoder(processor, n_img_tokens, args.instruction_every_turn)
 
@@ -453,8 +489,10 @@ def main(argv=None) -> int:
     tag += "_every" if args.instruction_every_turn else ""
     extra = tuple(f for f in args.extra.split(",") if f)
     tag += ("_x" + "-".join(extra)) if extra else ""
+    tag += "_single" if args.single_turn else ""
     cache_path = Path(args.cache) / f"pool_n{args.images}_s{args.data_seed}{tag}.pt"
-    data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob, extra, args.workers)
+    data = build_cache(cache_path, args.images, args.data_seed, enc, 5, args.caption_prob, extra, args.workers,
+                       singles=args.single_turn)
     images, seqs, cells = data["images"], data["seqs"], data["cells"]
     if args.prepare_only:
         return 0
@@ -591,11 +629,22 @@ def main(argv=None) -> int:
         pos += len(idx)
         e_pos += n_easy
         batch_seqs = [seqs[i][:2] for i in idx] + [e_seqs[i][:2] for i in e_idx]
+        per_image = [1] * len(batch_seqs)
+        if args.single_turn:  # every question of the image as its own one-turn chat (the eval's prompt shape)
+            keep = focus if step < args.focus_steps else None
+            chats = [[sq for sq, fam in zip(seqs[i][3], seqs[i][2]) if keep is None or fam in keep] for i in idx]
+            per_image = [len(c) for c in chats]
+            batch_seqs = [sq for c in chats for sq in c]
+        elif step < args.focus_steps:
+            batch_seqs = [(ids, keep_families(lab, s_[2], focus)) for (ids, lab), s_ in
+                          zip(batch_seqs, [seqs[i] for i in idx] + [e_seqs[i] for i in e_idx])]
         batch_cells = torch.cat([cells[idx], e_cells[e_idx]]) if n_easy else cells[idx]
         input_ids, attn, labels, mm = collate(batch_seqs, pad_id, image_id)
         thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(batch_seqs))
         if vis_cache is not None:  # frozen tower: the features computed once, as the tower would give them
             f = torch.cat([vis_cache[idx], e_vis_cache[e_idx]]) if n_easy else vis_cache[idx]
+            if args.single_turn:
+                f = f.repeat_interleave(torch.tensor(per_image), dim=0)
             image_in = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
                 pooler_output=tuple(f.to(device, torch.float32)))}}
         else:
@@ -626,7 +675,7 @@ def main(argv=None) -> int:
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         with torch.no_grad():
             per = tok_loss.sum(1) / (tgt != -100).sum(1).clamp(min=1)
-            n_full = len(idx)
+            n_full = len(batch_seqs) - n_easy
             full_l = float(per[:n_full].mean()) if n_full else float("nan")
             easy_l = float(per[n_full:].mean()) if n_easy else float("nan")
         if step % 10 == 0 or step == args.steps - 1:

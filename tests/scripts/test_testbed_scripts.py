@@ -86,3 +86,83 @@ def test_linear_probe_reads_a_linear_code_and_not_noise():
     x = torch.randn(400, 16, generator=g)
     assert pp.linear_probe(x, (x[:, 3] > 0).long(), 2) > 0.95
     assert pp.linear_probe(x, torch.randint(0, 4, (400,), generator=g), 4) < 0.45
+
+
+def test_keep_families_masks_the_other_answers(tt):
+    from ptqbench.benchmarks import synthvqa as sv
+    from ptqbench.benchmarks import testbed as tb
+
+    proc = tb.build_processor(tb.build_tokenizer())
+    enc = tt.Encoder(proc, 64, False)
+    group = sv.generate_multi("train", 1, seed=1, extra=("spatial", "where"))[0]
+    _, labels = enc.encode(group)
+    fams = [it.family for it in group]
+    kept = tt.keep_families(labels, fams, ("where", "spatial"))
+    text = proc.tokenizer.decode([t for t in kept if t != -100])
+    want = "".join(it.answer + "<|im_end|>" for it in group if it.family in ("where", "spatial"))
+    assert text == want and len(kept) == len(labels)
+    assert tt.keep_families(labels, fams, tuple(sv.FAMILIES + sv.TRAIN_FAMILIES)) == labels
+
+
+def test_single_turn_chats_are_the_evaluation_prompt(tt):
+    """--single-turn trains each question as the eval task builds it: image, instruction, one question."""
+    from ptqbench.benchmarks import synthvqa as sv
+    from ptqbench.benchmarks import tasks as T
+    from ptqbench.benchmarks import testbed as tb
+
+    proc = tb.build_processor(tb.build_tokenizer())
+    enc = tt.Encoder(proc, 64, False)
+    it = sv.generate_multi("train", 1, seed=2)[0][3]
+    ids, labels = enc.encode([it])
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": T.user_text(it.question)}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    p_ids = proc.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    k = p_ids.index(enc.image_id)
+    p_ids = p_ids[:k] + [enc.image_id] * 64 + p_ids[k + 1:]
+    assert ids[:len(p_ids)] == p_ids and all(t == -100 for t in labels[:len(p_ids)])
+    assert proc.tokenizer.decode([t for t in labels if t != -100]) == it.answer + "<|im_end|>"
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["--single-turn"], "--single-turn needs --freeze-vision"),
+    (["--focus", "size", "--focus-steps", "3"], "--focus 'size'"),
+    (["--focus-steps", "3"], "--focus-steps needs --focus"),
+])
+def test_train_testbed_refuses_bad_flags(tt, argv, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.main(argv + ["--images", "8", "--prepare-only", "--cache", "/nonexistent/never-written"])
+    assert e.value.code == 2 and bad in capsys.readouterr().err
+
+
+def test_testbed_config_rope_theta():
+    from ptqbench.benchmarks import testbed as tb
+
+    assert tb.testbed_config(layers=1).text_config.rope_parameters["rope_theta"] == 10000.0
+    assert tb.testbed_config(layers=1, rope_theta=1e6).text_config.rope_parameters["rope_theta"] == 1e6
+
+
+def test_where_reader_learns_a_planted_position_and_not_noise():
+    """The attention reader of scripts/where_learnability.py finds a named object's side of the image
+    when the tokens carry it, and stays near chance when the answers are unrelated to the tokens."""
+    from types import SimpleNamespace
+
+    from ptqbench.benchmarks import synthvqa as sv
+
+    wl = _load("where_learnability")
+    g = torch.Generator().manual_seed(0)
+    n, tokens, dim = 600, 16, 32
+    colours, shapes = list(sv.COLORS), list(sv.SHAPES)
+    feats = torch.randn(n, tokens, dim, generator=g) * 0.1
+    items, rel = [], torch.randint(0, 4, (n,), generator=g)
+    for i in range(n):
+        c, s, t = int(torch.randint(0, 6, (1,), generator=g)), int(torch.randint(0, 4, (1,), generator=g)), i % tokens
+        feats[i, t, c] += 3.0  # colour one-hot
+        feats[i, t, 6 + s] += 3.0  # shape one-hot
+        feats[i, t, 10 + int(rel[i])] += 3.0  # where it is
+        items.append((i, SimpleNamespace(question=f"where is the {colours[c]} {shapes[s]} in the image?",
+                                         answer=sv.RELATIONS[int(rel[i])], family="where")))
+    quiet = lambda *_: None  # noqa: E731
+    assert wl.train_reader(feats, items, 250, log=quiet) > 0.9
+    shuffled = [(i, SimpleNamespace(question=it.question, answer=sv.RELATIONS[int(r)], family="where"))
+                for (i, it), r in zip(items, torch.randint(0, 4, (n,), generator=g))]
+    assert wl.train_reader(feats, shuffled, 250, log=quiet) < 0.45
