@@ -42,23 +42,25 @@ def test_w4_rtn_close_to_full_precision(grid_results):
     assert acc(grid_results, "rtn", 4) >= acc(grid_results, "fp", 16) - 0.05, grid_results
 
 
-# Known gap (issue 3, open): on the shipped checkpoint W2 RTN g64 costs 3% of the accuracy (default
-# run: 0.855 vs 0.880, NLL +8%), not a large share: the decoder's function lives in ~32 of 256
-# dimensions per matrix and W2 RTN error (0.45x row norm) sits just below the knee of its noise
-# curve (scripts/noise_sensitivity.py, MODEL_CARD.md). Strict: the day a retrained testbed
-# discriminates, this turns into a failure that asks for the marker to go.
-@pytest.mark.xfail(strict=True, reason="the shipped testbed loses only ~3% at W2 RTN (issue 3)")
+# Known gap (issue 3, open): on the shipped checkpoint W2 RTN g64 costs ~3% of the accuracy (this
+# grid: 0.850 vs 0.875; default run 0.850 vs 0.880), not a large share: spatial, a sixth of the items,
+# is at chance in every cell and the other families keep wide margins (MODEL_CARD.md). Strict: the
+# day a retrained testbed discriminates, this turns into a failure that asks for the marker to go.
+@pytest.mark.xfail(strict=True, reason="the shipped testbed loses only ~3% accuracy at W2 RTN (issue 3)")
 def test_w2_rtn_loses_much(grid_results):
     fp = acc(grid_results, "fp", 16)
     assert acc(grid_results, "rtn", 2) <= fp - 0.25 * fp, grid_results
 
 
-# Known gap (issue 3, open): the differences between methods are within item noise on the shipped
-# testbed. On the 200 items of the default run GPTQ W2 is ahead of RTN W2 (0.880 / NLL 0.2392 vs
-# 0.855 / 0.2582); on the 120 items of this grid they tie in accuracy (0.867) and RTN has the lower
-# NLL (0.2421 vs 0.2453). Non-strict: it may pass by chance.
-@pytest.mark.xfail(strict=False, reason="method differences are within item noise on the shipped testbed (issue 3)")
+def test_w2_rtn_costs_a_large_share_of_answer_nll(grid_results):
+    # measured on this grid: fp 0.239, W2 RTN 0.331 (+38%), W4 RTN 0.239
+    assert nll(grid_results, "rtn", 2) >= 1.2 * nll(grid_results, "fp", 16), grid_results
+    assert nll(grid_results, "rtn", 4) <= 1.05 * nll(grid_results, "fp", 16), grid_results
+
+
 def test_gptq_beats_rtn_at_low_bits(grid_results):
-    assert acc(grid_results, "gptq", 2) > acc(grid_results, "rtn", 2), grid_results
-    assert nll(grid_results, "gptq", 3) < nll(grid_results, "rtn", 3), grid_results
-    assert acc(grid_results, "gptq", 3) >= acc(grid_results, "rtn", 3), grid_results
+    # measured on this grid: W2 acc 0.875 vs 0.850, NLL 0.249 vs 0.331; W3 0.883 vs 0.867, 0.2385 vs 0.2479
+    for bits in (2, 3):
+        assert acc(grid_results, "gptq", bits) >= acc(grid_results, "rtn", bits), grid_results
+        assert nll(grid_results, "gptq", bits) < nll(grid_results, "rtn", bits), grid_results
+    assert nll(grid_results, "gptq", 2) < 0.9 * nll(grid_results, "rtn", 2), grid_results
