@@ -471,7 +471,6 @@ def main(argv=None) -> int:
     if args.init_from and args.reinit_text is None:  # the architecture continues the checkpoint's
         prev_cfg = json.loads((Path(args.init_from) / "config.json").read_text())
         args.layers = prev_cfg.get("text_config", prev_cfg).get("num_hidden_layers", args.layers)
-    if args.init_from and args.reinit_text is None:
         args.rope_theta = prev_cfg.get("text_config", prev_cfg)["rope_parameters"]["rope_theta"]
     config = tb.testbed_config(tok, layers=args.layers, rope_theta=args.rope_theta)
     n_img_tokens = (sv.SIZE // 14) ** 2 // 4
@@ -793,7 +792,7 @@ assumed: see the known limitations (added by hand after training) and
 - tokenizer: byte-level BPE built with `tokenizers` over the generator's text (`testbed.build_tokenizer`), Qwen special tokens, Qwen-style chat template without a default system prompt
 
 ## Training
-- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image is a multi-turn chat with one question of every family in random order{f" plus one more question of each of {args.extra.replace(',', ', ')}" if args.extra else ""}{" (`where` is a training-only question: which side of the image centre one named object lies on, the lookup a spatial question makes twice; it is never evaluated)" if "where" in args.extra.split(",") else ""} {" -- trained as one one-turn chat per question (`--single-turn`: image, instruction, question: exactly the evaluation prompt)" if args.single_turn else " (the first turn carries the image and the task instruction, exactly the evaluation prompt)"}{f"; for the first {args.focus_steps} steps only the answers of {args.focus.replace(',', ', ')} were trained (`--focus`)" if args.focus_steps else ""}
+- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image {"has" if args.single_turn else "is a multi-turn chat with"} one question of every family in random order{f" plus one more question of each of {args.extra.replace(',', ', ')}" if args.extra else ""}{" (`where` is a training-only question: which side of the image centre one named object lies on, the lookup a spatial question makes twice; it is never evaluated)" if "where" in args.extra.split(",") else ""}{"; each question was trained as its own one-turn chat (`--single-turn`: image, instruction, question: exactly the evaluation prompt)" if args.single_turn else " (the first turn carries the image and the task instruction, exactly the evaluation prompt)"}{f"; for the first {args.focus_steps} steps only the answers of {args.focus.replace(',', ', ')} were trained (`--focus`)" if args.focus_steps else ""}
 - vision tower: {vision_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
