@@ -424,7 +424,8 @@ def main(argv=None) -> int:
                     help="with --freeze-vision: train every question as its own one-turn chat right after the image "
                          "(the evaluation prompt), instead of one multi-turn chat per image")
     ap.add_argument("--rope-theta", type=float, default=10000.0,
-                    help="M-RoPE base of a from-scratch or --reinit-text decoder (Qwen2-VL checkpoints use 1e6)")
+                    help="M-RoPE base of a from-scratch or --reinit-text decoder (Qwen2-VL checkpoints use 1e6; "
+                         "otherwise, with --init-from, the checkpoint's own)")
     ap.add_argument("--aux-weight", type=float, default=0.0,
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--aux-count", action="store_true",
@@ -635,8 +636,8 @@ def main(argv=None) -> int:
             per_image = [len(c) for c in chats]
             batch_seqs = [sq for c in chats for sq in c]
         elif step < args.focus_steps:
-            batch_seqs = [(ids, keep_families(lab, s_[2], focus)) for (ids, lab), s_ in
-                          zip(batch_seqs, [seqs[i] for i in idx] + [e_seqs[i] for i in e_idx])]
+            batch_seqs = [(ids, keep_families(lab, fams, focus))
+                          for ids, lab, fams, *_ in [seqs[i] for i in idx] + [e_seqs[i] for i in e_idx]]
         batch_cells = torch.cat([cells[idx], e_cells[e_idx]]) if n_easy else cells[idx]
         input_ids, attn, labels, mm = collate(batch_seqs, pad_id, image_id)
         thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * len(batch_seqs))

@@ -91,7 +91,7 @@ def train_reader(feats, items, steps: int, log=print) -> float:
 
 def train_decoder(prev, proc, feats, items, steps: int, positions: str, rope_theta: float, batch: int = 32,
                   log=print) -> float:
-    """The testbed decoder, re-initialised, on one-turn ``where`` chats; returns the last logged loss."""
+    """The testbed decoder, re-initialised, on one-turn ``where`` chats; returns the final moving-average loss."""
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
