@@ -5,10 +5,16 @@ A calibration set is the input of the first decoder layer for every sample (plus
 take), with per-token masks:
   valid  – not padding;   vision – an image/video placeholder token (from the adapter's token ids,
   after the processor expanded the pads);   text – valid and not vision;
-  answer – the assistant turn (everything after the chat template's generation prompt).
+  answer – the assistant's reply text (everything after the chat template's generation prompt, e.g.
+  after `<|im_start|>assistant\n`: the answer and the template's closing tokens);
+  reply  – the whole assistant turn from its opening token: the generation prompt's tokens (e.g.
+  `<|im_start|>assistant\n`) plus `answer`. This is the reference MBQ's supervised set (its labels are
+  -100 up to the last `<|im_start|>`, thu-nics/MBQ `qmllm/models/qwen2_vl/qwen2_vl.py`).
+Both are computed per sample from token lengths of the rendered template (never by searching for a
+token id), and never cover padding.
 Sources: the built-in synthetic set (`synthvqa`, `synthvqa:caption`), a ShareGPT4V JSON/JSONL file with
 a local image folder, or a text-only file (.txt, one sample per non-empty line; every token counts as
-answer, as in GPTQ's text calibration).
+answer and reply, as in GPTQ's text calibration).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 from ptqbench.errors import BadInput
 from ptqbench.harness.adapters import Adapter, move
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: masks gained `reply`
+MASK_KEYS = ("valid", "vision", "text", "answer", "reply")
 
 
 @dataclass
@@ -42,7 +49,7 @@ class CalibBatch:
     kwargs: dict  # replay kwargs for the decoder layers
     extras: dict  # adapter-specific state (e.g. Qwen3-VL deepstack features)
     input_ids: torch.Tensor  # (B, T)
-    masks: dict[str, torch.Tensor]  # valid / vision / text / answer, bool (B, T)
+    masks: dict[str, torch.Tensor]  # valid / vision / text / answer / reply, bool (B, T)
     inputs: dict | None = None  # the processor batch, kept when the vision tower is calibrated too
 
 
@@ -129,14 +136,18 @@ def _messages(s: Sample, with_answer: bool) -> list[dict]:
     return msgs
 
 
-def _texts(processor, s: Sample) -> tuple[str, str | None]:
+def _texts(processor, s: Sample) -> tuple[str, str | None, str | None]:
+    """(full conversation, prompt with the generation prompt, prompt without it); text-only: (text, None, None)."""
     if s.text is not None:
-        return s.text, None
+        return s.text, None, None
     full = processor.apply_chat_template(_messages(s, True), tokenize=False)
     prompt = processor.apply_chat_template(_messages(s, False), tokenize=False, add_generation_prompt=True)
+    question = processor.apply_chat_template(_messages(s, False), tokenize=False, add_generation_prompt=False)
     if not full.startswith(prompt):
         raise RuntimeError("the chat template's generation prompt is not a prefix of the full conversation")
-    return full, prompt
+    if not prompt.startswith(question):
+        raise RuntimeError("the chat template's prompt without the generation prompt is not a prefix of the prompt with it")
+    return full, prompt, question
 
 
 def _encode(processor, texts: list[str], images: list, padding_side: str = "left") -> dict:
@@ -171,12 +182,15 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
     cache = Path(cache_dir) / f"calib-{key}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         data = torch.load(cache, weights_only=False)
-        return CalibSet([CalibBatch(**b) for b in data["batches"]], data["manifest"],
-                        [CalibBatch(**b) for b in data.get("vision_batches", [])])
+        loaded = CalibSet([CalibBatch(**b) for b in data["batches"]], data["manifest"],
+                          [CalibBatch(**b) for b in data.get("vision_batches", [])])
+        # An entry written before a mask existed (e.g. `reply`) is recaptured and overwritten, not used.
+        if all(k in b.masks for b in loaded.batches + loaded.vision_batches for k in MASK_KEYS):
+            return loaded
 
     encoded, dropped = [], 0
     for s in samples:
-        full, prompt = _texts(processor, s)
+        full, prompt, question = _texts(processor, s)
         L = _length(processor, full, s.image)
         if L > seq_len:
             if s.text is not None:  # text-only: truncate by tokens
@@ -186,8 +200,13 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
             else:  # never cut an image: drop the sample (VLMQ's rule)
                 dropped += 1
                 continue
-        ans = L if prompt is None else L - _length(processor, prompt, s.image)
-        encoded.append((full, s.image, ans))
+        if prompt is None:
+            ans = reply = L
+        else:
+            P = _length(processor, prompt, s.image)
+            ans = L - P  # after the generation prompt
+            reply = ans + P - _length(processor, question, s.image)  # plus the generation prompt's tokens
+        encoded.append((full, s.image, ans, reply))
     if not encoded:
         raise BadInput(f"no calibration sample fits sequence length {seq_len} ({dropped} dropped); accepted: a larger --seq-len")
 
@@ -201,11 +220,13 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
         inputs = _encode(processor, [c[0] for c in chunk], [c[1] for c in chunk])
         ids = inputs["input_ids"]
         valid = inputs.get("attention_mask", torch.ones_like(ids)).bool()
-        answer = torch.zeros_like(valid)
+        answer, reply = torch.zeros_like(valid), torch.zeros_like(valid)
         T = ids.shape[1]
-        for i, (_, _, ans) in enumerate(chunk):
+        for i, (_, _, ans, n_reply) in enumerate(chunk):
             answer[i, T - ans:] = True  # left padding: the answer is the last `ans` tokens
+            reply[i, T - n_reply:] = True  # the assistant turn (generation prompt + answer): the last `n_reply`
         answer &= valid
+        reply &= valid
         vis = torch.isin(ids, vision_ids) & valid
         hidden, kwargs, extras = adapter.capture(move(inputs, device))
         if vision:  # a second pass records every vision block's own call arguments
@@ -213,14 +234,16 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
             ones = torch.ones(vh.shape[:-1], dtype=torch.bool)
             vision_batches.append(CalibBatch(vh.detach().cpu(), {"vision_calls": move(calls, "cpu")}, {},
                                              torch.zeros(0, dtype=torch.long),
-                                             {"valid": ones, "vision": ones, "text": ~ones, "answer": ~ones}))
+                                             {"valid": ones, "vision": ones, "text": ~ones, "answer": ~ones,
+                                              "reply": ~ones}))
         batches.append(CalibBatch(hidden.cpu(), move(kwargs, "cpu"), move(extras, "cpu"), ids.cpu(),
-                                  {"valid": valid, "vision": vis, "text": valid & ~vis, "answer": answer},
+                                  {"valid": valid, "vision": vis, "text": valid & ~vis, "answer": answer,
+                                   "reply": reply},
                                   inputs=move(inputs, "cpu") if vision else None))
         if progress:
             progress.advance(task)
 
-    counts = {k: int(sum(b.masks[k].sum() for b in batches)) for k in ("valid", "vision", "text", "answer")}
+    counts = {k: int(sum(b.masks[k].sum() for b in batches)) for k in MASK_KEYS}
     # How redundant the vision tokens are: the share of 14x14 image patches that are pure background.
     from ptqbench.benchmarks.synthvqa import background_patch_share
 

@@ -10,7 +10,7 @@ Lifecycle (driven by the engine, which never knows a method by name):
 
 What a block context offers (see `ptqbench.harness.engine.BlockContext`): the block and a frozen
 full-precision copy, the linears to quantize and their true-sequential groups, the full-precision and
-quantized input streams with their per-token masks (valid / vision / text / answer) and replay kwargs,
+quantized input streams with their per-token masks (valid / vision / text / answer / reply) and replay kwargs,
 `input_stats(...)` for masked fp32 Hessians (and GPTAQ's cross term, optionally token-weighted),
 `capture_inputs(...)`, and `commit(name, quantized_weight)`.
 

@@ -1,5 +1,6 @@
-"""MBQ: its loss formulas, the gradient ratios (per layer, floored at the median, equal to per-sample
-batch-1 autograd), the uniform-weight reduction to AWQ, and a lower block error than RTN.
+"""MBQ: its loss formulas, its answer token set (the reference's labels: the assistant turn from its
+`<|im_start|>`), the gradient ratios (per layer, floored at the median, equal to per-sample batch-1
+autograd with the reference's labels), the uniform-weight reduction to AWQ, and a lower block error than RTN.
 
 The comparison with thu-nics/MBQ (GradCacheHook ratios, auto_scale_block choices) was done outside the
 repository; see the method's docstring."""
@@ -64,7 +65,8 @@ def test_loss_formulas_match_the_reference_expressions():
     vision[:, 5:15] = True
     answer = torch.zeros_like(valid)
     answer[:, 20:28] = True  # tokens 4/15..19/28.. are in neither set: ignored
-    masks = {"valid": valid, "vision": vision, "answer": answer}
+    # MBQ's answer set is the `reply` mask; the calibration `answer` mask (a subset) is not what it reads
+    masks = {"valid": valid, "vision": vision, "reply": answer, "answer": answer & (torch.arange(30) >= 23)}
     d = out - ref
     for rho in (0.05, 1.0, 4.0):
         mae = (d[answer].abs().sum() + rho * d[vision].abs().sum()) / (d[answer].numel() + d[vision].numel())
@@ -89,15 +91,26 @@ def _slice_kwargs(obj, i, B):
     return obj
 
 
+def _reference_labels(ids: torch.Tensor, valid: torch.Tensor, start_id: int) -> torch.Tensor:
+    """thu-nics/MBQ `qwen2_vl.py`: labels = input_ids, -100 up to the last `<|im_start|>` (per unpadded
+    sample; left padding gets -100)."""
+    last = int((ids[valid] == start_id).nonzero().flatten()[-1]) + int((~valid).sum())
+    labels = ids.clone()
+    labels[:last] = -100
+    return labels
+
+
 def test_gradients_equal_batch_one_full_autograd(tiny_qwen, tiny_calib):
     """The batched, layer-wise recomputed backward gives the same per-sample |dL/dY| as the reference's
-    one full forward+backward per sample (batch 1), with the HF-style shifted answer CE."""
+    one full forward+backward per sample (batch 1), with the HF-style shifted CE on the reference's labels
+    (-100 up to the last `<|im_start|>`) and its statistics over the caption mask labels != -100."""
     model = tiny_qwen[0]
     ad = adapter_for(model)
     ours = modality_gradients(RunContext(model, ad, tiny_calib, torch.device("cpu")))
     n_samples = len(tiny_calib)
     layers = ad.decoder_layers()
     ref = {k: {"vision": [[] for _ in layers], "answer": [[] for _ in layers]} for k in ("attn", "mlp")}
+    start_id = tiny_qwen[1].tokenizer.convert_tokens_to_ids("<|im_start|>")
     for cb in tiny_calib.batches:
         B = cb.hidden.shape[0]
         for i in range(B):
@@ -107,15 +120,15 @@ def test_gradients_equal_batch_one_full_autograd(tiny_qwen, tiny_calib):
                 for l in range(len(layers)) for k, p in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))]
             x = cb.hidden[i:i + 1].clone().requires_grad_(True)
             logits = ad.logits(ad.replay(x, _slice_kwargs(cb.kwargs, i, B), cb.extras))
-            ans = cb.masks["answer"][i]
-            labels = torch.where(ans, cb.input_ids[i], torch.full_like(cb.input_ids[i], -100))
+            labels = _reference_labels(cb.input_ids[i], cb.masks["valid"][i], start_id)
+            caption = labels != -100
             loss = F.cross_entropy(logits[0, :-1], labels[1:], ignore_index=-100) / n_samples
             loss.backward()
             for h in hooks:
                 h.remove()
             for (k, l), g in grads.items():
-                for mod in ("vision", "answer"):
-                    m = cb.masks[mod][i] & cb.masks["valid"][i]
+                for mod, sel in (("vision", cb.masks["vision"][i]), ("answer", caption)):
+                    m = sel & cb.masks["valid"][i]
                     if m.any():
                         ref[k][mod][l].append(float(g[0][m].abs().mean()))
     model.zero_grad(set_to_none=True)
@@ -125,6 +138,48 @@ def test_gradients_equal_batch_one_full_autograd(tiny_qwen, tiny_calib):
                 assert len(ours[k][mod][l]) == len(ref[k][mod][l]) == n_samples
                 # per-sample values, possibly in another order within a batch: compare sorted
                 assert sorted(ours[k][mod][l]) == pytest.approx(sorted(ref[k][mod][l]), rel=1e-4, abs=1e-12)
+
+
+def test_answer_set_includes_the_turn_header(tiny_qwen, tiny_calib, monkeypatch):
+    """MBQ's answer set is the reference's labels != -100, the assistant turn from its `<|im_start|>`:
+    the CE targets include the header `<|im_start|>assistant\\n`, and the scale-search loss sees the
+    header's positions, among them the one that predicts the first answer token. (With the calibration
+    `answer` mask, which starts after the header, both assertions fail.)"""
+    model, processor = tiny_qwen
+    tok = processor.tokenizer
+    start_id = tok.convert_tokens_to_ids("<|im_start|>")
+    cb = tiny_calib.batches[0]
+    ids, valid = cb.input_ids, cb.masks["valid"]
+    # 1. the CE of the modality gradients: its target mask is labels != -100 of the reference
+    import ptqbench.methods.mbq as mbq_mod
+
+    seen = []
+    real = mbq_mod.answer_ce_per_sample
+
+    def spy(logits_fn, hidden, input_ids, answer):
+        seen.append(answer.cpu())
+        return real(logits_fn, hidden, input_ids, answer)
+
+    monkeypatch.setattr(mbq_mod, "answer_ce_per_sample", spy)
+    ad = adapter_for(model)
+    modality_gradients(RunContext(model, ad, tiny_calib, torch.device("cpu")))
+    model.zero_grad(set_to_none=True)
+    for i in range(ids.shape[0]):
+        caption = _reference_labels(ids[i], valid[i], start_id) != -100
+        assert torch.equal(seen[0][i], caption)
+        first_target = int(caption.nonzero()[0])
+        assert ids[i, first_target] == start_id  # the first CE target is the turn's <|im_start|>
+    # 2. the scale-search loss: a change at the position predicting the first answer token counts
+    torch.manual_seed(0)
+    ref = torch.randn(*ids.shape, 8)
+    loss = mbq_loss("mae", 0.5)
+    base = loss.value(loss.partial(ref + 0.1, ref, cb.masks))
+    for i in range(ids.shape[0]):
+        a0 = int(cb.masks["answer"][i].nonzero()[0])
+        assert tok.decode([int(ids[i, a0 - 1])]) == "\n" and bool(cb.masks["reply"][i, a0 - 1])
+        out = ref + 0.1
+        out[i, a0 - 1] += 100.0
+        assert loss.value(loss.partial(out, ref, cb.masks)) > base + 1e-3
 
 
 def test_rho_is_per_layer_and_floored_at_the_median(tiny_qwen, tiny_calib):
@@ -180,7 +235,7 @@ def test_mbq_mse_with_answer_mask_on_all_tokens_equals_awq(tiny_qwen, tiny_calib
     """MBQ's MSE with every valid token in the answer set (weight 1) and none in the vision set is AWQ's loss
     on the same tokens: same losses, same alphas, whatever rho."""
     spec = QuantSpec(bits=3, group_size=32)
-    calib = _with_masks(tiny_calib, lambda m: dict(m, answer=m["valid"], vision=torch.zeros_like(m["valid"])))
+    calib = _with_masks(tiny_calib, lambda m: dict(m, reply=m["valid"], vision=torch.zeros_like(m["valid"])))
     runs = {}
     for key, loss_for in (("mbq", lambda g: mbq_loss("mse", 7.0)), ("awq", lambda g: TokenLoss())):
         probe = _MBQSearchProbe(spec, loss_for)
@@ -191,6 +246,12 @@ def test_mbq_mse_with_answer_mask_on_all_tokens_equals_awq(tiny_qwen, tiny_calib
         for x, y in zip(ra, rb):
             assert x.alpha == y.alpha and torch.equal(x.scales, y.scales)
             assert x.history == pytest.approx(y.history, rel=1e-9)
+
+
+def test_mbq_needs_the_reply_mask(tiny_qwen, tiny_calib):
+    calib = _with_masks(tiny_calib, lambda m: {k: v for k, v in m.items() if k != "reply"})
+    with pytest.raises(BadInput, match="reply"):
+        _quantize(tiny_qwen[0], calib, "mbq")
 
 
 def test_mbq_needs_vision_tokens(tiny_qwen, tiny_calib):
