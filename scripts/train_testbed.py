@@ -414,6 +414,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spectral-reg", type=float, default=0.0, metavar="LAMBDA",
                     help="weight of a penalty pulling every decoder matrix's singular values towards equal "
                          "(an experiment: a decoder that must use its whole width)")
+    ap.add_argument("--spectral-from", type=int, default=0, metavar="STEP",
+                    help="first step of the --spectral-reg penalty (later: a position read-out first, then flatness)")
     ap.add_argument("--reinit-text", type=float, default=None, metavar="STD",
                     help="with --init-from: keep the vision tower, re-initialise the language model (embeddings, "
                          "decoder, final norm) from N(0, STD) and train it from scratch")
@@ -426,6 +428,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rope-theta", type=float, default=10000.0,
                     help="M-RoPE base of a from-scratch or --reinit-text decoder (Qwen2-VL checkpoints use 1e6; "
                          "otherwise, with --init-from, the checkpoint's own)")
+    ap.add_argument("--mrope-section", default="8,12,12", metavar="T,H,W",
+                    help="M-RoPE frequency pairs given to the temporal, row and column position of a from-scratch "
+                         "or --reinit-text decoder (sum 32; the lowest frequencies go last, to the column)")
     ap.add_argument("--aux-weight", type=float, default=0.0,
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--aux-count", action="store_true",
@@ -455,6 +460,11 @@ def main(argv=None) -> int:
         ap.error("--single-turn needs --freeze-vision (one tower pass per image, reused by its chats)")
     if args.single_turn and (args.easy_images or args.caption_prob):
         ap.error("--single-turn does not combine with --easy-images or --caption-prob")
+    try:
+        mrope = tuple(int(x) for x in args.mrope_section.split(","))
+        assert len(mrope) == 3 and min(mrope) >= 0 and sum(mrope) == 32
+    except (ValueError, AssertionError):
+        ap.error(f"--mrope-section {args.mrope_section!r}: three non-negative integers summing to 32, e.g. 8,12,12")
     if args.reinit_text is not None and not (args.init_from and args.reinit_text > 0):
         ap.error(f"--reinit-text {args.reinit_text}: needs --init-from (the tower to keep) and a positive std")
 
@@ -472,8 +482,11 @@ def main(argv=None) -> int:
     if args.init_from and args.reinit_text is None:  # the architecture continues the checkpoint's
         prev_cfg = json.loads((Path(args.init_from) / "config.json").read_text())
         args.layers = prev_cfg.get("text_config", prev_cfg).get("num_hidden_layers", args.layers)
-        args.rope_theta = prev_cfg.get("text_config", prev_cfg)["rope_parameters"]["rope_theta"]
-    config = tb.testbed_config(tok, layers=args.layers, rope_theta=args.rope_theta)
+        rope = prev_cfg.get("text_config", prev_cfg)["rope_parameters"]
+        args.rope_theta = rope["rope_theta"]
+        mrope = tuple(rope["mrope_section"])
+        args.mrope_section = ",".join(str(x) for x in mrope)
+    config = tb.testbed_config(tok, layers=args.layers, rope_theta=args.rope_theta, mrope_section=mrope)
     n_img_tokens = (sv.SIZE // 14) ** 2 // 4
     enc = Encoder(processor, n_img_tokens, args.instruction_every_turn)
 
@@ -664,7 +677,7 @@ def main(argv=None) -> int:
         aux = cell_head.loss(captured["f"], batch_cells.reshape(-1, 3).to(device)) \
             if args.aux_weight and not args.freeze_vision else None
         total = loss + args.aux_weight * aux if aux is not None else loss
-        spec = spectral_flatness_penalty(decoder_linears) if args.spectral_reg else None
+        spec = spectral_flatness_penalty(decoder_linears) if args.spectral_reg and step >= args.spectral_from else None
         if spec is not None:
             total = total + args.spectral_reg * spec
         opt.zero_grad(set_to_none=True)
@@ -787,7 +800,7 @@ assumed: see the known limitations (added by hand after training) and
 
 ## Architecture
 - parameters: {n_params / 1e6:.2f}M ({n_vis / 1e6:.2f}M vision), stored as float16 ({size / 1e6:.1f} MB directory)
-- text: hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, {tc.num_attention_heads} heads / {tc.num_key_value_heads} KV heads (GQA), MLP {tc.intermediate_size}, vocab {tc.vocab_size}, tied embeddings, M-RoPE sections {tc.rope_parameters.get('mrope_section')}
+- text: hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, {tc.num_attention_heads} heads / {tc.num_key_value_heads} KV heads (GQA), MLP {tc.intermediate_size}, vocab {tc.vocab_size}, tied embeddings, M-RoPE sections {tc.rope_parameters.get('mrope_section')} (temporal, row, column), base {tc.rope_parameters.get('rope_theta'):g}
 - vision: {vc.depth} blocks, width {vc.embed_dim}, {vc.num_heads} heads, patch {vc.patch_size}, merge {vc.spatial_merge_size}x{vc.spatial_merge_size}
 - input: {sv.SIZE}x{sv.SIZE} images (processor min_pixels = max_pixels = {sv.SIZE * sv.SIZE}) -> {(sv.SIZE // 14) ** 2} patches -> **{n_img_tokens} vision tokens** per image
 - tokenizer: byte-level BPE built with `tokenizers` over the generator's text (`testbed.build_tokenizer`), Qwen special tokens, Qwen-style chat template without a default system prompt
@@ -797,7 +810,7 @@ assumed: see the known limitations (added by hand after training) and
 - vision tower: {vision_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
-- loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100){f"; plus {args.spectral_reg} x a spectral-flatness penalty on every decoder matrix (`spectral_flatness_penalty`: the squared distance of its normalised Gram matrix from the identity, zero when all singular values are equal; {spectrum[0]:.2f} -> {spectrum[1]:.2f} over this phase; random Gaussian matrices of the same shapes score {spectrum[2]:.2f})" if args.spectral_reg else ""}
+- loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100){f"; plus {args.spectral_reg} x a spectral-flatness penalty on every decoder matrix (`spectral_flatness_penalty`: the squared distance of its normalised Gram matrix from the identity, zero when all singular values are equal; {spectrum[0]:.2f} -> {spectrum[1]:.2f} over this phase; random Gaussian matrices of the same shapes score {spectrum[2]:.2f}){f', from step {args.spectral_from}' if args.spectral_from else ''}" if args.spectral_reg else ""}
 - optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps_done} steps of {args.batch} images{f" (wall-clock budget {args.max_minutes} min, schedule planned for {args.steps})" if args.max_minutes else ""}, seed {args.seed}
 - command: `{cmd}`
 - machine: {device.type}: {machine}; transformers {tf_version}, torch {torch.__version__}

@@ -9,13 +9,17 @@ scenes (a data seed no training run uses) this trains, from scratch and on ``whe
    over the 64 normalised vision tokens, then a small MLP -- the lookup with nothing else to learn.
 2. ``decoder`` (``--decoder-steps N``): the testbed's own Qwen2-VL language model, re-initialised, on
    one-turn ``where`` chats (the evaluation prompt), with the standard M-RoPE position ids, or with
-   ``--positions 1d`` (every token, image included, numbered 0, 1, 2, ... as in a text-only model).
+   ``--positions 1d`` (every token, image included, numbered 0, 1, 2, ... as in a text-only model);
+   ``--mrope-section T,H,W`` / ``--rope-theta`` set which M-RoPE frequencies rotate an image token by
+   its row and column (Qwen2-VL gives the column the lowest ones: with 8,12,12 and base 1e4 a step of
+   one column turns a head by at most 0.003 rad).
 
-Both print held-out accuracy / loss as they train. Chance is 0.25 accuracy, ln 4 / 2 = 0.693 mean
+The reader prints held-out accuracy; the decoder its training loss and held-out accuracy (teacher-forced
+answer word) as they train. Chance is 0.25 accuracy, ln 4 / 2 = 0.693 mean
 loss over the answer word and its ``<|im_end|>``.
 
     python scripts/where_learnability.py [--model DIR] [--images 2000] [--reader-steps 300]
-        [--decoder-steps 500 --positions mrope|1d --rope-theta 10000]
+        [--decoder-steps 500 --positions mrope|1d --mrope-section 8,12,12 --rope-theta 10000]
 """
 
 from __future__ import annotations
@@ -90,13 +94,14 @@ def train_reader(feats, items, steps: int, log=print) -> float:
 
 
 def train_decoder(prev, proc, feats, items, steps: int, positions: str, rope_theta: float, batch: int = 32,
-                  log=print) -> float:
+                  log=print, mrope_section=(8, 12, 12)) -> float:
     """The testbed decoder, re-initialised, on one-turn ``where`` chats; returns the final moving-average loss."""
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     torch.manual_seed(0)
-    cfg = tb.testbed_config(proc.tokenizer, layers=prev.config.text_config.num_hidden_layers, rope_theta=rope_theta)
+    cfg = tb.testbed_config(proc.tokenizer, layers=prev.config.text_config.num_hidden_layers, rope_theta=rope_theta,
+                             mrope_section=mrope_section)
     model = Qwen2VLForConditionalGeneration(cfg)
     model.model.visual.load_state_dict(prev.model.visual.state_dict())
     reinit_text_(model.model.language_model, 0.02)
@@ -107,28 +112,44 @@ def train_decoder(prev, proc, feats, items, steps: int, positions: str, rope_the
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.05)
     grid = [[1, sv.SIZE // 14, sv.SIZE // 14]] * batch
     g = torch.Generator().manual_seed(0)
-    ema = None
-    for step in range(steps):
-        b = torch.randint(0, len(seqs), (batch,), generator=g).tolist()
+    n_tr = int(0.8 * len(seqs))
+    held = list(range(n_tr, min(len(seqs), n_tr + 256)))
+
+    def forward(b):
         ids, attn, labels, mm = collate([seqs[i] for i in b], cfg.text_config.pad_token_id, cfg.image_token_id)
         extra = {}
         if positions == "1d":
             pos = (attn.cumsum(1) - 1).clamp(min=0)
             extra["position_ids"] = pos[None].expand(3, -1, -1)
-        for grp in opt.param_groups:
-            grp["lr"] = 1e-3 * min(1.0, (step + 1) / 30)
-        out = model(input_ids=ids, attention_mask=attn, image_grid_thw=torch.tensor(grid), mm_token_type_ids=mm,
+        out = model(input_ids=ids, attention_mask=attn, image_grid_thw=torch.tensor([grid[0]] * len(b)),
+                    mm_token_type_ids=mm,
                     mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[img[b]]))},
                     **extra)
-        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
+        return out.logits, labels
+
+    def held_out_acc() -> float:
+        """Share of held-out questions whose answer word is the arg-max (teacher-forced)."""
+        with torch.no_grad():
+            logits, labels = forward(held)
+        first = (labels[:, 1:] != -100).float().argmax(1)  # the answer word's position in the shifted labels
+        rows = torch.arange(len(held))
+        return float((logits[rows, first].argmax(-1) == labels[rows, first + 1]).float().mean())
+
+    ema = None
+    for step in range(steps):
+        b = torch.randint(0, n_tr, (batch,), generator=g).tolist()
+        for grp in opt.param_groups:
+            grp["lr"] = 1e-3 * min(1.0, (step + 1) / 30)
+        logits, labels = forward(b)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            log(f"decoder ({positions} positions, rope_theta {rope_theta:g}) step {step:4d} loss {loss.item():.3f} "
-                f"ema {ema:.3f}")
+            log(f"decoder ({positions} positions {mrope_section}, rope_theta {rope_theta:g}) step {step:4d} loss {loss.item():.3f} "
+                f"ema {ema:.3f} held-out acc {held_out_acc():.3f}")
     return ema
 
 
@@ -140,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-steps", type=int, default=0)
     ap.add_argument("--positions", choices=("mrope", "1d"), default="mrope")
     ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--mrope-section", default="8,12,12", help="t,h,w frequency pairs of M-RoPE (sum 32)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     prev, proc = tb.load_testbed(args.model)
@@ -151,7 +173,8 @@ def main(argv=None) -> int:
     if args.reader_steps:
         train_reader(feats, items, args.reader_steps)
     if args.decoder_steps:
-        train_decoder(prev, proc, feats, items, args.decoder_steps, args.positions, args.rope_theta)
+        train_decoder(prev, proc, feats, items, args.decoder_steps, args.positions, args.rope_theta,
+                      mrope_section=tuple(int(x) for x in args.mrope_section.split(",")))
     return 0
 
 

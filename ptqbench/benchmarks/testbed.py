@@ -116,7 +116,8 @@ def build_processor(tokenizer):
     )
 
 
-def testbed_config(tokenizer=None, layers: int = 4, rope_theta: float = 10000.0):
+def testbed_config(tokenizer=None, layers: int = 4, rope_theta: float = 10000.0,
+                   mrope_section: tuple[int, int, int] = (8, 12, 12)):
     """Qwen2VLConfig of the testbed: `layers` GQA decoder layers of width 256 (4 in the shipped
     checkpoint), a 4-block vision tower. ``rope_theta`` is the decoder's M-RoPE base (Qwen2-VL's own
     checkpoints use 1e6)."""
@@ -135,7 +136,7 @@ def testbed_config(tokenizer=None, layers: int = 4, rope_theta: float = 10000.0)
         hidden_act="silu",
         max_position_embeddings=1024,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [8, 12, 12]},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope_section)},
         tie_word_embeddings=True,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],

@@ -127,6 +127,8 @@ def test_single_turn_chats_are_the_evaluation_prompt(tt):
     (["--single-turn"], "--single-turn needs --freeze-vision"),
     (["--focus", "size", "--focus-steps", "3"], "--focus 'size'"),
     (["--focus-steps", "3"], "--focus-steps needs --focus"),
+    (["--mrope-section", "8,12"], "--mrope-section '8,12'"),
+    (["--mrope-section", "8,12,13"], "--mrope-section '8,12,13'"),
 ])
 def test_train_testbed_refuses_bad_flags(tt, argv, bad, capsys):
     with pytest.raises(SystemExit) as e:
@@ -139,6 +141,36 @@ def test_testbed_config_rope_theta():
 
     assert tb.testbed_config(layers=1).text_config.rope_parameters["rope_theta"] == 10000.0
     assert tb.testbed_config(layers=1, rope_theta=1e6).text_config.rope_parameters["rope_theta"] == 1e6
+
+
+def test_mrope_section_moves_image_tokens_only():
+    """--mrope-section reaches the config and changes how image tokens are rotated; a text-only prompt,
+    whose temporal, row and column positions are the same number, is unchanged."""
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from ptqbench.benchmarks import testbed as tb
+
+    tok = tb.build_tokenizer()
+    ids_text = torch.tensor([tok("where is the red circle?")["input_ids"]])
+    cfg_a = tb.testbed_config(tok, layers=1)
+    image_id = cfg_a.image_token_id
+    ids_img = torch.cat([ids_text[:, :2], torch.full((1, 64), image_id), ids_text[:, 2:]], 1)
+    feats = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for section in ((8, 12, 12), (0, 16, 16)):
+        cfg = tb.testbed_config(tok, layers=1, mrope_section=section)
+        assert cfg.text_config.rope_parameters["mrope_section"] == list(section)
+        torch.manual_seed(0)
+        model = Qwen2VLForConditionalGeneration(cfg).eval()
+        with torch.no_grad():
+            text = model(input_ids=ids_text).logits
+            img = model(input_ids=ids_img, image_grid_thw=torch.tensor([[1, 16, 16]]),
+                        mm_token_type_ids=(ids_img == image_id).long(),
+                        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(feats,))}).logits
+        outs.append((text, img))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert not torch.allclose(outs[0][1][:, -1], outs[1][1][:, -1], atol=1e-4)
 
 
 def test_where_reader_learns_a_planted_position_and_not_noise():
