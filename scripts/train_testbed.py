@@ -422,15 +422,20 @@ def main(argv=None) -> int:
     ap.add_argument("--focus", default="", help="comma-separated families whose answers alone are trained for the "
                     "first --focus-steps steps (the others' labels are masked)")
     ap.add_argument("--focus-steps", type=int, default=0)
+    ap.add_argument("--focus-batch", type=int, default=0,
+                    help="images per step during the focus steps (default --batch; with --single-turn a focus step "
+                         "trains only the focus chats, so it can afford more images)")
     ap.add_argument("--single-turn", action="store_true",
                     help="with --freeze-vision: train every question as its own one-turn chat right after the image "
                          "(the evaluation prompt), instead of one multi-turn chat per image")
-    ap.add_argument("--rope-theta", type=float, default=10000.0,
+    ap.add_argument("--rope-theta", type=float, default=None,
                     help="M-RoPE base of a from-scratch or --reinit-text decoder (Qwen2-VL checkpoints use 1e6; "
                          "otherwise, with --init-from, the checkpoint's own)")
-    ap.add_argument("--mrope-section", default="8,12,12", metavar="T,H,W",
-                    help="M-RoPE frequency pairs given to the temporal, row and column position of a from-scratch "
-                         "or --reinit-text decoder (sum 32; the lowest frequencies go last, to the column)")
+    ap.add_argument("--mrope-section", default=None, metavar="T,H,W",
+                    help="M-RoPE frequency pairs given to the temporal, row and column position (sum 32; the "
+                         "lowest frequencies go last, to the column); default 8,12,12, or with --init-from the "
+                         "checkpoint's own. Text tokens have equal t, h, w positions, so a new split moves only "
+                         "how image tokens are rotated")
     ap.add_argument("--aux-weight", type=float, default=0.0,
                     help="stage 2: weight of the per-token cell loss added to the answer loss")
     ap.add_argument("--aux-count", action="store_true",
@@ -454,6 +459,8 @@ def main(argv=None) -> int:
     for f in focus:
         if f not in sv.FAMILIES + sv.TRAIN_FAMILIES:
             ap.error(f"--focus {f!r}: accepted families are {', '.join(sv.FAMILIES + sv.TRAIN_FAMILIES)}")
+    if args.focus_batch and not args.focus_steps:
+        ap.error("--focus-batch needs --focus-steps")
     if args.focus_steps and not focus:
         ap.error("--focus-steps needs --focus FAMILIES")
     if args.single_turn and not args.freeze_vision:
@@ -461,7 +468,7 @@ def main(argv=None) -> int:
     if args.single_turn and (args.easy_images or args.caption_prob):
         ap.error("--single-turn does not combine with --easy-images or --caption-prob")
     try:
-        mrope = tuple(int(x) for x in args.mrope_section.split(","))
+        mrope = tuple(int(x) for x in (args.mrope_section or "8,12,12").split(","))
         assert len(mrope) == 3 and min(mrope) >= 0 and sum(mrope) == 32
     except (ValueError, AssertionError):
         ap.error(f"--mrope-section {args.mrope_section!r}: three non-negative integers summing to 32, e.g. 8,12,12")
@@ -483,9 +490,13 @@ def main(argv=None) -> int:
         prev_cfg = json.loads((Path(args.init_from) / "config.json").read_text())
         args.layers = prev_cfg.get("text_config", prev_cfg).get("num_hidden_layers", args.layers)
         rope = prev_cfg.get("text_config", prev_cfg)["rope_parameters"]
-        args.rope_theta = rope["rope_theta"]
-        mrope = tuple(rope["mrope_section"])
-        args.mrope_section = ",".join(str(x) for x in mrope)
+        args.prev_rope = (tuple(rope["mrope_section"]), rope["rope_theta"])
+        if args.rope_theta is None:
+            args.rope_theta = rope["rope_theta"]
+        if args.mrope_section is None:
+            mrope = tuple(rope["mrope_section"])
+            args.mrope_section = ",".join(str(x) for x in mrope)
+    args.rope_theta = 10000.0 if args.rope_theta is None else args.rope_theta
     config = tb.testbed_config(tok, layers=args.layers, rope_theta=args.rope_theta, mrope_section=mrope)
     n_img_tokens = (sv.SIZE // 14) ** 2 // 4
     enc = Encoder(processor, n_img_tokens, args.instruction_every_turn)
@@ -631,13 +642,14 @@ def main(argv=None) -> int:
         steps_done = step + 1
         p_easy = max(0.0, 1.0 - step / args.easy_steps) if (e_seqs and args.easy_steps) else 0.0
         n_easy = int((torch.rand(args.batch, generator=g) < p_easy).sum())
-        if pos + args.batch - n_easy > len(order):
+        batch = args.focus_batch if (args.focus_batch and step < args.focus_steps) else args.batch
+        if pos + batch - n_easy > len(order):
             order = torch.randperm(len(seqs), generator=g).tolist()
             pos = 0
         if e_pos + n_easy > len(e_order):
             e_order = torch.randperm(len(e_seqs), generator=g).tolist()
             e_pos = 0
-        idx = order[pos:pos + args.batch - n_easy]
+        idx = order[pos:pos + batch - n_easy]
         e_idx = e_order[e_pos:e_pos + n_easy]
         pos += len(idx)
         e_pos += n_easy
@@ -769,6 +781,12 @@ def _previous_phase(args) -> str:
 def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s, wall, eval_s,
           acc, nll, bg, size, history, tf_version, vision_heldout=None, spectrum=(0.0, 0.0, 0.0)) -> str:
     tc, vc = config.text_config, config.vision_config
+    prev_rope = getattr(args, "prev_rope", None)
+    new_rope = (tuple(tc.rope_parameters["mrope_section"]), tc.rope_parameters["rope_theta"])
+    rope_line = (f"\n- positions: the M-RoPE split (temporal, row, column) changed from {list(prev_rope[0])} (base "
+                 f"{prev_rope[1]:g}) to {list(new_rope[0])} (base {new_rope[1]:g}) at the start of this phase; text "
+                 "tokens carry equal temporal, row and column positions, so only image tokens turn differently"
+                 if prev_rope is not None and prev_rope != new_rope else "")
     if args.init_from:
         vision_line = "from the earlier phase" + (
             f"; first re-trained alone for {args.vision_steps} steps of {args.vision_batch} images on the auxiliary cell loss"
@@ -806,8 +824,8 @@ assumed: see the known limitations (added by hand after training) and
 - tokenizer: byte-level BPE built with `tokenizers` over the generator's text (`testbed.build_tokenizer`), Qwen special tokens, Qwen-style chat template without a default system prompt
 
 ## Training
-- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image {"has" if args.single_turn else "is a multi-turn chat with"} one question of every family in random order{f" plus one more question of each of {args.extra.replace(',', ', ')}" if args.extra else ""}{" (`where` is a training-only question: which side of the image centre one named object lies on, the lookup a spatial question makes twice; it is never evaluated)" if "where" in args.extra.split(",") else ""}{"; each question was trained as its own one-turn chat (`--single-turn`: image, instruction, question: exactly the evaluation prompt)" if args.single_turn else " (the first turn carries the image and the task instruction, exactly the evaluation prompt)"}{f"; for the first {args.focus_steps} steps only the answers of {args.focus.replace(',', ', ')} were trained (`--focus`)" if args.focus_steps else ""}
-- vision tower: {vision_line}
+- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image {"has" if args.single_turn else "is a multi-turn chat with"} one question of every family in random order{f" plus one more question of each of {args.extra.replace(',', ', ')}" if args.extra else ""}{" (`where` is a training-only question: which side of the image centre one named object lies on, the lookup a spatial question makes twice; it is never evaluated)" if "where" in args.extra.split(",") else ""}{"; each question was trained as its own one-turn chat (`--single-turn`: image, instruction, question: exactly the evaluation prompt)" if args.single_turn else " (the first turn carries the image and the task instruction, exactly the evaluation prompt)"}{f"; for the first {args.focus_steps} steps only the answers of {args.focus.replace(',', ', ')} were trained (`--focus`{f', {args.focus_batch} images per step' if args.focus_batch else ''})" if args.focus_steps else ""}
+- vision tower: {vision_line}{rope_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
 - loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100){f"; plus {args.spectral_reg} x a spectral-flatness penalty on every decoder matrix (`spectral_flatness_penalty`: the squared distance of its normalised Gram matrix from the identity, zero when all singular values are equal; {spectrum[0]:.2f} -> {spectrum[1]:.2f} over this phase; random Gaussian matrices of the same shapes score {spectrum[2]:.2f}){f', from step {args.spectral_from}' if args.spectral_from else ''}" if args.spectral_reg else ""}

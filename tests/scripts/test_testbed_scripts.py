@@ -127,6 +127,7 @@ def test_single_turn_chats_are_the_evaluation_prompt(tt):
     (["--single-turn"], "--single-turn needs --freeze-vision"),
     (["--focus", "size", "--focus-steps", "3"], "--focus 'size'"),
     (["--focus-steps", "3"], "--focus-steps needs --focus"),
+    (["--focus-batch", "32"], "--focus-batch needs --focus-steps"),
     (["--mrope-section", "8,12"], "--mrope-section '8,12'"),
     (["--mrope-section", "8,12,13"], "--mrope-section '8,12,13'"),
 ])
