@@ -429,8 +429,8 @@ def main(argv=None) -> int:
                     help="with --freeze-vision: train every question as its own one-turn chat right after the image "
                          "(the evaluation prompt), instead of one multi-turn chat per image")
     ap.add_argument("--rope-theta", type=float, default=None,
-                    help="M-RoPE base of a from-scratch or --reinit-text decoder (Qwen2-VL checkpoints use 1e6; "
-                         "otherwise, with --init-from, the checkpoint's own)")
+                    help="M-RoPE base (Qwen2-VL checkpoints use 1e6); default 1e4, or with --init-from the "
+                         "checkpoint's own (a new base scrambles a trained decoder's text positions)")
     ap.add_argument("--mrope-section", default=None, metavar="T,H,W",
                     help="M-RoPE frequency pairs given to the temporal, row and column position (sum 32; the "
                          "lowest frequencies go last, to the column); default 8,12,12, or with --init-from the "

@@ -110,7 +110,7 @@ def train_decoder(prev, proc, feats, items, steps: int, positions: str, rope_the
     img = torch.tensor([i for i, _ in items])
     params = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.05)
-    grid = [[1, sv.SIZE // 14, sv.SIZE // 14]] * batch
+    thw = [1, sv.SIZE // 14, sv.SIZE // 14]
     g = torch.Generator().manual_seed(0)
     n_tr = int(0.8 * len(seqs))
     held = list(range(n_tr, min(len(seqs), n_tr + 256)))
@@ -121,7 +121,7 @@ def train_decoder(prev, proc, feats, items, steps: int, positions: str, rope_the
         if positions == "1d":
             pos = (attn.cumsum(1) - 1).clamp(min=0)
             extra["position_ids"] = pos[None].expand(3, -1, -1)
-        out = model(input_ids=ids, attention_mask=attn, image_grid_thw=torch.tensor([grid[0]] * len(b)),
+        out = model(input_ids=ids, attention_mask=attn, image_grid_thw=torch.tensor([thw] * len(b)),
                     mm_token_type_ids=mm,
                     mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[img[b]]))},
                     **extra)
@@ -148,8 +148,8 @@ def train_decoder(prev, proc, feats, items, steps: int, positions: str, rope_the
         opt.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            log(f"decoder ({positions} positions {mrope_section}, rope_theta {rope_theta:g}) step {step:4d} loss {loss.item():.3f} "
-                f"ema {ema:.3f} held-out acc {held_out_acc():.3f}")
+            log(f"decoder ({positions} positions {mrope_section}, rope_theta {rope_theta:g}) step {step:4d} "
+                f"loss {loss.item():.3f} ema {ema:.3f} held-out acc {held_out_acc():.3f}")
     return ema
 
 
