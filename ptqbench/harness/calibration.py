@@ -203,9 +203,8 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
         if prompt is None:
             ans = reply = L
         else:
-            P = _length(processor, prompt, s.image)
-            ans = L - P  # after the generation prompt
-            reply = ans + P - _length(processor, question, s.image)  # plus the generation prompt's tokens
+            ans = L - _length(processor, prompt, s.image)  # after the generation prompt
+            reply = L - _length(processor, question, s.image)  # the generation prompt's tokens too
         encoded.append((full, s.image, ans, reply))
     if not encoded:
         raise BadInput(f"no calibration sample fits sequence length {seq_len} ({dropped} dropped); accepted: a larger --seq-len")
