@@ -425,6 +425,12 @@ def main(argv=None) -> int:
     ap.add_argument("--focus-batch", type=int, default=0,
                     help="images per step during the focus steps (default --batch; with --single-turn a focus step "
                          "trains only the focus chats, so it can afford more images)")
+    ap.add_argument("--focus-keep", type=float, default=0.0, metavar="P",
+                    help="with --single-turn: during the focus steps keep each other family's chat with probability "
+                         "P (so the families already learned are rehearsed, not forgotten, while the focus is learned)")
+    ap.add_argument("--constant-lr", action="store_true",
+                    help="hold the learning rate at --lr after the warm-up (no cosine decay: for a plateau that "
+                         "must be left before any decay)")
     ap.add_argument("--single-turn", action="store_true",
                     help="with --freeze-vision: train every question as its own one-turn chat right after the image "
                          "(the evaluation prompt), instead of one multi-turn chat per image")
@@ -463,6 +469,10 @@ def main(argv=None) -> int:
         ap.error("--focus-batch needs --focus-steps")
     if args.focus_steps and not focus:
         ap.error("--focus-steps needs --focus FAMILIES")
+    if not 0.0 <= args.focus_keep <= 1.0:
+        ap.error(f"--focus-keep {args.focus_keep!r}: accepted values are probabilities in [0, 1]")
+    if args.focus_keep and not (args.single_turn and args.focus_steps):
+        ap.error("--focus-keep needs --single-turn and --focus-steps")
     if args.single_turn and not args.freeze_vision:
         ap.error("--single-turn needs --freeze-vision (one tower pass per image, reused by its chats)")
     if args.single_turn and (args.easy_images or args.caption_prob):
@@ -620,6 +630,8 @@ def main(argv=None) -> int:
     def lr_at(step):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
+        if args.constant_lr:
+            return args.lr
         p = min(1.0, progress(step))
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
@@ -633,6 +645,7 @@ def main(argv=None) -> int:
     task = T.SynthVQAAccuracy()
     history = []
     ema = None
+    fam_ema: dict[str, float] = {}
     t_train = time.time()
     steps_done = 0
     for step in range(args.steps):
@@ -657,9 +670,13 @@ def main(argv=None) -> int:
         per_image = [1] * len(batch_seqs)
         if args.single_turn:  # every question of the image as its own one-turn chat (the eval's prompt shape)
             keep = focus if step < args.focus_steps else None
-            chats = [[sq for sq, fam in zip(seqs[i][3], seqs[i][2]) if keep is None or fam in keep] for i in idx]
+            chats = [[(sq, fam) for sq, fam in zip(seqs[i][3], seqs[i][2])
+                      if keep is None or fam in keep
+                      or (args.focus_keep and float(torch.rand(1, generator=g)) < args.focus_keep)]
+                     for i in idx]
             per_image = [len(c) for c in chats]
-            batch_seqs = [sq for c in chats for sq in c]
+            batch_seqs = [sq for c in chats for sq, _ in c]
+            chat_fams = [fam for c in chats for _, fam in c]
         elif step < args.focus_steps:
             batch_seqs = [(ids, keep_families(lab, fams, focus))
                           for ids, lab, fams, *_ in [seqs[i] for i in idx] + [e_seqs[i] for i in e_idx]]
@@ -703,12 +720,16 @@ def main(argv=None) -> int:
             n_full = len(batch_seqs) - n_easy
             full_l = float(per[:n_full].mean()) if n_full else float("nan")
             easy_l = float(per[n_full:].mean()) if n_easy else float("nan")
+            if args.single_turn:  # running loss per family: a plateau shows up in its own family first
+                for fam, l_chat in zip(chat_fams, per.tolist()):
+                    fam_ema[fam] = l_chat if fam not in fam_ema else 0.98 * fam_ema[fam] + 0.02 * l_chat
         if step % 10 == 0 or step == args.steps - 1:
             el = time.time() - t_train
             log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} full {full_l:.3f} easy {easy_l:.3f} ({n_easy}/{len(batch_seqs)}) "
                 + (f"aux {aux.item():.3f} " if aux is not None else "")
                 + ("cell acc " + "/".join(f"{a:.2f}" for a in cell_head.accuracy(captured["f"], batch_cells.reshape(-1, 3).to(device))) + " "
                    if aux is not None else "") +
+                (("fam " + " ".join(f"{k}={v:.3f}" for k, v in sorted(fam_ema.items())) + " ") if fam_ema else "") +
                 f"gnorm {float(gn):.2f} lr {lr_at(step):.2e} "
                 f"{el / (step + 1):.2f}s/step elapsed {el / 60:.1f}min")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
@@ -824,12 +845,12 @@ assumed: see the known limitations (added by hand after training) and
 - tokenizer: byte-level BPE built with `tokenizers` over the generator's text (`testbed.build_tokenizer`), Qwen special tokens, Qwen-style chat template without a default system prompt
 
 ## Training
-- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image {"has" if args.single_turn else "is a multi-turn chat with"} one question of every family in random order{f" plus one more question of each of {args.extra.replace(',', ', ')}" if args.extra else ""}{" (`where` is a training-only question: which side of the image centre one named object lies on, the lookup a spatial question makes twice; it is never evaluated)" if "where" in args.extra.split(",") else ""}{"; each question was trained as its own one-turn chat (`--single-turn`: image, instruction, question: exactly the evaluation prompt)" if args.single_turn else " (the first turn carries the image and the task instruction, exactly the evaluation prompt)"}{f"; for the first {args.focus_steps} steps only the answers of {args.focus.replace(',', ', ')} were trained (`--focus`{f', {args.focus_batch} images per step' if args.focus_batch else ''})" if args.focus_steps else ""}
+- data: SynthVQA `train` split, data seed {args.data_seed}, pool of {args.images} pre-rendered images; each image {"has" if args.single_turn else "is a multi-turn chat with"} one question of every family in random order{f" plus one more question of each of {args.extra.replace(',', ', ')}" if args.extra else ""}{" (`where` is a training-only question: which side of the image centre one named object lies on, the lookup a spatial question makes twice; it is never evaluated)" if "where" in args.extra.split(",") else ""}{"; each question was trained as its own one-turn chat (`--single-turn`: image, instruction, question: exactly the evaluation prompt)" if args.single_turn else " (the first turn carries the image and the task instruction, exactly the evaluation prompt)"}{f"; for the first {args.focus_steps} steps only the answers of {args.focus.replace(',', ', ')} were trained (`--focus`{f', {args.focus_batch} images per step' if args.focus_batch else ''}{f', the other families rehearsed: each of their chats kept with probability {args.focus_keep} (`--focus-keep`)' if args.focus_keep else ''})" if args.focus_steps else ""}
 - vision tower: {vision_line}{rope_line}
 - curriculum: {f"a pool of {args.easy_images} {args.easy_objects}-object scenes (`generate_multi(..., max_objects={args.easy_objects})`) makes up a share of each batch that falls linearly from 100% to 0 over the first {args.easy_steps} steps" if args.easy_images and args.easy_steps else "none"}
 - captions: {f"{args.caption_prob:.0%} of the training images get a final `describe the image.` turn answered with the generator caption" if args.caption_prob else "none"}
 - loss: answer-only cross-entropy (answer tokens and the closing `<|im_end|>`; prompt, image and padding tokens are -100){f"; plus {args.spectral_reg} x a spectral-flatness penalty on every decoder matrix (`spectral_flatness_penalty`: the squared distance of its normalised Gram matrix from the identity, zero when all singular values are equal; {spectrum[0]:.2f} -> {spectrum[1]:.2f} over this phase; random Gaussian matrices of the same shapes score {spectrum[2]:.2f}){f', from step {args.spectral_from}' if args.spectral_from else ''}" if args.spectral_reg else ""}
-- optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and cosine decay to 5%, grad-norm clip 1.0, {args.steps_done} steps of {args.batch} images{f" (wall-clock budget {args.max_minutes} min, schedule planned for {args.steps})" if args.max_minutes else ""}, seed {args.seed}
+- optimiser: AdamW (betas 0.9/0.98, weight decay {args.wd}), lr {args.lr} with {args.warmup} warm-up steps and {"then constant (`--constant-lr`)" if args.constant_lr else "cosine decay to 5%"}, grad-norm clip 1.0, {args.steps_done} steps of {args.batch} images{f" (wall-clock budget {args.max_minutes} min, schedule planned for {args.steps})" if args.max_minutes else ""}, seed {args.seed}
 - command: `{cmd}`
 - machine: {device.type}: {machine}; transformers {tf_version}, torch {torch.__version__}
 - training time: {train_s / 60:.1f} min; total wall time (rendering, training, saving, evaluation): {wall / 60:.1f} min

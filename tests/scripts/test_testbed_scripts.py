@@ -128,6 +128,8 @@ def test_single_turn_chats_are_the_evaluation_prompt(tt):
     (["--focus", "size", "--focus-steps", "3"], "--focus 'size'"),
     (["--focus-steps", "3"], "--focus-steps needs --focus"),
     (["--focus-batch", "32"], "--focus-batch needs --focus-steps"),
+    (["--focus-keep", "1.5"], "--focus-keep 1.5"),
+    (["--focus", "where", "--focus-steps", "3", "--focus-keep", "0.2"], "--focus-keep needs --single-turn"),
     (["--mrope-section", "8,12"], "--mrope-section '8,12'"),
     (["--mrope-section", "8,12,13"], "--mrope-section '8,12,13'"),
 ])
