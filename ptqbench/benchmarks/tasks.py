@@ -170,6 +170,7 @@ class SynthVQANLL(Task):
         model.eval()
         device = _model_device(model)
         items = sv.generate("eval", n, seed=self.seed)
+        end = processor.tokenizer.eos_token or ""
         tot = {f: 0.0 for f in sv.FAMILIES}
         cnt = {f: 0 for f in sv.FAMILIES}
         bar = _Progress(progress, self.name, len(items))
@@ -177,10 +178,13 @@ class SynthVQANLL(Task):
             chunk = items[start:start + batch_size]
             prompts = _prompts(processor, chunk)
             images = [it.image for it in chunk]
+            # the answer turn as the model must produce it: the word and the end-of-turn token that stops
+            # generation (a model that answers right but cannot stop fails exact match, so it counts here)
+            full = [p + it.answer + end for p, it in zip(prompts, chunk)]
             p_enc = processor.tokenizer(prompts, add_special_tokens=False)  # lengths only (image unexpanded)
-            f_enc = processor.tokenizer([p + it.answer for p, it in zip(prompts, chunk)], add_special_tokens=False)
+            f_enc = processor.tokenizer(full, add_special_tokens=False)
             n_ans = [len(f) - len(p) for p, f in zip(p_enc["input_ids"], f_enc["input_ids"])]
-            enc = _encode(processor, [p + it.answer for p, it in zip(prompts, chunk)], images, device)
+            enc = _encode(processor, full, images, device)
             logits = model(**enc).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             tgt = enc["input_ids"][:, 1:]

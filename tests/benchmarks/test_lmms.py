@@ -141,15 +141,16 @@ def test_loglikelihood_equals_builtin_nll(vlm):
     items = sv.generate("eval", n)
     lm = L.model_class()(model=model, processor=processor, batch_size=BATCH)
     lm.task_dict = {"t": {"test": [{"image": it.image} for it in items]}}
-    reqs = [Instance("loglikelihood", (user_text(it.question), it.answer, lambda d: [d["image"]], i, "t", "test"), 0,
+    tok = processor.tokenizer
+    end = tok.eos_token  # synthvqa-nll scores the answer turn: the word and the end-of-turn token
+    reqs = [Instance("loglikelihood", (user_text(it.question), it.answer + end, lambda d: [d["image"]], i, "t", "test"), 0,
                      metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, it in enumerate(items)]
     res = lm.loglikelihood(reqs)
-    tok = processor.tokenizer
     ks = []
     for it in items:
         p = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text(it.question)}]}],
                                           add_generation_prompt=True, tokenize=False)
-        ks.append(len(tok(p + it.answer, add_special_tokens=False)["input_ids"]) - len(tok(p, add_special_tokens=False)["input_ids"]))
+        ks.append(len(tok(p + it.answer + end, add_special_tokens=False)["input_ids"]) - len(tok(p, add_special_tokens=False)["input_ids"]))
     # lmms-eval's convention: the mean token NLL of each continuation; token-weighted it is synthvqa-nll
     assert sum(nll * k for (nll, _), k in zip(res, ks)) / sum(ks) == pytest.approx(expected, rel=1e-5)
     assert all(isinstance(g, bool) for _, g in res)

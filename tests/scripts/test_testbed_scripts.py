@@ -201,3 +201,33 @@ def test_where_reader_learns_a_planted_position_and_not_noise():
     shuffled = [(i, SimpleNamespace(question=it.question, answer=sv.RELATIONS[int(r)], family="where"))
                 for (i, it), r in zip(items, torch.randint(0, 4, (n,), generator=g))]
     assert wl.train_reader(feats, shuffled, 250, log=quiet) < 0.45
+
+
+def test_outlier_channels_keep_the_function_and_move_the_scale(tiny_qwen):
+    import copy
+
+    oc = _load("outlier_channels")
+    model = copy.deepcopy(tiny_qwen[0]).float().eval()
+    cfg = model.config.get_text_config()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    layer = model.model.language_model.layers[0]
+    down_before = layer.mlp.down_proj.weight.clone()
+    chosen = oc.add_outlier_channels(model, k=2, scale=3.0)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert len(chosen["up_to_down"]) == len(model.model.language_model.layers)
+    cols = chosen["up_to_down"][0]
+    torch.testing.assert_close(layer.mlp.down_proj.weight[:, cols], down_before[:, cols] / 3.0)
+    others = [c for c in range(down_before.shape[1]) if c not in cols]
+    assert torch.equal(layer.mlp.down_proj.weight[:, others], down_before[:, others])
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        oc.add_outlier_channels(model, k=0, scale=3.0)
+
+
+def test_outlier_channels_cli_rejects_bad_flags(tmp_path, capsys):
+    oc = _load("outlier_channels")
+    assert oc.main([str(tmp_path), str(tmp_path / "out"), "--scale", "1"]) == 2
+    assert "--scale > 1" in capsys.readouterr().err
