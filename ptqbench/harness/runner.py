@@ -262,8 +262,16 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
     outcomes: list[CellOutcome] = []
     pending: list[Cell] = []
     for cell in plan(grid):
-        if store.is_done(cell.cell_id) and not cfg.force:
-            rows = store.rows(cell_id=cell.cell_id, status="ok")
+        done = store.is_done(cell.cell_id) and not cfg.force
+        rows = store.rows(cell_id=cell.cell_id, status="ok") if done else []
+        was = next((r["calib_manifest"].get("model") for r in rows if r.get("calib_manifest")), None)
+        if done and was and was != grid.manifest.get("model"):
+            # same name, other weights (a retrained testbed, an edited checkpoint): the stored numbers
+            # describe a model that is gone, so the cell is recomputed and its rows replaced
+            log(f"[STALE] {cell.method} w{cell.bits}: cell {cell.cell_id} was computed on other weights of "
+                f"{cfg.model} (model fingerprint {was}, now {grid.manifest.get('model')}); recomputing")
+            done = False
+        if done:
             outcomes.append(CellOutcome(cell.method, cell.bits, "cached", {f"{r['task']}/{r['metric']}": r["value"] for r in rows}))
             log(f"{cell.method} w{cell.bits}: already done (cell {cell.cell_id}), skipped; use --force to recompute")
         else:
