@@ -100,7 +100,8 @@ def card_section(args, drift: float) -> str:
         "the quantization problem: large activations meet small weight columns, as in the outlier channels of "
         "large LLMs (LLM.int8(), SmoothQuant, AWQ's salient channels). Without them this 4.6M-parameter model "
         "shrugs off 2-bit round-to-nearest; with them it does not, while methods that see the activations "
-        "(GPTQ's Hessian, AWQ's scales) can protect those channels. The chosen channels are in "
+        "can make up for it (AWQ's and MBQ's scales undo the rescale; GPTQ's Hessian compensates in part). "
+        "The chosen channels are in "
         "`train_metrics.json` (`outlier_channels`).",
     ])
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     chosen = add_outlier_channels(model, args.k, args.scale)
     after = _logits(model, processor)
     drift = float((after - before).abs().max() / before.abs().max())
-    if drift > 1e-3:
+    if drift > 1e-5:  # float32 rounding of a non-power-of-two scale is ~1e-7; 16 is exact
         print(f"error: the rescale changed the logits (relative max change {drift:.2e}); not written", file=sys.stderr)
         return 1
     if args.out.resolve() != args.src.resolve():
