@@ -25,6 +25,36 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
+class _PlainProgress:
+    """Stands in for rich's Progress when stdout is a log file (CI, nohup, a cluster job): no bars, which
+    rich would only write at the end; the runner's per-cell lines are the progress."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+    def update(self, *a, **k):
+        pass
+
+    def remove_task(self, *a, **k):
+        pass
+
+
+def _log_line(message: str) -> None:
+    """One plain line, flushed at once (a log file sees it when it happens)."""
+    from rich.text import Text
+
+    print(Text.from_markup(message).plain, flush=True)
+
+
 @app.command()
 def run(
     model: Optional[str] = typer.Option(None, help="testbed (default), tiny:<family>, a checkpoint dir or cached hub id"),
@@ -57,6 +87,7 @@ def run(
     latency_batch: Optional[int] = typer.Option(None, "--latency-batch", help="batch size of the timing (default 1)"),
     executor: Optional[str] = typer.Option(None, help="local (default) or ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)"),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help="load a checkpoint's pickled .bin weights (they can run code)"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with the same fields as these flags"),
 ):
     """Quantize a model with every method x bits, evaluate, and store the results."""
@@ -66,7 +97,8 @@ def run(
                      calib_n=calib_n, seq_len=seq_len, seed=seed, batch_size=batch_size, eval_n=eval_n, device=device,
                      dtype=dtype, runs=runs, name=name, save_model=save_model, force=force,
                      quantize_vision=quantize_vision, max_blocks=max_blocks, executor=executor, address=address, latency=latency, kernel=kernel,
-                     infer_dtype=infer_dtype, latency_tokens=latency_tokens, latency_batch=latency_batch)
+                     infer_dtype=infer_dtype, latency_tokens=latency_tokens, latency_batch=latency_batch,
+                     allow_pickle=allow_pickle)
     if methods is not None:
         overrides["methods"] = parse_list(methods, str, "methods")
     if bits is not None:
@@ -83,12 +115,17 @@ def run(
 
     from ptqbench.harness.runner import run_grid
 
-    with _progress() as progress:
-        summary = run_grid(cfg, progress=progress, log=lambda m: progress.console.print(m))
+    if console.is_terminal:
+        with _progress() as progress:
+            summary = run_grid(cfg, progress=progress, log=lambda m: progress.console.print(m))
+    else:
+        summary = run_grid(cfg, progress=_PlainProgress(), log=_log_line)
     _print_summary(summary)
     failed = [c for c in summary.cells if c.status == "failed"]
     if failed:
-        err_console.print(f"[red]{len(failed)} cell(s) failed[/red]: " + "; ".join(f"{c.method} w{c.bits}: {c.error}" for c in failed))
+        err_console.print(f"[red]{len(failed)} cell(s) failed[/red]:", soft_wrap=True)
+        for c in failed:
+            err_console.print(f"  {c.method} w{c.bits}: {c.error}", soft_wrap=True, markup=False)
         raise typer.Exit(1)
 
 
@@ -100,21 +137,25 @@ def _print_summary(summary) -> None:
                 metrics.append(k)
     # Headline metrics first (task metrics, then reconstruction), per-family/per-token breakdowns after.
     metrics.sort(key=lambda m: ("/" in m.split("/", 1)[1], m.startswith("recon/"), m))
-    shown = metrics[: max(2, (console.width - 30) // 11)]
+    # a terminal gets what fits its width; a log file gets every metric on wide lines, never cut
+    shown = metrics[: max(2, (console.width - 30) // 11)] if console.is_terminal else metrics
+    width = 30 + sum(max(10, len(m)) + 3 for m in shown)
+    out = console if console.is_terminal else Console(width=max(120, width), force_terminal=False)
     table = Table(title=f"{summary.model}  (group size {summary.group_size}, calibration {summary.calib_manifest['content_hash']})")
     table.add_column("method")
     table.add_column("bits", justify="right")
     table.add_column("status")
     for m in shown:
-        table.add_column(m.removeprefix("recon/").replace("/", " "), justify="right")
+        label = m.removeprefix("recon/").replace("/", " ")
+        table.add_column(label, justify="right", min_width=None if console.is_terminal else len(label))
     for c in summary.cells:
         vals = [("—" if c.metrics.get(m) is None else f"{c.metrics[m]:.4g}") for m in shown]
-        status = {"failed": "[red]failed[/red]", "cached": "cached"}.get(c.status, f"{c.seconds:.1f}s")
+        status = {"failed": "[red]failed[/red]", "cached": "cached", "busy": "other run"}.get(c.status, f"{c.seconds:.1f}s")
         table.add_row(c.method, str(c.bits), status, *vals)
-    console.print(table)
+    out.print(table)
     if len(shown) < len(metrics):
-        console.print(f"{len(metrics) - len(shown)} more metrics in the store: bench leaderboard --runs {summary.run_dir.parent}")
-    console.print(f"results: {summary.run_dir.parent / 'results.sqlite'}  run folder: {summary.run_dir}")
+        out.print(f"{len(metrics) - len(shown)} more metrics in the store: bench leaderboard --runs {summary.run_dir.parent}")
+    out.print(f"results: {summary.run_dir.parent / 'results.sqlite'}  run folder: {summary.run_dir}", soft_wrap=True)
 
 
 @app.command("methods")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -21,7 +20,7 @@ DEFAULT_MODEL = "testbed"  # the trained testbed VLM shipped in ptqbench/benchma
 @dataclass
 class RunConfig:
     model: str = DEFAULT_MODEL  # "testbed", "tiny:<family>", a local checkpoint dir, or a hub id in the local cache
-    methods: list[str] = field(default_factory=list)  # empty = every registered method
+    methods: list[str] | None = None  # None = every registered method (an empty list is refused)
     bits: list[int] = field(default_factory=lambda: [2, 3, 4])
     group_size: int | None = None  # None = the model's natural choice (testbed 64, tiny 32, else 128); -1 = per-channel
     sym: bool = False
@@ -50,6 +49,7 @@ class RunConfig:
     latency_batch: int = 1
     executor: str = "local"  # local, or ray (pip install ptqbench[ray])
     address: str | None = None  # Ray cluster address (default: start a local Ray instance)
+    allow_pickle: bool = False  # load a checkpoint's pickled .bin weights (they can run code: refused by default)
 
     def __post_init__(self):
         self.validate()
@@ -61,9 +61,15 @@ class RunConfig:
         from ptqbench.methods import all_methods
 
         known = all_methods()
-        for m in self.methods:
+        if self.methods is not None and not self.methods:
+            raise BadInput("methods is empty; accepted: one or more of " + ", ".join(sorted(known)) + " (or leave it unset: all)")
+        for m in self.methods or []:
             if m not in known:
                 raise one_of("method", m, sorted(known))
+        if len(set(self.method_list())) != len(self.method_list()):
+            raise BadInput(f"methods {','.join(self.method_list())!r} name a method twice; accepted: each method once")
+        if len(set(self.bits)) != len(self.bits):
+            raise BadInput(f"bits {','.join(map(str, self.bits))!r} name a width twice; accepted: each of 2..8 once")
         for b in self.bits:
             if not 2 <= b <= 8:
                 raise one_of("bits", b, range(2, 9))
@@ -93,11 +99,16 @@ class RunConfig:
                 raise BadInput(f"{key.replace('_', '-')} {getattr(self, key)!r} is not accepted; accepted: an integer >= {2 if key == 'latency_tokens' else 1}")
         if self.executor not in ("local", "ray"):
             raise one_of("executor", self.executor, ("local", "ray"))
+        if self.address is not None and self.executor != "ray":
+            raise BadInput(f"address {self.address!r} is only used by the ray executor; accepted: --executor ray with --address, or no --address")
         if self.dtype not in DTYPES:
             raise one_of("dtype", self.dtype, DTYPES)
         for m, opts in self.options.items():
             if m not in known:
                 raise one_of("method in options", m, sorted(known))
+            if m not in self.method_list():
+                raise BadInput(f"options for method {m!r}, which is not in the grid, would be ignored; accepted: options of "
+                               + ", ".join(self.method_list()))
             if not isinstance(opts, dict):
                 raise BadInput(f"options for {m!r} must be a mapping of option -> value")
         return self
@@ -105,13 +116,11 @@ class RunConfig:
     def method_list(self) -> list[str]:
         from ptqbench.methods import all_methods
 
-        return self.methods or list(all_methods())
+        return list(self.methods) if self.methods is not None else list(all_methods())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def dumps(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def _check_type(name: str, value, tp) -> None:
@@ -152,9 +161,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise BadInput(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise BadInput(f"config file {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}); accepted: a YAML mapping of RunConfig fields") from None
         if not isinstance(loaded, dict):
-            raise BadInput(f"config file {str(p)!r} must hold a mapping of fields")
+            raise BadInput(f"config file {str(p)!r} holds no mapping of fields; accepted: a YAML mapping of RunConfig fields")
         data = {k.replace("-", "_"): v for k, v in loaded.items()}
     accepted = [f.name for f in dataclasses.fields(RunConfig)]
     for k in data:
@@ -193,4 +202,8 @@ def parse_option(text: str) -> tuple[str, str, Any]:
     method, dot, key = head.partition(".")
     if not eq or not dot or not method or not key:
         raise BadInput(f"option {text!r} is not accepted; accepted: METHOD.KEY=VALUE, e.g. gptq.act_order=true")
-    return method, key, yaml.safe_load(value)
+    try:
+        return method, key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise BadInput(f"option {text!r} has a value that is not valid YAML ({str(e).splitlines()[0]}); "
+                       "accepted: METHOD.KEY=VALUE with a YAML scalar, e.g. gptaq.alpha=0.25") from None

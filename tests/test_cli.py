@@ -81,8 +81,8 @@ def test_model_without_image_token(tmp_path, monkeypatch):
 
     real = models.load_model
 
-    def no_image_token(name, dtype):
-        lm = real(name, dtype)
+    def no_image_token(name, dtype, **kw):
+        lm = real(name, dtype, **kw)
         for cfg in (lm.model.config, lm.model.config.text_config):  # bypass the strict config validators
             object.__setattr__(cfg, "image_token_id", None)
         return lm

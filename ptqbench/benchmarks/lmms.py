@@ -376,9 +376,14 @@ def _default_task_manager(verbosity: str = "WARNING"):
     """lmms-eval's TaskManager over its built-in tasks (indexing ~2000 YAML files: built once per process)."""
     global _DEFAULT_TM
     if _DEFAULT_TM is None:
+        from loguru import logger
         from lmms_eval.tasks import TaskManager
 
-        _DEFAULT_TM = TaskManager(verbosity, model_name=MODEL_NAME)
+        logger.disable("lmms_eval")  # indexing logs a DEBUG line per task YAML, whatever `verbosity` says
+        try:
+            _DEFAULT_TM = TaskManager(verbosity, model_name=MODEL_NAME)
+        finally:
+            logger.enable("lmms_eval")
     return _DEFAULT_TM
 
 
@@ -467,3 +472,9 @@ class LmmsTask(Task):
 
     def evaluate(self, model, processor, n=None, batch_size=16, progress=None) -> dict[str, float]:
         return _metrics(self.run(model, processor, n, batch_size, progress), self.name)
+
+    def identity(self, n=None) -> dict:
+        from importlib import metadata
+
+        limit = n if n is not None else (DEFAULT_N if self.name in LOCAL_TASKS else "all")
+        return dict(task=self.name, n=limit, seed=self.seed, lmms_eval=metadata.version("lmms_eval"))

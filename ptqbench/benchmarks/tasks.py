@@ -110,6 +110,10 @@ class Task:
         """Metric name -> value. ``progress``: None, a callable ``(done, total)`` or a rich Progress."""
         raise NotImplementedError
 
+    def identity(self, n: int | None = None) -> dict:
+        """Everything besides the model that decides this task's numbers: a stored score is keyed by it."""
+        return dict(task=self.name, n=_check_n(n), seed=self.seed)
+
 
 class SynthVQAAccuracy(Task):
     name = "synthvqa"
@@ -118,6 +122,9 @@ class SynthVQAAccuracy(Task):
     def __init__(self, seed: int = EVAL_SEED, max_new_tokens: int = 4):  # answers: one word + <|im_end|>
         self.seed = seed
         self.max_new_tokens = max_new_tokens
+
+    def identity(self, n=None) -> dict:
+        return dict(super().identity(n), max_new_tokens=self.max_new_tokens, decoding="greedy")
 
     @torch.no_grad()
     def predict(self, model, processor, items, batch_size: int = 16, progress=None) -> list[str]:

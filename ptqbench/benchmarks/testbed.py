@@ -11,7 +11,6 @@ checkpoint, at a size a CPU runs in seconds.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -168,46 +167,26 @@ def testbed_config(tokenizer=None, layers: int = 4, rope_theta: float = 10000.0,
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ptqbench.harness.models import sha256_file
+
+    return sha256_file(path)
 
 
 def write_sha256sums(directory) -> Path:
     """Write ``SHA256SUMS`` (``sha256sum`` format) over every regular file in ``directory``."""
-    d = Path(directory)
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.name != SUMS_NAME and not p.name.startswith("."))
-    out = d / SUMS_NAME
-    out.write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
-    return out
+    from ptqbench.harness.models import write_sha256sums
+
+    return write_sha256sums(directory)
 
 
 def verify_sha256sums(directory) -> None:
-    """Raise BadInput naming the first file that is missing, altered or not listed."""
-    d = Path(directory)
-    sums = d / SUMS_NAME
-    if not sums.is_file():
-        raise BadInput(f"testbed file {str(sums)!r} is missing; accepted: a directory with {SUMS_NAME}")
-    listed = {}
-    for n, line in enumerate(sums.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise BadInput(f"{SUMS_NAME} line {n} {line!r} is not accepted; accepted: '<sha256>  <file>'")
-        listed[parts[1].strip().lstrip("*")] = parts[0].lower()
-    for name, digest in listed.items():
-        p = d / name
-        if not p.is_file():
-            raise BadInput(f"testbed file {str(p)!r} is missing; accepted: the files listed in {SUMS_NAME}")
-        if sha256_file(p) != digest:
-            raise BadInput(f"testbed file {str(p)!r} does not match its SHA256 in {SUMS_NAME}; "
-                           "accepted: an unmodified file (re-run scripts/train_testbed.py to rebuild)")
-    for p in sorted(d.iterdir()):
-        if p.is_file() and p.name != SUMS_NAME and not p.name.startswith(".") and p.name not in listed:
-            raise BadInput(f"testbed file {str(p)!r} is not listed in {SUMS_NAME}; accepted: listed files only")
+    """Raise BadInput naming the first file that is missing, altered or not listed (``SHA256SUMS`` required).
+    The checking itself is ``ptqbench.harness.models.verify_checkpoint_sums``, which every checkpoint
+    directory goes through."""
+    from ptqbench.harness.models import verify_checkpoint_sums
+
+    verify_checkpoint_sums(directory, what="testbed file", required=True,
+                           fix="re-run scripts/train_testbed.py to rebuild")
 
 
 def load_testbed(path=TESTBED_DIR, dtype=torch.float32):
@@ -219,7 +198,7 @@ def load_testbed(path=TESTBED_DIR, dtype=torch.float32):
         raise BadInput(f"testbed directory {str(path)!r} is missing; accepted: a directory written by "
                        "scripts/train_testbed.py")
     verify_sha256sums(path)
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     model.eval()
     return model, processor

@@ -15,13 +15,19 @@ token id), and never cover padding.
 Sources: the built-in synthetic set (`synthvqa`, `synthvqa:caption`), a ShareGPT4V JSON/JSONL file with
 a local image folder, or a text-only file (.txt, one sample per non-empty line; every token counts as
 answer and reply, as in GPTQ's text calibration).
+The cache (`<runs>/.calib/calib-<key>.safetensors`) holds tensors and a JSON skeleton, never a pickle; an
+entry that is damaged, foreign or from another version is discarded with one warning and recaptured.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,7 @@ import torch
 from ptqbench.errors import BadInput
 from ptqbench.harness.adapters import Adapter, move
 
-CACHE_VERSION = 2  # 2: masks gained `reply`
+CACHE_VERSION = 3  # 2: masks gained `reply`; 3: safetensors + JSON skeleton instead of a pickle
 MASK_KEYS = ("valid", "vision", "text", "answer", "reply")
 
 
@@ -68,11 +74,26 @@ class CalibSet:
 
 
 # ---- sources -------------------------------------------------------------------------------------
+SOURCES_ACCEPTED = "synthvqa, synthvqa:caption, a ShareGPT4V .json/.jsonl file, or a .txt file"
+
+
+def check_source(source: str, n: int, seed: int, image_root: str | None = None) -> None:
+    """Validate a calibration source completely, before any model is loaded: raises BadInput for
+    anything `build_calibration` would refuse. It does the same work as `load_samples` (reads the file
+    and decodes every selected image, so it costs what loading them costs) and discards the result."""
+    load_samples(source, n, seed, image_root)
+
+
 def load_samples(source: str, n: int, seed: int, image_root: str | None = None) -> tuple[list[Sample], dict]:
-    """Read `n` samples from a source; returns (samples, description for the manifest)."""
+    """Read `n` samples from a source; returns (samples, description for the manifest).
+    Every selected record is validated and its image decoded here, so a bad input is one BadInput
+    line naming the bad value, never a traceback from deep inside the capture."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise BadInput(f"calibration sample count {n!r} is not accepted; accepted: a positive integer")
-    if source.startswith("synthvqa"):
+    if not isinstance(source, str) or not source:
+        raise BadInput(f"calibration source {source!r} is not accepted; accepted: {SOURCES_ACCEPTED}")
+    # Only the exact names are the built-in set: a file called `synthvqa.json` is a file.
+    if source == "synthvqa" or source.startswith("synthvqa:"):
         from ptqbench.benchmarks import synthvqa
 
         mode = source.partition(":")[2] or "qa"
@@ -83,47 +104,107 @@ def load_samples(source: str, n: int, seed: int, image_root: str | None = None) 
         return samples, {"source": source, "split": "calib", "generator_seed": seed}
     path = Path(source)
     if not path.is_file():
-        raise BadInput(f"calibration source {source!r} is not a file; accepted: synthvqa, synthvqa:caption, a ShareGPT4V .json/.jsonl, or a .txt file")
-    raw = path.read_bytes()
+        raise BadInput(f"calibration source {source!r} is not a file; accepted: {SOURCES_ACCEPTED}")
+    if path.suffix not in (".json", ".jsonl", ".txt"):
+        raise BadInput(f"calibration file suffix {path.suffix!r} is not accepted; accepted: .json, .jsonl, .txt")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # permission denied, a directory behind a link, an I/O error
+        raise BadInput(f"calibration file {source!r} cannot be read ({e.strerror or type(e).__name__}); "
+                       "accepted: a readable file") from None
     desc = {"source": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"calibration file {source!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                       f"{e.start}); accepted: a UTF-8 text or JSON file") from None
+    if "\x00" in text:  # valid UTF-8 can still be a binary file; no text sample holds a NUL
+        raise BadInput(f"calibration file {source!r} holds NUL bytes (a binary file); accepted: a UTF-8 text or JSON file")
     if path.suffix == ".txt":
-        lines = [ln.strip() for ln in raw.decode("utf-8", errors="strict").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise BadInput(f"calibration file {source!r} is empty; accepted: a text file with one sample per line")
         random.Random(seed).shuffle(lines)
         return [Sample(text=t) for t in lines[:n]], desc
-    if path.suffix not in (".json", ".jsonl"):
-        raise BadInput(f"calibration file suffix {path.suffix!r} is not accepted; accepted: .json, .jsonl, .txt")
-    try:
-        text = raw.decode("utf-8")
-        records = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if path.suffix == ".jsonl" else json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"calibration file {source!r} is not readable JSON ({e}); accepted: ShareGPT4V JSON or JSONL") from None
-    if not isinstance(records, list) or not records:
-        raise BadInput(f"calibration file {source!r} holds no records; accepted: a non-empty ShareGPT4V list")
+
+    records, where = _read_records(text, path.suffix, source)
+    if image_root is not None and not Path(image_root).is_dir():
+        raise BadInput(f"image root {image_root!r} is not a folder; accepted: the folder the records' image paths are relative to")
     root = Path(image_root) if image_root else path.parent
-    random.Random(seed).shuffle(records)  # MBQ shuffles the ShareGPT4V list with a seed
-    return [_sharegpt_sample(r, root, source) for r in records[:n]], desc
+    # MBQ shuffles the ShareGPT4V list with a seed. Shuffling the indices gives the same permutation
+    # (it depends on the length only) and keeps each record's place in the file for error messages.
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [_sharegpt_sample(records[i], root, source, where[i]) for i in order[:n]], desc
 
 
-def _sharegpt_sample(rec: dict, root: Path, source: str) -> Sample:
-    from PIL import Image, UnidentifiedImageError
+def _read_records(text: str, suffix: str, source: str) -> tuple[list, list[str]]:
+    """The records of a ShareGPT4V JSON list or JSONL file, and where each one is (for messages)."""
+    accepted = "accepted: ShareGPT4V JSON (a list of records) or JSONL (one record per line)"
+    if suffix == ".jsonl":
+        records, where = [], []
+        # split on "\n" only: str.splitlines would also cut at U+2028 etc., which JSON strings may hold raw
+        for i, ln in enumerate(text.split("\n"), 1):
+            if not ln.strip():
+                continue
+            try:
+                records.append(json.loads(ln))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"calibration file {source!r} line {i} is not JSON ({e.msg}, column {e.colno}); {accepted}") from None
+            where.append(f"line {i}")
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"calibration file {source!r} is not readable JSON ({e}); {accepted}") from None
+        if not isinstance(records, list):
+            raise BadInput(f"calibration file {source!r} holds a JSON {type(records).__name__}, not a list; {accepted}")
+        where = [f"record [{i}]" for i in range(len(records))]
+    if not records:
+        raise BadInput(f"calibration file {source!r} holds no records; accepted: a non-empty ShareGPT4V list")
+    return records, where
 
-    conv = rec.get("conversations") if isinstance(rec, dict) else None
-    if not conv or len(conv) < 2:
-        raise BadInput(f"record {rec.get('id', '?') if isinstance(rec, dict) else rec!r} in {source!r} has no human/gpt conversation; accepted: ShareGPT4V records")
+
+def _short(value, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _sharegpt_sample(rec, root: Path, source: str, where: str = "a record") -> Sample:
+    from PIL import Image
+
+    at = f"{where} of {source!r}"
+    record = "accepted: a ShareGPT4V record, an object with 'conversations' (a list of {from, value} objects) and an optional 'image' path"
+    if not isinstance(rec, dict):
+        raise BadInput(f"{at} is {_short(rec)}, not an object; {record}")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list):
+        raise BadInput(f"{at}: conversations {_short(conv)} is not a list; {record}")
+    for j, c in enumerate(conv):
+        if not isinstance(c, dict):
+            raise BadInput(f"{at}: conversations[{j}] is {_short(c)}, not an object; {record}")
+        if not isinstance(c.get("value"), str):
+            raise BadInput(f"{at}: conversations[{j}] value {_short(c.get('value'))} is not a string; {record}")
     human = next((c["value"] for c in conv if c.get("from") == "human"), None)
     gpt = next((c["value"] for c in conv if c.get("from") == "gpt"), None)
     if human is None or gpt is None:
-        raise BadInput(f"record {rec.get('id', '?')!r} in {source!r} lacks a human or gpt turn")
+        raise BadInput(f"{at} (id {_short(rec.get('id', '?'))}) lacks a human or a gpt turn; {record}")
     image = None
-    if rec.get("image"):
-        ipath = root / rec["image"]
+    name = rec.get("image")
+    if name is not None and name != "":  # absent, null or "": a text-only conversation
+        if not isinstance(name, str):
+            raise BadInput(f"{at}: image {_short(name)} is not accepted; accepted: an image file path (a string) "
+                           "relative to the image folder")
+        ipath = root / name
+        if not ipath.is_file():
+            raise BadInput(f"{at}: image {name!r} does not exist (looked for {str(ipath)!r}); accepted: an image "
+                           "file under the image folder (--image-root, default: the file's folder)")
         try:
             with Image.open(ipath) as im:
                 image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise BadInput(f"image {str(ipath)!r} cannot be decoded ({type(e).__name__}); accepted: a readable PNG/JPEG file") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise BadInput(f"{at}: image {str(ipath)!r} cannot be decoded ({type(e).__name__}); accepted: a readable "
+                           "PNG/JPEG file") from None
     return Sample(image, human.replace("<image>", "").strip(), gpt.strip())
 
 
@@ -170,23 +251,26 @@ def _length(processor, text: str, image) -> int:
 # ---- capture -------------------------------------------------------------------------------------
 def build_calibration(model, adapter: Adapter, processor, source: str, n: int, seq_len: int, seed: int,
                       batch_size: int = 4, image_root: str | None = None, cache_dir: str | Path | None = None,
-                      progress=None, vision: bool = False) -> CalibSet:
-    """Capture (or load from cache) the calibration set for this model and data."""
+                      progress=None, vision: bool = False, warn: Callable[[str], None] | None = None) -> CalibSet:
+    """Capture (or load from `cache_dir`) the calibration set for this model and data.
+
+    `warn` gets one line when a cache entry is discarded (damaged, foreign, outdated) or cannot be
+    written; default: printed to stderr. The set is then captured as if there were no cache."""
     if not isinstance(seq_len, int) or seq_len < 8:
         raise BadInput(f"sequence length {seq_len!r} is not accepted; accepted: an integer >= 8")
+    warn = warn or _print_stderr
     samples, desc = load_samples(source, n, seed, image_root)
     fingerprint = model_fingerprint(model)
     key = hashlib.sha256(json.dumps(dict(v=CACHE_VERSION, model=fingerprint, data=desc, n=n,
                                          seq_len=seq_len, seed=seed, batch=batch_size, vision=vision,
                                          dtype=str(next(model.parameters()).dtype)), sort_keys=True).encode()).hexdigest()[:20]
-    cache = Path(cache_dir) / f"calib-{key}.pt" if cache_dir else None
+    # Entries of earlier versions (`calib-*.pt`, pickles) have another name and are never opened.
+    cache = Path(cache_dir) / f"calib-{key}{CACHE_SUFFIX}" if cache_dir else None
     if cache is not None and cache.is_file():
-        data = torch.load(cache, weights_only=False)
-        loaded = CalibSet([CalibBatch(**b) for b in data["batches"]], data["manifest"],
-                          [CalibBatch(**b) for b in data.get("vision_batches", [])])
-        # An entry written before a mask existed (e.g. `reply`) is recaptured and overwritten, not used.
-        if all(k in b.masks for b in loaded.batches + loaded.vision_batches for k in MASK_KEYS):
-            return loaded
+        try:
+            return read_calibration_cache(cache, key)
+        except CalibCacheError as e:
+            warn(f"calibration cache {str(cache)!r} discarded ({e}); capturing the set again")
 
     encoded, dropped = [], 0
     for s in samples:
@@ -254,11 +338,12 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
     manifest["content_hash"] = content_hash(batches + vision_batches)
     cs = CalibSet(batches, manifest, vision_batches)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"batches": [b.__dict__ for b in batches], "manifest": manifest,
-                    "vision_batches": [b.__dict__ for b in vision_batches]}, tmp)
-        tmp.replace(cache)  # atomic: a killed capture never leaves a half-written cache entry
+        try:
+            write_calibration_cache(cs, cache)
+        except Uncachable as e:
+            warn(f"calibration cache not written: {e}; the set is captured again on every run")
+        except Exception as e:  # noqa: BLE001 - full disk, unwritable folder: costs a recapture next time, not this run
+            warn(f"calibration cache {str(cache)!r} not written ({type(e).__name__}: {_one_line(e)})")
     return cs
 
 
@@ -303,3 +388,217 @@ def model_fingerprint(model) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+# ---- cache ---------------------------------------------------------------------------------------
+# One safetensors file per set: every tensor under a path-like key ("batches/0/kwargs/attention_mask"),
+# and in the header's metadata (str -> str) a JSON skeleton that rebuilds the nested dicts, lists and
+# tuples around them with their scalars. Reading it runs no code (no pickle anywhere), and anything
+# that does not rebuild into a set this version wrote, with the same content hash, is discarded.
+CACHE_FORMAT = "ptqbench-calibration"
+CACHE_SUFFIX = ".safetensors"
+_SCALARS = (bool, int, float, str)  # exact types: an IntEnum or numpy scalar would not come back as itself
+
+
+class CalibCacheError(Exception):
+    """A cache file that is damaged, foreign or outdated; the message is one short line."""
+
+
+class Uncachable(TypeError):
+    """The set holds an object the cache format cannot represent (it is never pickled)."""
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _print_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Flattener:
+    """Turns nested dict/list/tuple structures into JSON nodes plus a flat {key: tensor} table.
+
+    Nodes: JSON scalars and null stand for themselves; {"t": key} a tensor; {"l": [...]} a list;
+    {"u": [...]} a tuple; {"d": [[name, node], ...]} a dict (pairs keep the order)."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, str] = {}  # the same tensor seen again -> the key it is stored under
+        self._storages: set[int] = set()
+
+    def node(self, obj, path: str):
+        if obj is None or type(obj) in _SCALARS:
+            return obj
+        if type(obj) is torch.Tensor:
+            return {"t": self._tensor(obj, path)}
+        if type(obj) is dict:
+            if not all(type(k) is str for k in obj):
+                raise Uncachable(f"{path} has a key that is not a string")
+            return {"d": [[k, self.node(v, f"{path}/{k}")] for k, v in obj.items()]}
+        if type(obj) in (list, tuple):
+            items = [self.node(v, f"{path}/{i}") for i, v in enumerate(obj)]
+            return {"l": items} if type(obj) is list else {"u": items}
+        raise Uncachable(f"{path} is a {type(obj).__module__}.{type(obj).__qualname__}, which only a pickle could hold")
+
+    def _tensor(self, t: torch.Tensor, path: str) -> str:
+        if t.layout is not torch.strided or t.is_meta or t.is_quantized:
+            raise Uncachable(f"{path} is a {t.layout} tensor")
+        # The same tensor in several places (e.g. every vision block's position embeddings) is stored
+        # once and comes back as one object, as it was captured.
+        view = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and view in self._views:
+            return self._views[view]
+        data = t.detach().cpu().contiguous()
+        # safetensors refuses two entries on one storage (e.g. cos and sin cut from one buffer): copy.
+        if not data.numel() or data.untyped_storage().data_ptr() in self._storages:
+            data = data.clone()
+        self._storages.add(data.untyped_storage().data_ptr())
+        key, i = path, 1
+        while key in self.tensors:  # a dict key holding "/" could spell an existing path
+            key, i = f"{path}#{i}", i + 1
+        self.tensors[key] = data
+        if t.numel():
+            self._views[view] = key
+        return key
+
+
+def _plain_json(obj, path: str = "manifest") -> None:
+    """The manifest goes into the skeleton as plain JSON: it must come back unchanged."""
+    if obj is None or type(obj) in _SCALARS:
+        return
+    if type(obj) is dict and all(type(k) is str for k in obj):
+        for k, v in obj.items():
+            _plain_json(v, f"{path}/{k}")
+    elif type(obj) is list:
+        for i, v in enumerate(obj):
+            _plain_json(v, f"{path}/{i}")
+    else:
+        raise Uncachable(f"{path} is a {type(obj).__name__}, not plain JSON")
+
+
+_BATCH_FIELDS = ("hidden", "kwargs", "extras", "input_ids", "masks", "inputs")
+
+
+def _inputs_hash(batches: list[CalibBatch]) -> str:
+    """`content_hash` leaves the processor batches out; the cache checks them with this."""
+    h = hashlib.sha256()
+    _hash_obj(h, [b.inputs for b in batches])
+    return h.hexdigest()[:16]
+
+
+def write_calibration_cache(cs: CalibSet, path: str | Path) -> None:
+    """Write `cs` to one safetensors file at `path`, atomically (a temporary file, then a rename: a
+    killed process or a concurrent writer never leaves a half-written entry under the final name).
+    Raises Uncachable (nothing written) when the set holds anything but tensors, None, bool, int,
+    float, str and dicts/lists/tuples of them."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    flat = _Flattener()
+    _plain_json(cs.manifest)
+    skeleton = {
+        "manifest": cs.manifest,
+        "batches": [{f: flat.node(getattr(b, f), f"batches/{i}/{f}") for f in _BATCH_FIELDS}
+                    for i, b in enumerate(cs.batches)],
+        "vision_batches": [{f: flat.node(getattr(b, f), f"vision_batches/{i}/{f}") for f in _BATCH_FIELDS}
+                           for i, b in enumerate(cs.vision_batches)],
+        "inputs_hash": _inputs_hash(cs.batches + cs.vision_batches),
+    }
+    metadata = {"format": CACHE_FORMAT, "version": str(CACHE_VERSION),
+                "skeleton": json.dumps(skeleton, separators=(",", ":"))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flat.tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_calibration_cache(path: str | Path, key: str | None = None) -> CalibSet:
+    """Load a set written by `write_calibration_cache`, checked: the format and CACHE_VERSION, every mask,
+    the cache key (when given) and the content hash recomputed from the loaded tensors. Anything else
+    (a pickle, garbage, a truncated or foreign file) raises CalibCacheError; nothing in it is executed."""
+    try:
+        return _read_cache(Path(path), key)
+    except CalibCacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the parsers raise means "damaged"
+        raise CalibCacheError(f"{type(e).__name__}: {_one_line(e)}") from None
+
+
+def _read_cache(path: Path, key: str | None) -> CalibSet:
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise CalibCacheError(f"not a safetensors file: {_one_line(e)}") from None
+    with f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT:
+            raise CalibCacheError("not a ptqbench calibration cache")
+        if meta.get("version") != str(CACHE_VERSION):
+            raise CalibCacheError(f"cache version {meta.get('version')!r}; this version reads {CACHE_VERSION}")
+        skeleton = json.loads(meta["skeleton"])
+        stored = set(f.keys())
+        loaded: dict[str, torch.Tensor] = {}
+
+        def tensor(k) -> torch.Tensor:
+            if type(k) is not str or k not in stored:
+                raise CalibCacheError(f"the skeleton names a tensor {_short(k)} the file does not hold")
+            if k not in loaded:
+                loaded[k] = f.get_tensor(k)
+            return loaded[k]
+
+        batches = [_batch(b, tensor) for b in skeleton["batches"]]
+        vision_batches = [_batch(b, tensor) for b in skeleton["vision_batches"]]
+    if set(loaded) != stored:
+        raise CalibCacheError(f"{len(stored - set(loaded))} stored tensors are not in the skeleton")
+    manifest = skeleton["manifest"]
+    if type(manifest) is not dict or not batches:
+        raise CalibCacheError("no manifest or no batches")
+    if key is not None and manifest.get("cache_key") != key:
+        raise CalibCacheError(f"cache key {_short(manifest.get('cache_key'))}, expected {key!r}")
+    if content_hash(batches + vision_batches) != manifest.get("content_hash"):
+        raise CalibCacheError("content hash mismatch")
+    if _inputs_hash(batches + vision_batches) != skeleton.get("inputs_hash"):
+        raise CalibCacheError("processor inputs hash mismatch")
+    return CalibSet(batches, manifest, vision_batches)
+
+
+def _rebuild(node, tensor: Callable[[str], torch.Tensor]):
+    if node is None or type(node) in _SCALARS:
+        return node
+    if type(node) is dict and len(node) == 1:
+        ((tag, val),) = node.items()
+        if tag == "t":
+            return tensor(val)
+        if tag in ("l", "u") and type(val) is list:
+            items = [_rebuild(v, tensor) for v in val]
+            return items if tag == "l" else tuple(items)
+        if tag == "d" and type(val) is list and all(type(p) is list and len(p) == 2 and type(p[0]) is str for p in val):
+            return {k: _rebuild(v, tensor) for k, v in val}
+    raise CalibCacheError(f"unknown skeleton node {_short(node, 40)}")
+
+
+def _batch(node, tensor) -> CalibBatch:
+    if type(node) is not dict or set(node) != set(_BATCH_FIELDS):
+        raise CalibCacheError("a batch without the expected fields")
+    b = CalibBatch(**{f: _rebuild(node[f], tensor) for f in _BATCH_FIELDS})
+    if not isinstance(b.hidden, torch.Tensor) or not isinstance(b.input_ids, torch.Tensor):
+        raise CalibCacheError("a batch without hidden states or input ids")
+    if type(b.kwargs) is not dict or type(b.extras) is not dict or (b.inputs is not None and type(b.inputs) is not dict):
+        raise CalibCacheError("a batch whose kwargs, extras or inputs are not dicts")
+    if type(b.masks) is not dict or not all(k in b.masks for k in MASK_KEYS):
+        missing = [k for k in MASK_KEYS if type(b.masks) is not dict or k not in b.masks]
+        raise CalibCacheError(f"a batch lacks the mask(s) {', '.join(missing)}")
+    for k in MASK_KEYS:
+        m = b.masks[k]
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != b.hidden.shape[:-1]:
+            raise CalibCacheError(f"mask {k!r} is not a bool tensor of the hidden states' (batch, tokens) shape")
+    return b

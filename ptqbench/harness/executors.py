@@ -1,4 +1,4 @@
-"""Executors run the pending cells of a grid; the driver's callbacks write the results store.
+"""Executors run the pending cells of a grid; the driver's callbacks claim cells and write the store.
 
 `local` (default) runs cells one after another in this process. Others (e.g. `ray`) run them
 elsewhere and stream results back; every executor reports through the same three callbacks, so the
@@ -11,31 +11,36 @@ import time
 import traceback
 from typing import Callable
 
-from ptqbench.errors import one_of
+from ptqbench.errors import BadInput, one_of
 
 EXECUTORS = ("local", "ray")
 
 
 class LocalExecutor:
-    def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None) -> None:
+    def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
+            stored_file: Callable = lambda cell: None) -> None:
         from ptqbench.harness.runner import run_cell
 
         for cell in cells:
-            started(cell)
+            todo = started(cell)  # None: claimed by another live run, or done meanwhile
+            if todo is None:
+                continue
             t0 = time.perf_counter()
             try:
-                rows, artifacts = run_cell(grid, cell, progress)
+                result = run_cell(grid, todo, progress, stored_file(todo))
             except KeyboardInterrupt:
-                failed(cell, "interrupted", "", time.perf_counter() - t0)
+                failed(todo, "interrupted", "", time.perf_counter() - t0)
                 raise
             except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
-                failed(cell, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8), time.perf_counter() - t0)
+                failed(todo, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8), time.perf_counter() - t0)
                 continue
-            finished(cell, rows, artifacts, time.perf_counter() - t0)
+            finished(todo, result, time.perf_counter() - t0)
 
 
 def get_executor(name: str, address: str | None = None):
     if name == "local":
+        if address is not None:
+            raise BadInput(f"address {address!r} is only used by the ray executor; accepted: --executor ray with --address, or no --address")
         return LocalExecutor()
     if name == "ray":
         from ptqbench.harness.ray_executor import RayExecutor

@@ -215,13 +215,16 @@ def _base_config_and_processor(name: str):
 
     if not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") is None:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    from ptqbench.harness.models import check_model_source
+
+    check_model_source(name)  # SHA256SUMS verified, pickled weights refused
     try:
-        config = AutoConfig.from_pretrained(name)
-        processor = AutoProcessor.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise BadInput(f"base model {name!r} could not be found ({str(e).splitlines()[0][:160]}); accepted: {ACCEPTED}") from None
     try:
-        generation = GenerationConfig.from_pretrained(name)
+        generation = GenerationConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError):
         generation = None
     return config, processor, generation
@@ -318,17 +321,15 @@ def export_gptq(cell_dir_or_file, out_dir, model_name: str | None = None, *, che
     from ptqbench.harness.packing import load_quantized
 
     src = _cell_file(cell_dir_or_file)
+    out = check_output_dir(out_dir, overwrite)
+    if out.resolve() == src.resolve().parent or out.resolve() in src.resolve().parents:
+        raise BadInput(f"output {out} holds the cell being exported; accepted: a directory outside {src.parent}")
     weights, other, meta = load_quantized(src)
     if not weights:
         raise BadInput(f"{src} holds no quantized weight (a full-precision cell?); accepted: a quantized cell")
     name = model_name or meta.get("model")
     if not name:
         raise BadInput(f"{src} does not record its base model; accepted: pass model_name (testbed, tiny:<family>, a checkpoint dir)")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise BadInput(f"output {out} exists and is not an empty directory; accepted: a new or empty directory, or overwrite")
-    if out.resolve() == src.resolve().parent or out.resolve() in src.resolve().parents:
-        raise BadInput(f"output {out} holds the cell being exported; accepted: a directory outside {src.parent}")
 
     specs = {(qw.spec.bits, qw.spec.group_size) for qw in weights.values()}
     if len(specs) != 1:
@@ -385,8 +386,11 @@ def export_gptq(cell_dir_or_file, out_dir, model_name: str | None = None, *, che
     state = dict(packed)
     state.update({k: t.detach().contiguous() for k, t in other.items()})
     state = _untie(state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:  # checked up front; this is a race with another writer (or a read-only mount)
+        raise BadInput(f"output {str(out)!r} cannot be created ({e.strerror or e}); accepted: {_OUT_ACCEPTED}") from None
     try:
         files = _write_safetensors(state, tmp, {"format": "pt", "ptqbench.export": "gptq"}, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
@@ -407,6 +411,43 @@ def export_gptq(cell_dir_or_file, out_dir, model_name: str | None = None, *, che
     summary.files = sorted(p.name for p in out.iterdir())
     summary.nbytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return summary
+
+
+_OUT_ACCEPTED = "a new or empty directory in a writable place (a non-empty one with overwrite)"
+
+
+def check_output_dir(out_dir, overwrite: bool = False) -> Path:
+    """Validate an export target before any work, writing nothing: BadInput (one line) when it is an
+    existing file, a non-empty directory (without `overwrite`), under a file, or in a place where no
+    directory can be created. The place is probed by creating and removing an empty directory in the
+    nearest existing folder, which is where the export puts its temporary directory and its parents."""
+    out = Path(out_dir)
+    if not str(out_dir).strip():
+        raise BadInput(f"output {str(out_dir)!r} is empty; accepted: {_OUT_ACCEPTED}")
+    try:
+        if out.exists():
+            if not out.is_dir():
+                raise BadInput(f"output {str(out)!r} is an existing file, not a directory; accepted: {_OUT_ACCEPTED}")
+            if any(out.iterdir()) and not overwrite:
+                raise BadInput(f"output {str(out)!r} exists and is not an empty directory; accepted: a new or empty "
+                               "directory, or overwrite")
+        elif out.is_symlink():
+            raise BadInput(f"output {str(out)!r} is a broken symbolic link; accepted: {_OUT_ACCEPTED}")
+        place = out.absolute().parent
+        while not place.exists():
+            if place.is_symlink():
+                raise BadInput(f"output {str(out)!r} is under {str(place)!r}, a broken symbolic link; accepted: {_OUT_ACCEPTED}")
+            place = place.parent
+        if not place.is_dir():
+            raise BadInput(f"output {str(out)!r} is under {str(place)!r}, which is a file; accepted: {_OUT_ACCEPTED}")
+    except OSError as e:  # e.g. a folder on the way that cannot be searched
+        raise BadInput(f"output {str(out)!r} cannot be checked ({e.strerror or e}); accepted: {_OUT_ACCEPTED}") from None
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=place, prefix=".ptqbench-probe-"))
+    except OSError as e:
+        raise BadInput(f"output {str(out)!r} cannot be written: no directory can be created in {str(place)!r} "
+                       f"({e.strerror or e}); accepted: {_OUT_ACCEPTED}") from None
+    return out
 
 
 def _default_permissions(d: Path) -> None:

@@ -92,7 +92,7 @@ def _read_config(path: str):
             if model_type is None:
                 raise BadInput(f"config {path!r} has no model_type; accepted: a transformers config.json")
             return AutoConfig.for_model(model_type, **d)
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"random model config {path!r} could not be read ({str(e).splitlines()[0][:160]}); "
                        "accepted: a transformers config.json") from None

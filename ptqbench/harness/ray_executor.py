@@ -83,11 +83,11 @@ def worker_config(grid) -> str:
     cfg = grid.cfg.to_dict()
     # The worker's grid must be the driver's: same run folder (cfg.name may be None = a fresh
     # timestamp) and the same device kind, hence the same dtype and calibration cache entry.
-    cfg.update(name=grid.run_dir.name, device=grid.device.type, executor="local", force=False)
+    cfg.update(name=grid.run_dir.name, device=grid.device.type, executor="local", address=None, force=False)
     return json.dumps(cfg, sort_keys=True)
 
 
-def run_cell_task(cfg_json: str, calib_hash: str, cell) -> dict:
+def run_cell_task(cfg_json: str, calib_hash: str, cell, stored_file=None) -> dict:
     """Body of the Ray task (runs in a worker): one cell, returned as plain data. Never writes the store."""
     import ray
     import torch
@@ -102,8 +102,8 @@ def run_cell_task(cfg_json: str, calib_hash: str, cell) -> dict:
 
         grid = _worker_grid(cfg_json, calib_hash)
         t0 = time.perf_counter()  # a cell's time is its own, as with the local executor
-        rows, artifacts = run_cell(grid, cell, None)
-        return dict(ok=True, rows=_plain(rows), artifacts=_plain(artifacts), seconds=time.perf_counter() - t0)
+        result = run_cell(grid, cell, None, stored_file)
+        return dict(ok=True, result=_plain(result), seconds=time.perf_counter() - t0)
     except Exception as e:  # recorded as a failed cell by the driver, never retried
         return dict(ok=False, error=_one_line(e), detail=traceback.format_exc(limit=8), seconds=time.perf_counter() - t0)
 
@@ -125,7 +125,8 @@ class RayExecutor:
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
         return True
 
-    def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None) -> None:
+    def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
+            stored_file: Callable = lambda cell: None) -> None:
         ray = _import_ray()
         if not cells:
             return
@@ -139,9 +140,13 @@ class RayExecutor:
             pending = {}  # ObjectRef -> (cell, submit time)
             try:
                 for cell in cells:
-                    started(cell)
-                    ref = task.options(name=f"ptqbench {cell.method} w{cell.bits}").remote(cfg_json, calib_hash, cell)
-                    pending[ref] = (cell, time.perf_counter())
+                    todo = started(cell)  # None: claimed by another live run, or done meanwhile
+                    if todo is None:
+                        if bar is not None:
+                            progress.advance(bar)
+                        continue
+                    ref = task.options(name=f"ptqbench {todo.method} w{todo.bits}").remote(cfg_json, calib_hash, todo, stored_file(todo))
+                    pending[ref] = (todo, time.perf_counter())
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                     for ref in ready:
@@ -175,6 +180,6 @@ class RayExecutor:
             failed(cell, _one_line(e), str(e), time.perf_counter() - t0)
             return
         if out["ok"]:
-            finished(cell, out["rows"], out["artifacts"], out["seconds"])
+            finished(cell, out["result"], out["seconds"])
         else:
             failed(cell, out["error"], out["detail"], out["seconds"])

@@ -1,14 +1,22 @@
 """The grid runner: one calibration set, every (method, bits) cell, results into the store.
 
-A cell that fails is recorded as failed and the grid goes on; a cell already done (same model,
-method, options, bits, group size, grid and calibration hash) is skipped unless `force`.
+A cell is the quantized model, keyed by everything that produced it; its task scores and deployment
+figures are units keyed by their own settings too (leaderboard/store.py). A rerun computes exactly what
+is missing: a cell whose quantization is stored but lacks a task is evaluated on its saved packed
+weights, never re-quantized. Failures stay where they happen: an exception or a non-finite number in a
+cell's quantization, one of its tasks or its latency is recorded against that piece, the rest is kept,
+and the grid goes on. Cells are claimed in the store, so concurrent runs never compute one twice.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import random
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +30,21 @@ from ptqbench.harness.adapters import adapter_for
 from ptqbench.harness.calibration import build_calibration
 from ptqbench.harness.engine import EngineResult, quantize_model
 from ptqbench.harness.measure import measure
-from ptqbench.harness.models import load_model, resolve_device, resolve_dtype
+from ptqbench.harness.models import check_model_source, load_model, resolve_device, resolve_dtype
 from ptqbench.methods import QuantSpec, get_method
 
 FP_METHOD = "fp"
+CELL_FILE = "model.safetensors"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+EVAL_BATCH = 16  # items per evaluation batch (part of a task unit's identity: padding can move a logit)
+LATENCY_PROTOCOL = 1  # bump when latency.measure_inference's protocol (prompt, warm-up, repeats) changes
 
 
 @dataclass
 class CellOutcome:
     method: str
     bits: int
-    status: str  # done | failed | cached
+    status: str  # done | failed | cached | busy (claimed by another live run)
     metrics: dict = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
@@ -96,11 +108,23 @@ def recon_metrics(result: EngineResult) -> dict[str, float]:
 
 
 @dataclass
+class Unit:
+    """A task evaluation or a deployment measurement of one cell, keyed by its own settings."""
+
+    kind: str  # eval | deploy
+    name: str  # the task's name, or "deploy"
+    key: dict
+    unit_id: str
+
+
+@dataclass
 class Cell:
     method: str
     bits: int
-    key: dict  # the store's cell key
+    key: dict  # the store's cell key and identity fields
     cell_id: str
+    units: list[Unit] = field(default_factory=list)
+    quantize: bool = True  # False: the quantization is stored, only units are missing
 
 
 @dataclass
@@ -114,6 +138,7 @@ class Grid:
     tasks: dict
     group_size: int
     device: torch.device
+    dtype: torch.dtype
     run_dir: Path
     env: dict
 
@@ -122,16 +147,87 @@ class Grid:
         return self.calib.manifest
 
 
-def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) -> Grid:
-    """Validate the whole grid before any expensive work, load the model, capture (or load) calibration."""
+# ---- validation: every input, before anything is loaded or written ------------------------------
+def _probe_writable(folder: Path, what: str) -> None:
+    """The nearest existing folder of `folder` must take a new file (a real write: root ignores modes)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInput(f"{what} {str(folder)!r} lies under a file ({str(probe)!r}); accepted: a writable folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".ptqbench-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise BadInput(f"{what} {str(folder)!r} is not writable ({e.strerror or e}); accepted: a writable folder") from None
+
+
+def validate_inputs(cfg: RunConfig) -> dict:
+    """Check every input that can be checked without the model; returns the method classes.
+    Writes nothing (a probe file in the runs folder is created and removed at once)."""
     from ptqbench.benchmarks.tasks import get_task
+    from ptqbench.harness.calibration import check_source
+    from ptqbench.leaderboard.store import DB_NAME, ResultsStore
+
+    if cfg.name is not None and (not NAME_RE.match(cfg.name) or cfg.name in (".", "..")):
+        raise BadInput(f"name {cfg.name!r} is not accepted; accepted: a plain folder name of letters, digits, '.', '_' "
+                       "and '-' (no path, at most 100 characters)")
+    runs = Path(cfg.runs)
+    if runs.exists() and not runs.is_dir():
+        raise BadInput(f"runs {str(runs)!r} is a file; accepted: a folder (new or written by bench run)")
+    _probe_writable(runs, "runs folder")
+    if (runs / DB_NAME).exists():
+        ResultsStore(runs, create=False).check_writable()  # refuses a foreign, damaged or read-only store
+    methods = {m: get_method(m) for m in cfg.method_list()}
+    for m, cls in methods.items():  # options of every named method, at every bit width
+        for b in cfg.bits:
+            cls(QuantSpec(bits=b, group_size=cfg.group_size if cfg.group_size is not None else 128, sym=cfg.sym,
+                          grid=cfg.grid), **cfg.options.get(m, {}))
+    device = resolve_device(cfg.device)
+    check_model_source(cfg.model, allow_pickle=cfg.allow_pickle)
+    check_source(cfg.calib, cfg.calib_n, cfg.seed, cfg.image_root)
+    for t in cfg.tasks or []:
+        get_task(t)
+    return methods, device
+
+
+def _new_run_dir(runs: Path, name: str | None) -> Path:
+    """A named folder is reused (resuming that run); a default one is unique even within one second."""
+    runs.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        (runs / name).mkdir(exist_ok=True)
+        return runs / name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1, 10_000):
+        d = runs / (stamp if i == 1 else f"{stamp}-{i}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name for {stamp} in {runs}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) -> Grid:
+    """Validate the whole grid before any expensive work, load the model, capture (or load) calibration.
+    Nothing is written before every input has been checked."""
     from ptqbench.leaderboard.store import current_environment
 
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    if new_run_dir:
+        methods, device = validate_inputs(cfg)
+    else:  # a worker of a grid its driver has validated: the store, runs folder and sources are the driver's
+        methods, device = {m: get_method(m) for m in cfg.method_list()}, resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    methods = {m: get_method(m) for m in cfg.method_list()}
-    lm = load_model(cfg.model, dtype)
+    lm = load_model(cfg.model, dtype, allow_pickle=cfg.allow_pickle)
     lm.adapter.image_token_id()  # a model without an image token is refused here
     if lm.lazy:  # random-weight cost runs: nothing to score, no deployment, no whole-model passes
         whole = [m for m, cls in methods.items() if cls.needs_whole_model]
@@ -159,24 +255,23 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
             widths |= {m.in_features for m in lm.adapter.block_linears(blk).values()}
     for w in sorted(widths):
         specs[cfg.bits[0]].groups_for(w)
+    from ptqbench.benchmarks.tasks import get_task
+
     task_names = cfg.tasks if cfg.tasks is not None else lm.tasks
     tasks = {t: get_task(t) for t in task_names}
-
-    runs = Path(cfg.runs)
-    run_dir = runs / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
-    if new_run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
     env = current_environment()
     env["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
 
+    runs = Path(cfg.runs)
     place_outside_decoder(lm.model, lm.adapter.decoder_path, device)  # embeddings + vision tower for capture
     calib = build_calibration(lm.model, lm.adapter, lm.processor, cfg.calib, cfg.calib_n, cfg.seq_len, cfg.seed,
                               batch_size=cfg.batch_size, image_root=cfg.image_root, cache_dir=runs / ".calib",
-                              progress=progress, vision=cfg.quantize_vision)
+                              progress=progress, vision=cfg.quantize_vision, warn=log)
     place_outside_decoder(lm.model, lm.adapter.decoder_path, torch.device("cpu"))
-    if new_run_dir:
-        (run_dir / "calibration.json").write_text(json.dumps(calib.manifest, indent=2))
+    if new_run_dir:  # the first write of the run: every input has been checked by now
+        run_dir = _new_run_dir(runs, cfg.name)
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+        _write_atomic(run_dir / "calibration.json", json.dumps(calib.manifest, indent=2))
         m = calib.manifest
         t = m["tokens"]
         share = t["vision"] / max(1, t["valid"])
@@ -184,7 +279,24 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
             f"({share:.0%}), text {t['text']} ({1 - share:.0%}, of which answer {t['answer']})"
             + (f"; {m['background_patch_share']:.0%} of image patches are pure background"
                if m.get("background_patch_share") is not None else ""))
-    return Grid(cfg, lm, calib, instances, tasks, group_size, device, run_dir, env)
+    else:
+        run_dir = runs / (cfg.name or "worker")
+    return Grid(cfg, lm, calib, instances, tasks, group_size, device, dtype, run_dir, env)
+
+
+# ---- the plan: cells and their units ----------------------------------------------------------------
+def _units(grid: Grid) -> list[Unit]:
+    from ptqbench.leaderboard.store import ResultsStore
+
+    cfg, units = grid.cfg, []
+    for name, task in grid.tasks.items():
+        key = dict(kind="eval", **task.identity(cfg.eval_n), batch_size=EVAL_BATCH)
+        units.append(Unit("eval", name, key, ResultsStore.unit_id(key)))
+    if cfg.latency:
+        key = dict(kind="deploy", kernel=cfg.kernel, infer_dtype=cfg.infer_dtype, batch=cfg.latency_batch,
+                   new_tokens=cfg.latency_tokens, device_type=grid.device.type, protocol=LATENCY_PROTOCOL)
+        units.append(Unit("deploy", "deploy", key, ResultsStore.unit_id(key)))
+    return units
 
 
 def plan(grid: Grid) -> list[Cell]:
@@ -192,108 +304,262 @@ def plan(grid: Grid) -> list[Cell]:
     from ptqbench.leaderboard.store import ResultsStore
 
     cfg = grid.cfg
+    identity = dict(model=cfg.model, model_fingerprint=grid.manifest.get("model"), dtype=str(grid.dtype).removeprefix("torch."),
+                    device_type=grid.device.type)
+    units = _units(grid)
     cells = []
-    if grid.tasks or cfg.latency:  # full precision: the accuracy and latency baseline
-        key = dict(model=cfg.model, method=FP_METHOD, method_options={}, bits=16, group_size=0, sym=False, calib_hash="-")
-        cells.append(Cell(FP_METHOD, 16, key, ResultsStore.cell_id(**key)))
+    if units:  # full precision: the accuracy and latency baseline
+        key = dict(identity, method=FP_METHOD, method_options={}, bits=16, group_size=0, sym=False, calib_hash="-")
+        cells.append(Cell(FP_METHOD, 16, key, ResultsStore.cell_id(**key), list(units), quantize=False))
     for (method, bits), inst in grid.instances.items():
         options = inst.options_dict()
         if cfg.quantize_vision:
             options["quantize_vision"] = True  # part of the cell's identity
         if cfg.max_blocks is not None:
             options["max_blocks"] = cfg.max_blocks  # a partial (cost) cell is never mistaken for a whole one
-        key = dict(model=cfg.model, method=method, method_options=options, bits=bits, group_size=grid.group_size,
-                   sym=cfg.sym, calib_hash=grid.manifest["content_hash"])
-        cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key)))
+        key = dict(identity, method=method, method_options=options, bits=bits, group_size=grid.group_size, sym=cfg.sym,
+                   grid=cfg.grid, seed=cfg.seed, calib_hash=grid.manifest["content_hash"])
+        cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key), list(units)))
     return cells
 
 
-def run_cell(grid: Grid, cell: Cell, progress=None) -> tuple[list[dict], dict]:
-    """Quantize (unless full precision), measure, evaluate. Pure computation: returns (rows, artifacts)."""
+# ---- one cell: quantize (or reload), then each missing unit -----------------------------------------
+def _nonfinite(values: dict) -> str | None:
+    bad = [k for k, v in values.items() if not (isinstance(v, (int, float)) and math.isfinite(v))]
+    return f"non-finite value(s) {', '.join(f'{k}={values[k]!r}' for k in bad[:3])}" if bad else None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def cell_file(grid: Grid, cell: Cell) -> Path:
+    return grid.run_dir / "cells" / cell.cell_id / CELL_FILE
+
+
+def _quantize(grid: Grid, cell: Cell, model, progress) -> tuple[dict, list[dict], dict]:
+    """Quantize `model` in place with the cell's method: (quantized weights, rows, artifacts)."""
     from ptqbench.harness.packing import pack, packed_nbytes, save_quantized
 
+    cfg, device = grid.cfg, grid.device
+    inst = grid.instances[(cell.method, cell.bits)]
+    with measure(device) as cost:
+        result = quantize_model(model, adapter_for(model), grid.calib, inst, device=device, progress=progress,
+                                include_vision=cfg.quantize_vision, max_blocks=cfg.max_blocks)
+    for name, qw in result.quantized.items():  # a NaN weight fails this cell, not the grid
+        if not (torch.isfinite(qw.scale).all() and torch.isfinite(qw.zero).all()):
+            raise FloatingPointError(f"non-finite scale or zero in {name}")
+    packed = {n: pack(qw) for n, qw in result.quantized.items()}
+    other = {n: p for n, p in model.state_dict().items() if n.removesuffix(".weight") not in result.quantized}
+    model_bytes = sum(packed_nbytes(t) for t in packed.values()) + state_bytes(other)
+    recon = recon_metrics(result)
+    bad = _nonfinite(recon)
+    if bad:
+        raise FloatingPointError(f"reconstruction error: {bad}")
+    extra = dict(calib_seconds=cost.seconds, calib_peak_bytes=cost.peak_bytes, model_bytes=model_bytes)
+    rows = [dict(task="recon", metric=m, value=v, **extra) for m, v in recon.items()]
+    artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info, memory_kind=cost.kind)
+    if cfg.save_model:
+        out = cell_file(grid, cell)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # fp32 scales: a later task evaluated on the reloaded weights sees exactly these weights
+        save_quantized(out, result.quantized, other,
+                       dict(model=cfg.model, method=cell.method, bits=cell.bits, options=cell.key["method_options"],
+                            group_size=grid.group_size, sym=cfg.sym, calib_hash=grid.manifest["content_hash"]),
+                       scale_dtype=torch.float32)
+        artifacts["model_file"] = str(out.relative_to(Path(cfg.runs)))
+    return result.quantized, rows, artifacts
+
+
+def _reload(grid: Grid, model, path: Path) -> dict:
+    """Put a cell's saved packed weights into `model` (its fake-quant form, exactly as quantized)."""
+    from ptqbench.harness.packing import load_quantized
+
+    weights, other, _ = load_quantized(path)
+    missing = model.load_state_dict(other, strict=False).unexpected_keys
+    if missing:
+        raise RuntimeError(f"saved cell {path} holds parameters the model lacks: {missing[:3]}")
+    for name, qw in weights.items():
+        lin = model.get_submodule(name)
+        lin.weight.data = qw.dequantize().to(lin.weight.device, lin.weight.dtype)
+    return weights
+
+
+def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = None) -> dict:
+    """Quantize the cell (or reload its stored weights), then compute each of its missing units.
+    Pure computation, returns plain data: {"quant": {"rows", "artifacts"} | None, "units": [...]}, each unit
+    {"unit", "kind", "key", "rows", "error"}. An exception in the quantization propagates (the cell fails);
+    one in a unit is that unit's error."""
     cfg, lm, device = grid.cfg, grid.lm, grid.device
     seed_everything(cfg.seed)
     model = copy.deepcopy(lm.model)
-    rows: list[dict] = []
-    artifacts: dict = {}
-    inst = grid.instances.get((cell.method, cell.bits))
-    if inst is not None:
-        with measure(device) as cost:
-            result = quantize_model(model, adapter_for(model), grid.calib, inst, device=device, progress=progress,
-                                    include_vision=cfg.quantize_vision, max_blocks=cfg.max_blocks)
-        packed = {n: pack(qw) for n, qw in result.quantized.items()}
-        other = {n: p for n, p in model.state_dict().items() if n.removesuffix(".weight") not in result.quantized}
-        model_bytes = sum(packed_nbytes(t) for t in packed.values()) + state_bytes(other)
-        extra = dict(calib_seconds=cost.seconds, calib_peak_bytes=cost.peak_bytes, model_bytes=model_bytes, kernel="fake")
-        rows += [dict(task="recon", metric=m, value=v) for m, v in recon_metrics(result).items()]
-        artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info, memory_kind=cost.kind)
-        if cfg.save_model:
-            out = grid.run_dir / "cells" / cell.cell_id
-            out.mkdir(parents=True, exist_ok=True)
-            save_quantized(out / "model.safetensors", result.quantized, other,
-                           dict(model=cfg.model, method=cell.method, bits=cell.bits, options=cell.key["method_options"],
-                                group_size=grid.group_size, sym=cfg.sym, calib_hash=grid.manifest["content_hash"]))
-    else:
-        extra = dict(model_bytes=state_bytes(model.state_dict()), kernel="fake")
-    if grid.tasks or cfg.latency:  # a lazily built model has neither (refused in prepare)
+    out: dict = {"quant": None, "units": []}
+    quantized = None
+    if cell.method != FP_METHOD:
+        if cell.quantize or stored_file is None:
+            quantized, rows, artifacts = _quantize(grid, cell, model, progress)
+            out["quant"] = dict(rows=rows, artifacts=artifacts)
+        else:
+            quantized = _reload(grid, model, stored_file)
+    if cell.units:
         model.to(device)
-    for t, task in grid.tasks.items():  # accuracy on the fake-quant weights (the method's exact output)
-        rows += [dict(task=t, metric=m, value=v) for m, v in task.evaluate(model, lm.processor, n=cfg.eval_n, progress=progress).items()]
-    if cfg.latency:  # then deploy real packed kernels in place and time them; every figure names its kernel
-        from ptqbench.harness.latency import ROW_FIELDS, deploy_and_measure
+    for unit in cell.units:
+        t0 = time.perf_counter()
+        try:
+            if unit.kind == "eval":  # accuracy on the fake-quant weights (the method's exact output)
+                task = grid.tasks[unit.name]
+                seed_everything(cfg.seed)
+                values = task.evaluate(model, lm.processor, n=cfg.eval_n, batch_size=EVAL_BATCH, progress=progress)
+                bad = _nonfinite(values)
+                if bad:
+                    raise FloatingPointError(f"task {unit.name}: {bad}")
+                rows = [dict(task=unit.name, metric=m, value=v) for m, v in values.items()]
+            else:  # deploy real packed kernels (on a copy: later units keep the fake-quant model) and time them
+                from ptqbench.harness.latency import ROW_FIELDS, deploy_and_measure
 
-        lat = deploy_and_measure(model, lm.processor, result.quantized if inst is not None else None, kernel=cfg.kernel,
-                                 dtype=getattr(torch, cfg.infer_dtype), device=device, new_tokens=cfg.latency_tokens,
-                                 batch_size=cfg.latency_batch)
-        extra.update({k: lat[k] for k in ROW_FIELDS})
-        artifacts["latency"] = {k: v for k, v in lat.items() if k not in ROW_FIELDS}
-        if not rows:  # no task and full precision: the latency row alone
-            rows.append(dict(task="deploy", metric="decode_tok_s", value=lat["decode_tok_s"]))
+                lat = deploy_and_measure(copy.deepcopy(model), lm.processor, quantized, kernel=cfg.kernel,
+                                         dtype=getattr(torch, cfg.infer_dtype), device=device, new_tokens=cfg.latency_tokens,
+                                         batch_size=cfg.latency_batch)
+                bad = _nonfinite({k: lat[k] for k in ("prefill_ms", "decode_tok_s")})
+                if bad:
+                    raise FloatingPointError(f"latency: {bad}")
+                rows = [dict(task="deploy", metric="decode_tok_s", value=lat["decode_tok_s"],
+                             **{k: lat[k] for k in ROW_FIELDS})]
+            out["units"].append(dict(unit=unit.unit_id, kind=unit.kind, key=unit.key, rows=rows, error=None,
+                                     seconds=time.perf_counter() - t0))
+        except Exception as e:  # this unit failed; the cell's other results stand
+            import traceback
+
+            out["units"].append(dict(unit=unit.unit_id, kind=unit.kind, key=unit.key, rows=[],
+                                     error=_one_line(e) + "\n" + traceback.format_exc(limit=6), seconds=time.perf_counter() - t0))
     del model
-    return [dict(r, **extra) for r in rows], artifacts
+    return out
+
+
+# ---- the grid ------------------------------------------------------------------------------------
+def _missing(store, cell: Cell, force: bool) -> Cell | None:
+    """The cell reduced to what the store lacks (None: nothing). `force` recomputes everything."""
+    if force:
+        return cell
+    status = store.cell_status(cell.cell_id)
+    done = store.done_units(cell.cell_id)
+    units = [u for u in cell.units if u.unit_id not in done]
+    quantize = cell.method != FP_METHOD and status != "done"
+    if not quantize and not units:
+        return None
+    return Cell(cell.method, cell.bits, cell.key, cell.cell_id, units, quantize)
+
+
+def _stored_file(grid: Grid, store, cell: Cell) -> Path | None:
+    if cell.quantize or cell.method == FP_METHOD:
+        return None
+    rel = store.artifacts(cell.cell_id).get("model_file")
+    path = Path(grid.cfg.runs) / rel if rel else None
+    return path if path is not None and path.is_file() else None
+
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
 def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
-    from ptqbench.leaderboard.store import ResultsStore
+    from ptqbench.leaderboard.store import ResultsStore, process_owner
 
     grid = prepare(cfg, progress, log)
     store = ResultsStore(cfg.runs)
+    owner = process_owner()
     outcomes: list[CellOutcome] = []
+    cells = plan(grid)
+    planned = {c.cell_id: c for c in cells}  # the whole cell, for the summary (pending ones hold only what is missing)
     pending: list[Cell] = []
-    for cell in plan(grid):
-        done = store.is_done(cell.cell_id) and not cfg.force
-        rows = store.rows(cell_id=cell.cell_id, status="ok") if done else []
-        was = next((r["calib_manifest"].get("model") for r in rows if r.get("calib_manifest")), None)
-        if done and was and was != grid.manifest.get("model"):
-            # same name, other weights (a retrained testbed, an edited checkpoint): the stored numbers
-            # describe a model that is gone, so the cell is recomputed and its rows replaced
-            log(f"[STALE] {cell.method} w{cell.bits}: cell {cell.cell_id} was computed on other weights of "
-                f"{cfg.model} (model fingerprint {was}, now {grid.manifest.get('model')}); recomputing")
-            done = False
-        if done:
-            outcomes.append(CellOutcome(cell.method, cell.bits, "cached", {f"{r['task']}/{r['metric']}": r["value"] for r in rows}))
+    for cell in cells:
+        todo = _missing(store, cell, cfg.force)
+        if todo is None:
+            rows = store.rows(cell_id=cell.cell_id, status="ok")
+            outcomes.append(CellOutcome(cell.method, cell.bits, "cached", _metrics(rows, cell)))
             log(f"{cell.method} w{cell.bits}: already done (cell {cell.cell_id}), skipped; use --force to recompute")
         else:
-            pending.append(cell)
+            pending.append(todo)
+    clock = dict(t0=time.perf_counter(), done=0, spent=0.0)
+    stored: dict[str, Path | None] = {}
 
-    def started(cell: Cell) -> None:
-        store.start_cell(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=cfg.to_dict(),
-                                            calib_manifest=grid.manifest, device=grid.env["device"]))
+    def started(cell: Cell) -> Cell | None:
+        """Claim the cell; the part of it still missing (another run may have done some), or None to skip."""
+        busy = store.claim(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=cfg.to_dict(),
+                                              calib_manifest=grid.manifest, device=grid.env["device"]), owner)
+        if busy:
+            outcomes.append(CellOutcome(cell.method, cell.bits, "busy", error=f"claimed by {busy}"))
+            log(f"[BUSY] {cell.method} w{cell.bits}: cell {cell.cell_id} is being computed by {busy}; left to it")
+            return None
+        todo = _missing(store, cell, cfg.force)
+        if todo is None:
+            store.release(cell.cell_id, owner)
+            rows = store.rows(cell_id=cell.cell_id, status="ok")
+            outcomes.append(CellOutcome(cell.method, cell.bits, "cached", _metrics(rows, planned[cell.cell_id])))
+            log(f"{cell.method} w{cell.bits}: done meanwhile by another run (cell {cell.cell_id}), skipped")
+            return None
+        stored[cell.cell_id] = _stored_file(grid, store, todo)
+        if todo.method != FP_METHOD and not todo.quantize and stored[cell.cell_id] is None:
+            log(f"{cell.method} w{cell.bits}: its saved weights are gone, so it is quantized again for "
+                f"{', '.join(u.name for u in todo.units)}")
+            todo.quantize = True
+        if todo.quantize:
+            store.start_cell(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=cfg.to_dict(),
+                                                calib_manifest=grid.manifest, device=grid.env["device"]))
+        i = pending.index(cell) + 1 if cell in pending else 0
+        what = (["quantize"] if todo.quantize else []) + [u.name for u in todo.units]
+        log(f"[{i}/{len(pending)}] {cell.method} w{cell.bits}: start ({', '.join(what)})")
+        return todo
 
-    def finished(cell: Cell, rows: list[dict], artifacts: dict, seconds: float) -> None:
-        store.finish_cell(cell.cell_id, rows, artifacts)
-        outcomes.append(CellOutcome(cell.method, cell.bits, "done", {f"{r['task']}/{r['metric']}": r["value"] for r in rows},
-                                    seconds=seconds))
+    def finished(cell: Cell, result: dict, seconds: float) -> None:
+        errors = []
+        try:
+            if result["quant"] is not None:
+                store.finish_cell(cell.cell_id, result["quant"]["rows"], result["quant"]["artifacts"])
+            for u in result["units"]:
+                store.record_unit(cell.cell_id, u["unit"], u["kind"], u["key"], u["rows"], u["error"])
+                if u["error"]:
+                    errors.append(f"{u['kind']} {u['key'].get('task', 'latency')}: {u['error'].splitlines()[0]}")
+        except BadInput as e:  # the store refused a row: this cell's problem, not the grid's
+            errors.append(f"store: {e}")
+        finally:
+            store.release(cell.cell_id, owner)
+        rows = store.rows(cell_id=cell.cell_id, status="ok")
+        status = "failed" if errors else "done"
+        outcomes.append(CellOutcome(cell.method, cell.bits, status, _metrics(rows, planned[cell.cell_id]), "; ".join(errors) or None,
+                                    seconds))
+        for e in errors:
+            log(f"[FAILED] {cell.method} w{cell.bits}: {e}")
+        _progress_line(cell, seconds, status)
 
     def failed(cell: Cell, error: str, detail: str, seconds: float) -> None:
-        store.fail_cell(cell.cell_id, error + "\n" + detail)
+        if store.cell_status(cell.cell_id) == "running":
+            store.fail_cell(cell.cell_id, error + "\n" + detail)
+        store.release(cell.cell_id, owner)
         outcomes.append(CellOutcome(cell.method, cell.bits, "failed", error=error, seconds=seconds))
         log(f"[FAILED] {cell.method} w{cell.bits}: {error}")
+        _progress_line(cell, seconds, "failed")
+
+    def _progress_line(cell: Cell, seconds: float, status: str) -> None:
+        clock["done"] += 1
+        clock["spent"] += seconds
+        left = len(pending) - clock["done"]
+        eta = clock["spent"] / clock["done"] * left
+        log(f"[{clock['done']}/{len(pending)}] {cell.method} w{cell.bits}: {status} in {_fmt_s(seconds)}; "
+            f"elapsed {_fmt_s(time.perf_counter() - clock['t0'])}, about {_fmt_s(eta)} left for {left} cell(s)")
 
     from ptqbench.harness.executors import get_executor
 
-    get_executor(cfg.executor, address=cfg.address).run(grid, pending, started, finished, failed, progress)
-    order = {(c.method, c.bits): i for i, c in enumerate(plan(grid))}
+    get_executor(cfg.executor, address=cfg.address).run(grid, pending, started, finished, failed, progress,
+                                                        stored_file=lambda c: stored.get(c.cell_id))
+    order = {(c.method, c.bits): i for i, c in enumerate(cells)}
     outcomes.sort(key=lambda o: order.get((o.method, o.bits), 0))
     return RunSummary(grid.run_dir, cfg.model, grid.group_size, grid.manifest, outcomes)
+
+
+def _metrics(rows: list[dict], cell: Cell) -> dict:
+    """The cell's figures for the summary: its recon rows and the rows of this run's units."""
+    wanted = {u.unit_id for u in cell.units} | {""}
+    return {f"{r['task']}/{r['metric']}": r["value"] for r in rows if (r.get("unit") or "") in wanted}

@@ -75,10 +75,10 @@ def parse_options(cls: type, options: dict, method: str):
             raise BadInput(f"option {key}={value!r} is not accepted by method {method!r}; accepted: {', '.join(map(str, choices))}")
         default = f.default
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise BadInput(f"option {key}={value!r} of method {method!r} must be true or false")
+            raise BadInput(f"option {key}={value!r} of method {method!r} is not accepted; accepted: true or false")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise BadInput(f"option {key}={value!r} of method {method!r} must be a number")
+                raise BadInput(f"option {key}={value!r} of method {method!r} is not accepted; accepted: a number")
             if isinstance(default, float):
                 options[key] = float(value)
     return cls(**options)

@@ -5,6 +5,7 @@ installed) that GPTQModel / transformers' GPTQ integration read the export to th
 import copy
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -212,7 +213,8 @@ def test_export_of_a_real_gptq_act_order_cell(tmp_path, inputs):
     with pytest.raises(BadInput, match="neither a path nor a cell"):
         resolve_cell("zzzz", tmp_path / "elsewhere")
     s = export_gptq(cell_dir, tmp_path / "out")
-    assert s.scales_rounded == 0 and s.shifted_groups == 0
+    # the cell keeps fp32 scales (a task scored later on the saved cell sees the exact weights); GPTQ stores fp16
+    assert s.scales_rounded > 0 and s.shifted_groups == 0
     assert s.method == "gptq" and s.desc_act and s.bits == 4 and s.group_size == 32
     model, _ = build_tiny("qwen2-vl")
     ref, weights = fake_quant_model(model, cell_dir)
@@ -396,6 +398,55 @@ def test_refuses_bad_sources_and_targets(tiny_qwen, tmp_path):
     (tmp_path / "busy" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match="not a GPTQ checkpoint.*'awq'"):
         load_gptq(tmp_path / "busy")
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("target, match", [
+    ("afile", r"output '.*afile' is an existing file, not a directory"),
+    ("afile/sub", r"output '.*afile/sub' is under '.*afile', which is a file"),
+    ("afile/sub/deeper", r"is under '.*afile', which is a file"),
+    ("/proc/forbidden", r"output '/proc/forbidden' cannot be written: no directory can be created in '/proc'"),
+    ("/proc/forbidden/sub", r"no directory can be created in '/proc'"),
+])
+def test_output_path_is_checked_before_any_work(tiny_qwen, tmp_path, monkeypatch, target, match):
+    from ptqbench.harness import packing
+
+    if target.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    model, _ = tiny_qwen
+    cell = make_cell(tmp_path / "cell", model, QuantSpec(4, 32))
+    (tmp_path / "afile").write_text("x")
+    before = _listing(tmp_path)
+    monkeypatch.setattr(packing, "load_quantized", lambda *a: pytest.fail("the cell was read before the target was checked"))
+    out = target if target.startswith("/") else tmp_path / target
+    for overwrite in (False, True):
+        with pytest.raises(BadInput, match=match) as e:
+            export_gptq(cell, out, overwrite=overwrite)
+        assert "\n" not in str(e.value) and "accepted" in str(e.value)
+    assert _listing(tmp_path) == before and (tmp_path / "afile").read_text() == "x"
+
+
+def test_cli_export_to_bad_targets_is_one_line_exit_2(tiny_qwen, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ptqbench import cli
+
+    model, _ = tiny_qwen
+    cell = make_cell(tmp_path / "cell", model, QuantSpec(4, 32))
+    (tmp_path / "afile").write_text("x")
+    before = _listing(tmp_path)
+    for target in (tmp_path / "afile", tmp_path / "afile" / "sub", "/proc/forbidden"):
+        monkeypatch.setattr(sys, "argv", ["bench", "export", str(cell), str(target), "--runs", str(tmp_path / "runs")])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        out, err = capsys.readouterr()
+        assert e.value.code == 2, (out, err)
+        assert len((out + err).strip().splitlines()) == 1 and "Traceback" not in out + err, (out, err)
+    assert _listing(tmp_path) == before
+
 
 
 # ---- real GPTQ loaders (optional) ------------------------------------------------------------------------

@@ -99,7 +99,8 @@ def test_task_returns_plain_data_and_errors_as_data(tmp_path):
         assert out["error"].startswith("RuntimeError: the worker's calibration set") and "Traceback" in out["detail"]
         out = rx.run_cell_task(cfg_json, grid.manifest["content_hash"], cell)
         assert out["ok"] and json.loads(json.dumps(out, allow_nan=False)) == out  # nothing but JSON types
-        assert {r["task"] for r in out["rows"]} == {"recon"} and out["artifacts"]["diagnostics"]["linears"]
+        quant = out["result"]["quant"]
+        assert {r["task"] for r in quant["rows"]} == {"recon"} and quant["artifacts"]["diagnostics"]["linears"]
     finally:
         rx._GRIDS.clear()
 

@@ -72,20 +72,3 @@ def test_latency_rows_name_their_kernel(tmp_path):
     assert rows[("rtn", 4)][0] == "int4pack[bf16]" and rows[("rtn", 2)][0] == "dequant[bf16]"
     assert rows[("rtn", 2)][1] < rows[("rtn", 4)][1] < rows[("fp", 16)][1]  # measured from the held tensors
     assert all(v[2] and v[2] > 0 for v in rows.values())
-
-
-def test_cells_of_other_weights_are_recomputed(tmp_path, monkeypatch):
-    """Same model name, other weights (a retrained testbed): stored cells are stale, not reused."""
-    from ptqbench.harness import calibration as C
-
-    args = ("--model", "tiny:qwen2-vl", "--methods", "rtn", "--bits", "3,4", "--calib-n", "2", "--runs", str(tmp_path),
-            "--no-save-model", "--no-latency")
-    code, out = run(*args)
-    assert code == 0, out
-    monkeypatch.setattr(C, "model_fingerprint", lambda model: "0123456789abcdef")  # as if retrained
-    code, out = run(*args)
-    assert code == 0 and out.count("[STALE]") == 2 and "already done" not in out, out
-    con = sqlite3.connect(tmp_path / "results.sqlite")
-    assert con.execute("select count(distinct cell_id) from results").fetchone()[0] == 2  # replaced, not doubled
-    code, out = run(*args)  # the same (new) weights again: now they are done
-    assert code == 0 and out.count("already done") == 2 and "[STALE]" not in out, out

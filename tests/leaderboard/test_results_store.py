@@ -3,6 +3,7 @@
 import multiprocessing as mp
 import os
 import sqlite3
+from contextlib import closing
 
 import pytest
 
@@ -137,7 +138,7 @@ def test_concurrent_writers(tmp_path):
     assert len(store.rows()) == 400
     with sqlite3.connect(tmp_path / DB_NAME) as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # no WAL: network filesystems
 
 
 def test_random_bytes_refused_and_untouched(tmp_path):
@@ -178,3 +179,79 @@ def test_missing_or_empty_runs_folder(tmp_path):
     with pytest.raises(BadInput, match="has no results.sqlite"):
         ResultsStore(tmp_path, create=False)
     assert not (tmp_path / "nope").exists() and list(tmp_path.iterdir()) == []
+
+
+V1_SCHEMA = """
+CREATE TABLE results (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL, method TEXT NOT NULL, method_options TEXT NOT NULL, bits INTEGER NOT NULL,
+    group_size INTEGER NOT NULL, sym INTEGER NOT NULL, calib_hash TEXT NOT NULL,
+    task TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL, status TEXT NOT NULL CHECK (status IN ('ok', 'failed')), error TEXT,
+    run_id TEXT, cell_id TEXT NOT NULL,
+    calib_seconds REAL, calib_peak_bytes INTEGER, model_bytes INTEGER,
+    prefill_ms REAL, prefill_ms_spread REAL, decode_tok_s REAL, decode_tok_s_spread REAL,
+    infer_peak_bytes INTEGER, kernel TEXT, device TEXT,
+    env_json TEXT, config_json TEXT, calib_manifest_json TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    CHECK (value IS NOT NULL OR status != 'ok'),
+    UNIQUE (model, method, method_options, bits, group_size, sym, calib_hash, task, metric)
+);
+CREATE INDEX results_cell ON results (cell_id);
+CREATE TABLE cells (
+    cell_id TEXT PRIMARY KEY, key_json TEXT NOT NULL,
+    model TEXT NOT NULL, method TEXT NOT NULL, method_options TEXT NOT NULL, bits INTEGER NOT NULL,
+    group_size INTEGER NOT NULL, sym INTEGER NOT NULL, calib_hash TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')), error TEXT,
+    started_at TEXT, finished_at TEXT, attempts INTEGER NOT NULL DEFAULT 0, artifacts_json TEXT
+);
+PRAGMA journal_mode = WAL;
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_store_is_migrated_and_its_rows_stay_readable(tmp_path):
+    """A store written before units and claims (schema 1, the 2026-11 releases) opens, keeps its rows, and
+    none of its cells is served to a new run: their ids lack the identity fields every new id has."""
+    k = key()
+    old_id = ResultsStore.cell_id(**k)  # a key without identity fields hashes as version 1 did
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as con, con:
+        con.executescript(V1_SCHEMA)
+        con.execute("INSERT INTO cells (cell_id, key_json, model, method, method_options, bits, group_size, sym, calib_hash, "
+                    "status, attempts) VALUES (?, '{}', 'tiny', 'gptq', '{}', 4, 128, 0, 'c0ffee', 'done', 1)", (old_id,))
+        con.execute("INSERT INTO results (model, method, method_options, bits, group_size, sym, calib_hash, task, metric, "
+                    "value, status, cell_id, created_at, updated_at) VALUES ('tiny', 'gptq', '{}', 4, 128, 0, 'c0ffee', "
+                    "'synthvqa', 'acc', 0.5, 'ok', ?, 'then', 'then')", (old_id,))
+    store = ResultsStore(tmp_path, create=False)
+    (r,) = store.rows()
+    assert r["value"] == 0.5 and r["cell_id"] == old_id and r["unit"] == ""
+    assert store.is_done(old_id)
+    new_id = ResultsStore.cell_id(**k, grid="minmax", dtype="float32", device_type="cpu", seed=1, model_fingerprint="f")
+    assert new_id != old_id and store.cell_status(new_id) is None
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    run_cell(store, k)  # the old cell can still be written under the new schema (same id, unit '')
+    assert [r["value"] for r in store.rows()] == [0.5]
+
+
+def test_units_are_recorded_apart_and_claims_are_exclusive(tmp_path):
+    store = ResultsStore(tmp_path)
+    k = key()
+    cid = ResultsStore.cell_id(**k)
+    assert store.claim(cid, k, owner="host-a:1:1") is None
+    assert store.claim(cid, k, owner="otherhost:2:2") == "host-a:1:1"  # another host's fresh claim is live
+    store.release(cid, owner="host-a:1:1")
+    assert store.claim(cid, k, owner="otherhost:2:2") is None
+    import socket
+
+    dead = f"{socket.gethostname()}:{2**22 + 7}:0"  # a pid of this host that does not run
+    store.release(cid, owner="otherhost:2:2")
+    assert store.claim(cid, k, owner=dead) is None
+    assert store.claim(cid, k) is None  # a dead process's claim is taken over
+    store.record_unit(cid, "u20", "eval", {"task": "synthvqa", "n": 20}, [{"task": "synthvqa", "metric": "acc", "value": 0.5}])
+    store.record_unit(cid, "u100", "eval", {"task": "synthvqa", "n": 100}, [{"task": "synthvqa", "metric": "acc", "value": 0.6}])
+    store.record_unit(cid, "ud", "deploy", {"kernel": "auto"}, [], error="RuntimeError: kernel crashed")
+    assert store.done_units(cid) == {"u20", "u100"}
+    assert sorted((r["unit"], r["value"], r["unit_json"]["n"]) for r in store.rows()) == [("u100", 0.6, 100), ("u20", 0.5, 20)]
+    assert {u["unit"]: u["status"] for u in store.units(cid)} == {"u20": "done", "u100": "done", "ud": "failed"}
