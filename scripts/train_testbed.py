@@ -186,7 +186,11 @@ def build_cache(path: Path, n_images: int, seed: int, encoder: Encoder, max_obje
             "caption_prob": caption_prob, "every": encoder.every, "version": 3,
             **({"extra": list(extra)} if extra else {}), **({"singles": True} if singles else {})}
     if path.exists():
-        z = torch.load(path, weights_only=False)
+        try:  # weights_only: tensors, dicts, lists and scalars only, so a planted file cannot run code
+            z = torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - damaged or foreign: render the pool again
+            log(f"training cache {path} not usable ({type(e).__name__}); rendering it again")
+            z = {}
         if all(z.get(k) == v for k, v in meta.items()):
             log(f"loaded training cache {path} ({n_images} images)")
             return z

@@ -89,7 +89,7 @@ def test_max_blocks_cost_run(config_path, tmp_path):
     grid = prepare(cfg, log=lambda *_: None)
     (cell,) = plan(grid)
     assert cell.key["method_options"]["max_blocks"] == 1
-    rows, artifacts = run_cell(grid, cell)
+    artifacts = run_cell(grid, cell)["quant"]["artifacts"]
     assert {k.split(".")[3] for k in artifacts["diagnostics"]["linears"]} == {"0"}
     assert list(artifacts["diagnostics"]["blocks"]) == [0]
 
