@@ -167,14 +167,14 @@ def testbed_config(tokenizer=None, layers: int = 4, rope_theta: float = 10000.0,
 
 
 def sha256_file(path: Path) -> str:
-    from ptqbench.harness.models import sha256_file
+    from ptqbench.harness.checkpoints import sha256_file
 
     return sha256_file(path)
 
 
 def write_sha256sums(directory) -> Path:
     """Write ``SHA256SUMS`` (``sha256sum`` format) over every regular file in ``directory``."""
-    from ptqbench.harness.models import write_sha256sums
+    from ptqbench.harness.checkpoints import write_sha256sums
 
     return write_sha256sums(directory)
 
@@ -183,7 +183,7 @@ def verify_sha256sums(directory) -> None:
     """Raise BadInput naming the first file that is missing, altered or not listed (``SHA256SUMS`` required).
     The checking itself is ``ptqbench.harness.models.verify_checkpoint_sums``, which every checkpoint
     directory goes through."""
-    from ptqbench.harness.models import verify_checkpoint_sums
+    from ptqbench.harness.checkpoints import verify_checkpoint_sums
 
     verify_checkpoint_sums(directory, what="testbed file", required=True,
                            fix="re-run scripts/train_testbed.py to rebuild")

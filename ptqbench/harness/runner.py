@@ -377,9 +377,9 @@ def _reload(grid: Grid, model, path: Path) -> dict:
     from ptqbench.harness.packing import load_quantized
 
     weights, other, _ = load_quantized(path)
-    missing = model.load_state_dict(other, strict=False).unexpected_keys
-    if missing:
-        raise RuntimeError(f"saved cell {path} holds parameters the model lacks: {missing[:3]}")
+    unexpected = model.load_state_dict(other, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"saved cell {path} holds parameters the model lacks: {unexpected[:3]}")
     for name, qw in weights.items():
         lin = model.get_submodule(name)
         lin.weight.data = qw.dequantize().to(lin.weight.device, lin.weight.dtype)
@@ -415,10 +415,11 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
                 if bad:
                     raise FloatingPointError(f"task {unit.name}: {bad}")
                 rows = [dict(task=unit.name, metric=m, value=v) for m, v in values.items()]
-            else:  # deploy real packed kernels (on a copy: later units keep the fake-quant model) and time them
+            else:  # deploy real packed kernels in place (on a copy if a unit still needs the fake-quant model)
                 from ptqbench.harness.latency import ROW_FIELDS, deploy_and_measure
 
-                lat = deploy_and_measure(copy.deepcopy(model), lm.processor, quantized, kernel=cfg.kernel,
+                target = model if unit is cell.units[-1] else copy.deepcopy(model)
+                lat = deploy_and_measure(target, lm.processor, quantized, kernel=cfg.kernel,
                                          dtype=getattr(torch, cfg.infer_dtype), device=device, new_tokens=cfg.latency_tokens,
                                          batch_size=cfg.latency_batch)
                 bad = _nonfinite({k: lat[k] for k in ("prefill_ms", "decode_tok_s")})
@@ -517,7 +518,11 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
         errors = []
         try:
             if result["quant"] is not None:
-                store.finish_cell(cell.cell_id, result["quant"]["rows"], result["quant"]["artifacts"])
+                try:
+                    store.finish_cell(cell.cell_id, result["quant"]["rows"], result["quant"]["artifacts"])
+                except BadInput as e:  # the store refused a row: this cell failed, its units were not computed on it
+                    store.fail_cell(cell.cell_id, str(e))
+                    raise
             for u in result["units"]:
                 store.record_unit(cell.cell_id, u["unit"], u["kind"], u["key"], u["rows"], u["error"])
                 if u["error"]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ptqbench.errors import BadInput
+from ptqbench.harness import calib_cache as CC
 from ptqbench.harness import calibration as C
 from ptqbench.harness.adapters import adapter_for
 
@@ -125,7 +126,7 @@ def test_cache_entry_without_reply_mask_is_recaptured(tiny_qwen, tmp_path):
                             warn=warnings.append)
     assert all("reply" in cb.masks for cb in b.batches) and b.hash == a.hash
     assert len(warnings) == 1 and "reply" in warnings[0], warnings
-    assert all("reply" in cb.masks for cb in C.read_calibration_cache(f).batches)
+    assert all("reply" in cb.masks for cb in CC.read_calibration_cache(f).batches)
 
 
 def test_long_samples_dropped_not_truncated(tiny_qwen, tmp_path):

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from ptqbench.errors import BadInput
+from ptqbench.harness import checkpoints as CK
 from ptqbench.harness import models as M
-from ptqbench.harness.models import check_model_source, load_model, write_sha256sums
+from ptqbench.harness.checkpoints import write_sha256sums
+from ptqbench.harness.models import check_model_source, load_model
 
 
 @pytest.fixture(autouse=True)
@@ -107,10 +109,10 @@ def test_other_sums_mismatches_are_refused(ckpt, edit, match):
 
 def test_unchanged_checkpoint_is_hashed_once(ckpt, monkeypatch):
     write_sha256sums(ckpt)
-    monkeypatch.setattr(M, "_RACY_NS", 0)  # files written just now count as settled
+    monkeypatch.setattr(CK, "_RACY_NS", 0)  # files written just now count as settled
     calls = []
-    real = M.sha256_file
-    monkeypatch.setattr(M, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = CK.sha256_file
+    monkeypatch.setattr(CK, "sha256_file", lambda p: calls.append(p) or real(p))
     check_model_source(str(ckpt))
     n = len(calls)
     assert n == len([p for p in ckpt.iterdir() if p.name != "SHA256SUMS"])
@@ -209,7 +211,7 @@ def test_damaged_safetensors_is_refused(ckpt, damage, why):
 @pytest.mark.parametrize("damage", [_first8, _garble_json, _truncate])
 def test_loader_errors_become_badinput(ckpt, damage, monkeypatch):
     """Past the pre-flight checks, what transformers raises while loading is translated too."""
-    monkeypatch.setattr(M, "_check_safetensors_header", lambda p: None)
+    monkeypatch.setattr(CK, "_check_safetensors_header", lambda p: None)
     w = ckpt / "model.safetensors"
     w.write_bytes(damage(w.read_bytes()))
     check_model_source(str(ckpt))

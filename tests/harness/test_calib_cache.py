@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ptqbench.harness import calib_cache as CC
 from ptqbench.harness import calibration as C
 from ptqbench.harness.adapters import adapter_for
 from ptqbench.harness.tiny import TINY_FAMILIES, build_tiny
@@ -77,8 +78,8 @@ def test_the_same_tensor_is_stored_once_and_shared_on_reload(tiny_qwen, tmp_path
     model, processor = tiny_qwen
     cs = C.build_calibration(model, adapter_for(model), processor, "synthvqa", 2, 512, 1, vision=True)
     f = tmp_path / "c.safetensors"
-    C.write_calibration_cache(cs, f)
-    calls = C.read_calibration_cache(f).vision_batches[0].kwargs["vision_calls"]
+    CC.write_calibration_cache(cs, f)
+    calls = CC.read_calibration_cache(f).vision_batches[0].kwargs["vision_calls"]
     assert len(calls) > 1 and calls[0][1]["position_embeddings"][0] is calls[1][1]["position_embeddings"][0]
     assert not [k for k in load_file(f) if "vision_calls/1/" in k]
 
@@ -126,7 +127,7 @@ def test_a_planted_pickle_is_never_executed_and_is_replaced(cached, tmp_path):
     assert not marker.exists()
     assert len(warnings) == 1 and "calibration cache" in warnings[0] and entry.name in warnings[0], warnings
     assert_same_set(first, again)
-    assert_same_set(first, C.read_calibration_cache(entry, first.manifest["cache_key"]))  # a good entry again
+    assert_same_set(first, CC.read_calibration_cache(entry, first.manifest["cache_key"]))  # a good entry again
     assert legacy.read_bytes() == pickle.dumps(_Payload(marker))  # ignored, never opened
 
 
@@ -191,12 +192,12 @@ SPOILERS = {
 def test_a_bad_entry_is_recaptured_with_one_warning(cached, spoil):
     build, entry, first = cached
     SPOILERS[spoil](entry)
-    with pytest.raises(C.CalibCacheError):
-        C.read_calibration_cache(entry, first.manifest["cache_key"])
+    with pytest.raises(CC.CalibCacheError):
+        CC.read_calibration_cache(entry, first.manifest["cache_key"])
     again, warnings = build()
     assert len(warnings) == 1 and "calibration cache" in warnings[0] and "\n" not in warnings[0], warnings
     assert_same_set(first, again)
-    assert_same_set(first, C.read_calibration_cache(entry, first.manifest["cache_key"]))
+    assert_same_set(first, CC.read_calibration_cache(entry, first.manifest["cache_key"]))
     assert not build(adapter=NoCapture())[1]  # and the rewritten entry is used from then on
 
 
@@ -239,8 +240,8 @@ def test_an_uncachable_kwarg_skips_the_cache(tiny_qwen, tmp_path, odd):
     assert "odd" in cs.batches[0].kwargs  # the run goes on with the captured set
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
     assert len(warnings) == 1 and "odd" in warnings[0], warnings
-    with pytest.raises(C.Uncachable, match="batches/0/kwargs/odd"):
-        C.write_calibration_cache(cs, tmp_path / "x.safetensors")
+    with pytest.raises(CC.Uncachable, match="batches/0/kwargs/odd"):
+        CC.write_calibration_cache(cs, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
