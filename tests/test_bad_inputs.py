@@ -103,6 +103,8 @@ CASES = [
     ("config-wrong-type", ["--config", "{tmp}/r.yaml"], {"r.yaml": "seq_len: many\n"}, "'many'"),
     ("store-not-sqlite", ["--runs", "{tmp}/runs"], {"runs/results.sqlite": b"\x00garbage" * 100}, "not a ptqbench results store"),
     ("store-foreign-sqlite", ["--runs", "{tmp}/runs"], {"runs/results.sqlite": "FOREIGN"}, "schema"),
+    ("calib-missing-beside-a-store", ["--runs", "{tmp}/runs", "--calib", "{tmp}/missing.json"],
+     {"runs/results.sqlite": "STORE"}, "missing.json"),
     ("checkpoint-tampered", ["--model", "{ckpt}"], {}, "SHA256"),
     ("checkpoint-pickled-weights", ["--model", "{ckpt}"], {}, "--allow-pickle"),
     ("checkpoint-damaged-header", ["--model", "{ckpt}"], {}, "model.safetensors"),
@@ -141,7 +143,14 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, flags, files, needle
     for name, content in files.items():
         p = tmp_path / name
         p.parent.mkdir(parents=True, exist_ok=True)
-        if content == "FOREIGN":
+        if content == "STORE":  # a healthy store with a result in it: it must stay byte-for-byte as it is
+            from ptqbench.leaderboard.store import ResultsStore
+
+            k = dict(model="m", method="rtn", method_options={}, bits=4, group_size=32, sym=False, calib_hash="c")
+            store = ResultsStore(p.parent)
+            store.start_cell(ResultsStore.cell_id(**k), dict(k, env={}))
+            store.finish_cell(ResultsStore.cell_id(**k), [{"task": "t", "metric": "acc", "value": 0.5}])
+        elif content == "FOREIGN":
             with sqlite3.connect(p) as con:
                 con.execute("CREATE TABLE other (x)")
         elif isinstance(content, bytes):

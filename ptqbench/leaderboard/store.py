@@ -314,17 +314,12 @@ class ResultsStore:
             raise self._bad_file(f"schema version {version}, tables {sorted(tables)}; expected version {SCHEMA_VERSION}")
         if not create:
             raise BadInput(f"results store {self.path} is empty; run `bench run` first")
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(con):
             # Another process may have created it between our check and the lock.
             if not con.execute("SELECT 1 FROM sqlite_master WHERE name='results'").fetchone():
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         con.execute(stmt)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _leave_wal(con) -> None:
@@ -339,37 +334,29 @@ class ResultsStore:
             con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def _migrate_v1(self, con) -> None:
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(con):
             if con.execute("PRAGMA user_version").fetchone()[0] == 1:  # not migrated meanwhile by another process
                 for stmt in MIGRATE_V1:
-                    if stmt.strip():
-                        con.execute(stmt)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+                    con.execute(stmt)
 
     def check_writable(self) -> None:
-        """Take and drop the write lock: a read-only file or folder fails here, before any work."""
-        try:
-            with self._write() as con:
-                con.execute("CREATE TABLE IF NOT EXISTS _probe (x)")
-                con.execute("DROP TABLE _probe")
-        except sqlite3.OperationalError as e:
-            raise BadInput(f"results store {self.path} is not writable ({e}); accepted: a writable --runs folder") from None
+        """A write that is rolled back: a read-only file or folder fails here, before any work, and a
+        writable store is left byte-for-byte as it was."""
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("CREATE TABLE _probe (x)")
+            except sqlite3.OperationalError as e:
+                raise BadInput(f"results store {self.path} is not writable ({e}); accepted: a writable --runs folder") from None
+            finally:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
 
     @contextmanager
     def _write(self):
         """One write transaction; the lock is taken at BEGIN so concurrent writers queue up."""
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                yield con
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self._connect() as con, _transaction(con):
+            yield con
 
     # -- cells -----------------------------------------------------------------------------
     @staticmethod
@@ -592,6 +579,18 @@ class ResultsStore:
         if r is None:
             raise BadInput(f"no cell {cell_id!r} in {self.path}")
         return json.loads(r["artifacts_json"]) if r["artifacts_json"] else {}
+
+
+@contextmanager
+def _transaction(con):
+    """BEGIN IMMEDIATE (the write lock up front) ... COMMIT, or ROLLBACK on any exception."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def _check_fields(given: set, accepted: set):

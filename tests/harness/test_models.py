@@ -15,14 +15,6 @@ from ptqbench.harness.checkpoints import write_sha256sums
 from ptqbench.harness.models import check_model_source, load_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny Qwen2-VL checkpoint as save_pretrained writes it, and its state dict."""
