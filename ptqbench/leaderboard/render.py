@@ -129,8 +129,10 @@ def _entries(rows: list[dict], cells: list[dict]) -> list[Entry]:
 
 
 def _stat(e: Entry, name: str):
-    """A per-cell number (cost, latency): the same on every row of the cell, so take the first."""
-    return next((r[name] for r in e.metrics.values() if r.get(name) is not None), None)
+    """A per-cell number (cost, latency): the deployment's own row first (its model size is the deployed
+    model's), then the first other row that has it."""
+    rows = sorted(e.metrics.values(), key=lambda r: r.get("task") != "deploy")
+    return next((r[name] for r in rows if r.get(name) is not None), None)
 
 
 def _mark_best(table: Table, entries: list[Entry], col: int, higher: bool):

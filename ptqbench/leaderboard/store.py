@@ -245,6 +245,7 @@ def current_environment() -> dict:
         import torch
 
         env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+        env["torch_threads"] = torch.get_num_threads()  # reduction order: GPTQ-family figures move with it
     except Exception:  # an env probe must never fail a finished cell
         env["device"] = None
     return env
