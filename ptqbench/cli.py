@@ -50,9 +50,7 @@ class _PlainProgress:
 
 def _log_line(message: str) -> None:
     """One plain line, flushed at once (a log file sees it when it happens)."""
-    from rich.text import Text
-
-    print(Text.from_markup(message).plain, flush=True)
+    print(message, flush=True)
 
 
 @app.command()
@@ -117,7 +115,7 @@ def run(
 
     if console.is_terminal:
         with _progress() as progress:
-            summary = run_grid(cfg, progress=progress, log=lambda m: progress.console.print(m))
+            summary = run_grid(cfg, progress=progress, log=lambda m: progress.console.print(m, markup=False, highlight=False))
     else:
         summary = run_grid(cfg, progress=_PlainProgress(), log=_log_line)
     _print_summary(summary)
@@ -178,10 +176,10 @@ def methods_cmd():
 @app.command()
 def leaderboard(
     runs: str = typer.Option("runs", help="runs folder holding results.sqlite"),
-    format: str = typer.Option("md", "--format", help="md, html or json"),
+    format: str = typer.Option("md", "--format", help="md, html, latex (booktabs), csv (one row per stored value) or json"),
     out: Optional[str] = typer.Option(None, help="write to this file instead of stdout"),
 ):
-    """Render the results store as markdown, a self-contained HTML page, or JSON."""
+    """Render the results store as markdown, a self-contained HTML page, LaTeX tables, CSV or JSON."""
     from ptqbench.leaderboard import leaderboard as render_leaderboard
 
     text = render_leaderboard(runs, format, out)

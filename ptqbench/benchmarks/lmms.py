@@ -470,8 +470,15 @@ class LmmsTask(Task):
                                random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
                                fewshot_random_seed=self.seed, process_docs_parallel=1)
 
-    def evaluate(self, model, processor, n=None, batch_size=16, progress=None) -> dict[str, float]:
-        return _metrics(self.run(model, processor, n, batch_size, progress), self.name)
+    def scores(self, model, processor, n=None, batch_size=16, progress=None) -> dict:
+        """lmms-eval's aggregated metrics; their item count is lmms-eval's sample count (no per-item
+        outcomes are taken from it, so these scores carry n but no interval)."""
+        from ptqbench.benchmarks.tasks import Score
+
+        results = self.run(model, processor, n, batch_size, progress)
+        counts = results.get("n-samples", {}).get(self.name, {})
+        n_items = int(counts.get("effective") or counts.get("original") or 0)
+        return {m: Score(v, n_items) for m, v in _metrics(results, self.name).items()}
 
     def identity(self, n=None) -> dict:
         from importlib import metadata

@@ -14,6 +14,7 @@ import math
 import random
 import string
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -101,14 +102,34 @@ class _Progress:
             self.p.remove_task(self.task)
 
 
+@dataclass
+class Score:
+    """One metric of a task with what its uncertainty needs: the per-item outcomes in item order.
+
+    kind "proportion": items are 0/1 (value = their mean); kind "mean": value = sum(items) / sum(weights)
+    (weights: e.g. each item's answer tokens, for a token-weighted NLL; None = plain mean). A task that
+    cannot give per-item outcomes leaves `items` empty: its score is shown with n but no interval."""
+
+    value: float
+    n: int
+    kind: str = "mean"
+    items: list[float] | None = None
+    weights: list[float] | None = None
+
+
 class Task:
     name: str = ""
     description: str = ""
 
+    def scores(self, model, processor, n: int | None = None, batch_size: int = 16,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Score]:
+        """Metric name -> Score. ``progress``: None, a callable ``(done, total)`` or a rich Progress."""
+        raise NotImplementedError
+
     def evaluate(self, model, processor, n: int | None = None, batch_size: int = 16,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-        """Metric name -> value. ``progress``: None, a callable ``(done, total)`` or a rich Progress."""
-        raise NotImplementedError
+        """Metric name -> value."""
+        return {m: s.value for m, s in self.scores(model, processor, n, batch_size, progress).items()}
 
     def identity(self, n: int | None = None) -> dict:
         """Everything besides the model that decides this task's numbers: a stored score is keyed by it."""
@@ -147,19 +168,17 @@ class SynthVQAAccuracy(Task):
         bar.close()
         return preds
 
-    def evaluate(self, model, processor, n=None, batch_size=16, progress=None):
+    def scores(self, model, processor, n=None, batch_size=16, progress=None):
         n, batch_size = _check_n(n), _check_batch(batch_size)
         model.eval()
         items = sv.generate("eval", n, seed=self.seed)
         preds = self.predict(model, processor, items, batch_size, progress)
-        hits = {f: [] for f in sv.FAMILIES}
-        for it, p in zip(items, preds):
-            hits[it.family].append(normalize(p) == normalize(it.answer))
-        allh = [h for v in hits.values() for h in v]
-        res = {"acc": float(np.mean(allh))}
+        hits = [float(normalize(p) == normalize(it.answer)) for it, p in zip(items, preds)]
+        res = {"acc": _proportion(hits)}
         for f in sv.FAMILIES:
-            if hits[f]:
-                res[f"acc/{f}"] = float(np.mean(hits[f]))
+            fam = [h for h, it in zip(hits, items) if it.family == f]
+            if fam:
+                res[f"acc/{f}"] = _proportion(fam)
         return res
 
 
@@ -171,15 +190,14 @@ class SynthVQANLL(Task):
         self.seed = seed
 
     @torch.no_grad()
-    def evaluate(self, model, processor, n=None, batch_size=16, progress=None):
+    def scores(self, model, processor, n=None, batch_size=16, progress=None):
         n, batch_size = _check_n(n), _check_batch(batch_size)
         seed_everything(self.seed)
         model.eval()
         device = _model_device(model)
         items = sv.generate("eval", n, seed=self.seed)
         end = processor.tokenizer.eos_token or ""
-        tot = {f: 0.0 for f in sv.FAMILIES}
-        cnt = {f: 0 for f in sv.FAMILIES}
+        nll, tokens = [], []  # per item: the answer's summed -log p and its token count
         bar = _Progress(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -198,21 +216,32 @@ class SynthVQANLL(Task):
             tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
             T = enc["input_ids"].shape[1]
             for b, it in enumerate(chunk):
-                k = n_ans[b]
-                if k <= 0:
-                    continue
+                k = max(n_ans[b], 0)
                 # left padding: the answer is the last k tokens; token t is predicted at t-1.
-                lp = tok_lp[b, T - 1 - k:]
-                tot[it.family] += float(-lp.sum())
-                cnt[it.family] += k
+                nll.append(float(-tok_lp[b, T - 1 - k:].sum()) if k else 0.0)
+                tokens.append(float(k))
             bar.advance(len(chunk))
         bar.close()
-        total = sum(cnt.values())
-        res = {"nll": sum(tot.values()) / total if total else math.nan}
+        res = {"nll": _ratio(nll, tokens)}
+        family_sums = []
         for f in sv.FAMILIES:
-            if cnt[f]:
-                res[f"nll/{f}"] = tot[f] / cnt[f]
+            idx = [i for i, it in enumerate(items) if it.family == f and tokens[i]]
+            if idx:
+                res[f"nll/{f}"] = _ratio([nll[i] for i in idx], [tokens[i] for i in idx])
+                family_sums.append(sum(nll[i] for i in idx))
+        if sum(tokens):  # summed family by family, as the figures published before per-item scores were
+            res["nll"].value = sum(family_sums) / sum(tokens)
         return res
+
+
+def _proportion(hits: list[float]) -> Score:
+    return Score(float(np.mean(hits)), len(hits), "proportion", hits)
+
+
+def _ratio(values: list[float], weights: list[float]) -> Score:
+    """A token-weighted mean (sum over items / their tokens), n = the items with tokens."""
+    total = sum(weights)
+    return Score(sum(values) / total if total else math.nan, sum(1 for w in weights if w), "mean", values, weights)
 
 
 TASKS: dict[str, type] = {

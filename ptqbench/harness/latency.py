@@ -279,3 +279,56 @@ def deploy_and_measure(model, processor, quantized: dict | None = None, *, kerne
         model.to(device)
     used = deploy(model, quantized, kernel, dtype=dtype) if quantized else {}
     return dict(measure_inference(model, processor, device=device, **measure_kw), kernels_used=used)
+
+
+def _cv(values: list[float]) -> float:
+    """Coefficient of variation (sample standard deviation over the mean); 0 for fewer than 2 values."""
+    if len(values) < 2 or not statistics.fmean(values):
+        return 0.0
+    return statistics.stdev(values) / abs(statistics.fmean(values))
+
+
+def measure_interleaved(models: dict, processor, *, device=None, new_tokens: int = 8, batch_size: int = 1,
+                        min_rounds: int = 7, max_rounds: int = 25, cv_target: float = 0.05, warmup: int = 2) -> dict:
+    """Time several deployed models (one per deployment format) in rounds that take one repeat of each in
+    turn, so that a burst of load on a shared machine hits every format alike instead of one. Rounds go
+    on (from `min_rounds` up to `max_rounds`) until every format's prefill and decode have a coefficient
+    of variation at or under `cv_target`. Returns, per key, measure_inference's row fields over all its
+    rounds plus `prefill_ms_cv`, `decode_tok_s_cv`, `repeats` and `rounds_capped` (True: still noisier
+    than the target), or the exception that format raised (the others go on without it)."""
+    out: dict = {}
+    timed = {k: {"prefill": [], "decode": [], "peak": 0, "first": None} for k in models}
+    for k, m in models.items():  # warm-up: kernels' first calls, allocator, caches
+        try:
+            timed[k]["first"] = measure_inference(m, processor, device=device, new_tokens=new_tokens,
+                                                  batch_size=batch_size, warmup=warmup, repeats=1)
+        except Exception as e:  # noqa: BLE001 - recorded against that format
+            out[k] = e
+    live = [k for k in models if k not in out]
+    rounds = 0
+    while live and rounds < max_rounds:
+        rounds += 1
+        for k in list(live):
+            try:
+                r = measure_inference(models[k], processor, device=device, new_tokens=new_tokens,
+                                      batch_size=batch_size, warmup=0, repeats=1)
+            except Exception as e:  # noqa: BLE001
+                out[k] = e
+                live.remove(k)
+                continue
+            t = timed[k]
+            t["prefill"] += r["prefill_ms_all"]
+            t["decode"] += r["decode_tok_s_all"]
+            t["peak"] = max(t["peak"], r["infer_peak_bytes"] or 0)
+        if rounds >= min_rounds and all(max(_cv(timed[k]["prefill"]), _cv(timed[k]["decode"])) <= cv_target for k in live):
+            break
+    for k in live:
+        t, first = timed[k], timed[k]["first"]
+        out[k] = dict(
+            model_bytes=first["model_bytes"], kernel=first["kernel"], infer_peak_bytes=max(t["peak"], first["infer_peak_bytes"] or 0),
+            prefill_ms=statistics.median(t["prefill"]), prefill_ms_spread=_spread(t["prefill"]),
+            decode_tok_s=statistics.median(t["decode"]), decode_tok_s_spread=_spread(t["decode"]),
+            prefill_ms_cv=_cv(t["prefill"]), decode_tok_s_cv=_cv(t["decode"]), repeats=len(t["decode"]),
+            rounds_capped=max(_cv(t["prefill"]), _cv(t["decode"])) > cv_target,
+        )
+    return out

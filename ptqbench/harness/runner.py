@@ -34,6 +34,7 @@ from ptqbench.harness.models import check_model_source, load_model, resolve_devi
 from ptqbench.methods import QuantSpec, get_method
 
 FP_METHOD = "fp"
+FORMAT_METHOD = "format"  # a deployment format's own cell: its latency, measured once per model (run_formats)
 CELL_FILE = "model.safetensors"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 EVAL_BATCH = 16  # items per evaluation batch (part of a task unit's identity: padding can move a logit)
@@ -292,24 +293,28 @@ def _units(grid: Grid) -> list[Unit]:
     for name, task in grid.tasks.items():
         key = dict(kind="eval", **task.identity(cfg.eval_n), batch_size=EVAL_BATCH)
         units.append(Unit("eval", name, key, ResultsStore.unit_id(key)))
-    if cfg.latency:
-        key = dict(kind="deploy", kernel=cfg.kernel, infer_dtype=cfg.infer_dtype, batch=cfg.latency_batch,
-                   new_tokens=cfg.latency_tokens, device_type=grid.device.type, protocol=LATENCY_PROTOCOL)
-        units.append(Unit("deploy", "deploy", key, ResultsStore.unit_id(key)))
     return units
 
 
+def _identity(grid: Grid) -> dict:
+    return dict(model=grid.cfg.model, model_fingerprint=grid.manifest.get("model"), dtype=str(grid.dtype).removeprefix("torch."),
+                device_type=grid.device.type)
+
+
+def _fp_key(grid: Grid) -> dict:
+    return dict(_identity(grid), method=FP_METHOD, method_options={}, bits=16, group_size=0, sym=False, calib_hash="-")
+
+
 def plan(grid: Grid) -> list[Cell]:
-    """Full precision first (when there is a task or latency to measure), then every (method, bits)."""
+    """Full precision first (when there is a task to score), then every (method, bits)."""
     from ptqbench.leaderboard.store import ResultsStore
 
     cfg = grid.cfg
-    identity = dict(model=cfg.model, model_fingerprint=grid.manifest.get("model"), dtype=str(grid.dtype).removeprefix("torch."),
-                    device_type=grid.device.type)
+    identity = _identity(grid)
     units = _units(grid)
     cells = []
-    if units:  # full precision: the accuracy and latency baseline
-        key = dict(identity, method=FP_METHOD, method_options={}, bits=16, group_size=0, sym=False, calib_hash="-")
+    if units:  # full precision: the accuracy baseline
+        key = _fp_key(grid)
         cells.append(Cell(FP_METHOD, 16, key, ResultsStore.cell_id(**key), list(units), quantize=False))
     for (method, bits), inst in grid.instances.items():
         options = inst.options_dict()
@@ -323,6 +328,113 @@ def plan(grid: Grid) -> list[Cell]:
     return cells
 
 
+def plan_formats(grid: Grid) -> list[Cell]:
+    """The deployment formats of the grid, full precision first: latency belongs to a format (bits, group
+    size, sym, kernel, dtype, batch), not to a method, so each is timed once per model, on the model
+    quantized to that format with RTN (a kernel's speed does not depend on the values it multiplies), and
+    the leaderboard shows it on every method's row of that format."""
+    from ptqbench.leaderboard.store import ResultsStore
+
+    cfg = grid.cfg
+    if not cfg.latency:
+        return []
+    key = dict(kind="deploy", kernel=cfg.kernel, infer_dtype=cfg.infer_dtype, batch=cfg.latency_batch,
+               new_tokens=cfg.latency_tokens, device_type=grid.device.type, protocol=LATENCY_PROTOCOL)
+    unit = Unit("deploy", "deploy", key, ResultsStore.unit_id(key))
+    fp = _fp_key(grid)
+    cells = [Cell(FP_METHOD, 16, fp, ResultsStore.cell_id(**fp), [unit], quantize=False)]
+    for bits in cfg.bits:
+        options = {"quantize_vision": True} if cfg.quantize_vision else {}
+        fkey = dict(_identity(grid), method=FORMAT_METHOD, method_options=options, bits=bits, group_size=grid.group_size,
+                    sym=cfg.sym, grid=cfg.grid, calib_hash="-")
+        cells.append(Cell(FORMAT_METHOD, bits, fkey, ResultsStore.cell_id(**fkey), [unit], quantize=False))
+    return cells
+
+
+def _format_model(grid: Grid, cell: Cell):
+    """The base model deployed in the cell's format: RTN weights packed for the kernel (or dense for FP)."""
+    from ptqbench.harness.kernels import deploy
+    from ptqbench.methods.quant import quantize_rtn
+
+    cfg = grid.cfg
+    model = copy.deepcopy(grid.lm.model)
+    quantized = {}
+    if cell.method == FORMAT_METHOD:
+        adapter = adapter_for(model)
+        spec = QuantSpec(bits=cell.bits, group_size=grid.group_size, sym=cfg.sym, grid=cfg.grid)
+        stacks = [(adapter.decoder_path, adapter.decoder_layers())]
+        if cfg.quantize_vision:
+            stacks.append((adapter.vision_blocks_path, adapter.vision_blocks()))
+        for prefix, blocks in stacks:
+            for i, blk in enumerate(blocks):
+                for n, lin in adapter.block_linears(blk).items():
+                    quantized[f"{prefix}.{i}.{n}"] = qw = quantize_rtn(lin.weight.data.float(), spec)
+                    lin.weight.data = qw.dequantize().to(lin.weight.dtype)
+    dtype = getattr(torch, cfg.infer_dtype)
+    model.to(dtype).to(grid.device)
+    if quantized:
+        deploy(model, quantized, cfg.kernel, dtype=dtype)
+    return model.eval()
+
+
+def run_formats(grid: Grid, store, owner: str, log) -> list[CellOutcome]:
+    """Time every format whose latency the store lacks, all in one interleaved measurement."""
+    from ptqbench.harness.latency import measure_interleaved
+
+    cfg, outcomes, todo = grid.cfg, [], []
+    for cell in plan_formats(grid):
+        label = "FP" if cell.method == FP_METHOD else f"W{cell.bits} g{grid.group_size}"
+        if not cfg.force and cell.units[0].unit_id in store.done_units(cell.cell_id):
+            continue
+        busy = store.claim(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=cfg.to_dict(),
+                                              device=grid.env["device"]), owner)
+        if busy:
+            log(f"[BUSY] latency {label}: being measured by {busy}; left to it")
+            continue
+        todo.append((label, cell))
+    if not todo:
+        return outcomes
+    t0 = time.perf_counter()
+    log(f"[latency] timing {len(todo)} format(s) in interleaved rounds: {', '.join(label for label, _ in todo)}")
+    models, results = {}, {}
+    for label, cell in todo:
+        try:
+            models[label] = _format_model(grid, cell)
+        except Exception as e:  # noqa: BLE001 - that format fails, the others are timed
+            results[label] = e
+    results.update(measure_interleaved(models, grid.lm.processor, device=grid.device, new_tokens=cfg.latency_tokens,
+                                       batch_size=cfg.latency_batch))
+    models.clear()
+    for label, cell in todo:
+        r, unit = results[label], cell.units[0]
+        try:
+            if isinstance(r, BaseException):
+                store.record_unit(cell.cell_id, unit.unit_id, "deploy", unit.key, [], error=_one_line(r))
+                outcomes.append(CellOutcome(f"latency {label}", cell.bits, "failed", error=_one_line(r)))
+                log(f"[FAILED] latency {label}: {_one_line(r)}")
+                continue
+            bad = _nonfinite({k: r[k] for k in ("prefill_ms", "decode_tok_s")})
+            if bad:
+                raise FloatingPointError(f"latency {label}: {bad}")
+            fields = {k: r[k] for k in ("model_bytes", "prefill_ms", "prefill_ms_spread", "decode_tok_s", "decode_tok_s_spread",
+                                        "infer_peak_bytes", "kernel")}
+            rows = [dict(task="deploy", metric="decode_tok_s", value=r["decode_tok_s"], n=r["repeats"], **fields),
+                    dict(task="deploy", metric="prefill_ms_cv", value=r["prefill_ms_cv"], n=r["repeats"]),
+                    dict(task="deploy", metric="decode_tok_s_cv", value=r["decode_tok_s_cv"], n=r["repeats"])]
+            store.record_unit(cell.cell_id, unit.unit_id, "deploy", unit.key, rows)
+            outcomes.append(CellOutcome(f"latency {label}", cell.bits, "done",
+                                        {"deploy/decode_tok_s": r["decode_tok_s"], "deploy/prefill_ms": r["prefill_ms"]}))
+        except (BadInput, FloatingPointError) as e:
+            store.record_unit(cell.cell_id, unit.unit_id, "deploy", unit.key, [], error=str(e))
+            outcomes.append(CellOutcome(f"latency {label}", cell.bits, "failed", error=str(e)))
+            log(f"[FAILED] latency {label}: {e}")
+        finally:
+            store.release(cell.cell_id, owner)
+    done = [o for o in outcomes if o.status == "done"]
+    log(f"[latency] {len(done)}/{len(todo)} format(s) timed in {_fmt_s(time.perf_counter() - t0)}")
+    return outcomes
+
+
 # ---- one cell: quantize (or reload), then each missing unit -----------------------------------------
 def _nonfinite(values: dict) -> str | None:
     bad = [k for k, v in values.items() if not (isinstance(v, (int, float)) and math.isfinite(v))]
@@ -332,6 +444,20 @@ def _nonfinite(values: dict) -> str | None:
 def _one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def score_interval(score) -> dict:
+    """The 95% interval stored with a task score: Wilson for a proportion, a bootstrap over items for a mean."""
+    from ptqbench.leaderboard.stats import bootstrap_mean, wilson
+
+    if not score.items:
+        return dict(ci_low=None, ci_high=None)
+    if score.kind == "proportion":
+        lo, hi = wilson(int(round(sum(score.items))), len(score.items))
+    else:
+        lo, hi = bootstrap_mean(score.items, score.weights)
+    ok = math.isfinite(lo) and math.isfinite(hi)
+    return dict(ci_low=lo if ok else None, ci_high=hi if ok else None)
 
 
 def cell_file(grid: Grid, cell: Cell) -> Path:
@@ -395,13 +521,12 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
     seed_everything(cfg.seed)
     model = copy.deepcopy(lm.model)
     out: dict = {"quant": None, "units": []}
-    quantized = None
     if cell.method != FP_METHOD:
         if cell.quantize or stored_file is None:
-            quantized, rows, artifacts = _quantize(grid, cell, model, progress)
+            _, rows, artifacts = _quantize(grid, cell, model, progress)
             out["quant"] = dict(rows=rows, artifacts=artifacts)
         else:
-            quantized = _reload(grid, model, stored_file)
+            _reload(grid, model, stored_file)
     if cell.units:
         model.to(device)
     for unit in cell.units:
@@ -410,24 +535,15 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
             if unit.kind == "eval":  # accuracy on the fake-quant weights (the method's exact output)
                 task = grid.tasks[unit.name]
                 seed_everything(cfg.seed)
-                values = task.evaluate(model, lm.processor, n=cfg.eval_n, batch_size=EVAL_BATCH, progress=progress)
-                bad = _nonfinite(values)
+                scores = task.scores(model, lm.processor, n=cfg.eval_n, batch_size=EVAL_BATCH, progress=progress)
+                bad = _nonfinite({m: sc.value for m, sc in scores.items()})
                 if bad:
                     raise FloatingPointError(f"task {unit.name}: {bad}")
-                rows = [dict(task=unit.name, metric=m, value=v) for m, v in values.items()]
-            else:  # deploy real packed kernels in place (on a copy if a unit still needs the fake-quant model)
-                from ptqbench.harness.latency import ROW_FIELDS, deploy_and_measure
-
-                target = model if unit is cell.units[-1] else copy.deepcopy(model)
-                lat = deploy_and_measure(target, lm.processor, quantized, kernel=cfg.kernel,
-                                         dtype=getattr(torch, cfg.infer_dtype), device=device, new_tokens=cfg.latency_tokens,
-                                         batch_size=cfg.latency_batch)
-                bad = _nonfinite({k: lat[k] for k in ("prefill_ms", "decode_tok_s")})
-                if bad:
-                    raise FloatingPointError(f"latency: {bad}")
-                rows = [dict(task="deploy", metric="decode_tok_s", value=lat["decode_tok_s"],
-                             **{k: lat[k] for k in ROW_FIELDS})]
-            out["units"].append(dict(unit=unit.unit_id, kind=unit.kind, key=unit.key, rows=rows, error=None,
+                rows = [dict(task=unit.name, metric=m, value=sc.value, n=sc.n, **score_interval(sc)) for m, sc in scores.items()]
+                items = {m: dict(kind=sc.kind, items=sc.items, weights=sc.weights) for m, sc in scores.items() if sc.items}
+            else:
+                raise ValueError(f"unit kind {unit.kind!r} is not run per cell")  # deployment: run_formats
+            out["units"].append(dict(unit=unit.unit_id, kind=unit.kind, key=unit.key, rows=rows, error=None, items=items,
                                      seconds=time.perf_counter() - t0))
         except Exception as e:  # this unit failed; the cell's other results stand
             import traceback
@@ -524,7 +640,7 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
                     store.fail_cell(cell.cell_id, str(e))
                     raise
             for u in result["units"]:
-                store.record_unit(cell.cell_id, u["unit"], u["kind"], u["key"], u["rows"], u["error"])
+                store.record_unit(cell.cell_id, u["unit"], u["kind"], u["key"], u["rows"], u["error"], u.get("items"))
                 if u["error"]:
                     errors.append(f"{u['kind']} {u['key'].get('task', 'latency')}: {u['error'].splitlines()[0]}")
         except BadInput as e:  # the store refused a row: this cell's problem, not the grid's
@@ -559,6 +675,7 @@ def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
 
     get_executor(cfg.executor, address=cfg.address).run(grid, pending, started, finished, failed, progress,
                                                         stored_file=lambda c: stored.get(c.cell_id))
+    outcomes += run_formats(grid, store, owner, log)  # latency: in this process, after the cells, all formats at once
     order = {(c.method, c.bits): i for i, c in enumerate(cells)}
     outcomes.sort(key=lambda o: order.get((o.method, o.bits), 0))
     return RunSummary(grid.run_dir, cfg.model, grid.group_size, grid.manifest, outcomes)

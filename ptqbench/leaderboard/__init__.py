@@ -21,7 +21,7 @@ def leaderboard(runs_dir="runs", fmt: str = "md", out=None) -> str:
     rows, cells = store.rows(), store.cells()
     if not rows and not cells:
         raise BadInput(f"results store {store.path} holds no results yet; run `bench run` first")
-    text = render(rows, fmt, cells=cells)
+    text = render(rows, fmt, cells=cells, units=store.units())
     if out is not None:
         _write_only(Path(out), text, store.path)
     return text
@@ -38,6 +38,9 @@ def _write_only(out: Path, text: str, db: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the page is the user's to share, as any file they write
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

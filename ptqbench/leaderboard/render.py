@@ -1,15 +1,19 @@
-"""Leaderboard generator: store rows -> Markdown, one self-contained HTML file, or JSON.
+"""Leaderboard generator: store rows -> Markdown, one self-contained HTML page, LaTeX, CSV or JSON.
 
-All three formats are built from the same Table objects, so they show the same numbers. Per model:
-(a) accuracy: rows = method x bits (+ full precision), one column per task/metric, the average of the
-    top-level higher-is-better metrics and its delta vs full precision; the best quantized value per
-    column *among rows of the same bit width* is marked (across bit widths the widest would always win);
-(b) cost: calibration time and peak memory; (c) deployment: size, latency, throughput, memory, kernel.
+Every format is built from the same Table objects, so they show the same numbers. Per model:
+(a) accuracy first: method, format (W4 g64), each task's headline metric with its sample size and 95%
+    interval, its change against full precision (* where a paired test over the same items says it is
+    significant), and the average when there are several tasks; a value is marked best among rows of
+    its bit width only when it beats the runner-up significantly, otherwise the rows are tied;
+(b) per-family breakdown and (c) reconstruction diagnostics, apart from the headline;
+(d) calibration cost; (e) deployment: bytes, latency (noisy figures flagged), memory, kernel.
 A value that was not run or failed is shown as "—" (with the error in a title/footnote), never as 0.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
@@ -21,7 +25,9 @@ from markupsafe import Markup
 
 from ptqbench.errors import one_of
 
-FORMATS = ("md", "html", "json")
+FORMATS = ("md", "html", "json", "latex", "csv")
+ALPHA = 0.05  # significance level of every mark (best, change against full precision)
+NOISY = 0.10  # a latency whose IQR exceeds this share of its median is flagged
 FP_METHODS = {"fp", "fp16", "bf16", "fp32", "full", "none"}
 MISSING = "—"
 # Tokens of a metric name (before any "/family" breakdown) meaning smaller is better.
@@ -50,6 +56,8 @@ class Cell:
     value: float | str | None = None  # raw value, for sorting and for JSON; None = missing
     best: bool = False
     note: str = ""  # why it is missing (failed + error); becomes a title and a footnote
+    n: int | None = None  # items behind a task score
+    ci: tuple[float, float] | None = None  # its 95% interval
 
 
 @dataclass
@@ -69,7 +77,9 @@ class Entry:
     config: str
     series: str  # label without the bit width: one line in the accuracy-vs-bits plot
     is_fp: bool
+    fmt: str = ""  # the format: "W4 g64", "W3 per-channel sym", "FP (float32)"
     metrics: dict = field(default_factory=dict)  # (task, metric) -> store row
+    items: dict = field(default_factory=dict)  # (task, metric) -> {"kind", "items", "weights"} of that row
     note: str = ""  # cell-level failure
 
 
@@ -93,7 +103,24 @@ def _failure(error) -> str:
     return "failed: " + (first if len(first) <= 300 else first[:299] + "…")
 
 
-def _entries(rows: list[dict], cells: list[dict]) -> list[Entry]:
+def _format_label(bits: int, group_size: int, sym: bool) -> str:
+    return f"W{bits} " + ("per-channel" if group_size == -1 else f"g{group_size}") + (" sym" if sym else "")
+
+
+FORMAT_METHOD = "format"  # a deployment format's own cell (runner.plan_formats): its latency, shown on every row of it
+
+
+def _format_of(r) -> tuple:
+    return int(r["bits"]), int(r.get("group_size") or 0), bool(r.get("sym")), bool(_opts(r.get("method_options")).get("quantize_vision"))
+
+
+def _entries(rows: list[dict], cells: list[dict], units: list[dict]) -> list[Entry]:
+    formats: dict[tuple, dict] = {}  # format -> (deploy, metric) -> row, timed once for every method of it
+    for r in rows:
+        if r["method"] == FORMAT_METHOD:
+            formats.setdefault(_format_of(r), {})[(r["task"], r["metric"])] = r
+    rows = [r for r in rows if r["method"] != FORMAT_METHOD]
+    cells = [c for c in cells if c["method"] != FORMAT_METHOD]
     quant = [r for r in rows + cells if not _is_fp(r)]
     several_calibs = len({r.get("calib_hash") or "" for r in quant}) > 1
     # Runners record every option, defaults included: label a row only with the options that
@@ -103,6 +130,8 @@ def _entries(rows: list[dict], cells: list[dict]) -> list[Entry]:
         configs.setdefault(r["method"], []).append(_opts(r.get("method_options")))
     varying = {m: {k for o in os_ for k in o if len({json.dumps(x.get(k, "<unset>")) for x in os_}) > 1}
                for m, os_ in configs.items()}  # fmt: skip
+    dtypes = {c["cell_id"]: (c.get("key") or {}).get("dtype") for c in cells}
+    unit_items = {(u["cell_id"], u["unit"]): u.get("items") or {} for u in units}
     entries: dict[tuple, Entry] = {}
 
     def entry(r) -> Entry:
@@ -110,15 +139,22 @@ def _entries(rows: list[dict], cells: list[dict]) -> list[Entry]:
         gs, sym, calib = int(r.get("group_size") or 0), bool(r.get("sym")), r.get("calib_hash") or ""
         key = (r["method"], int(r["bits"])) if fp else (r["method"], json.dumps(opts, sort_keys=True), int(r["bits"]), gs, sym, calib)
         if key not in entries:
-            parts = [] if fp else ["per-channel" if gs == -1 else f"g{gs}", "sym" if sym else "asym"]
-            parts += [f"{k}={v}" for k, v in sorted(opts.items()) if k in varying.get(r["method"], ())]
+            parts = [f"{k}={v}" for k, v in sorted(opts.items()) if k in varying.get(r["method"], ())]
             parts += [f"calib {calib[:8]}"] if several_calibs and not fp else []
-            series = " ".join([r["method"], *parts])
-            entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp)
+            label = f"FP ({dtypes.get(r['cell_id']) or 'dtype not recorded'})" if fp else _format_label(int(r["bits"]), gs, sym)
+            series = " ".join([r["method"], *parts] + ([] if fp else [label.split(" ", 1)[1]]))
+            entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp, label)
         return entries[key]
 
-    for r in rows:
-        entry(r).metrics[(r["task"], r["metric"])] = r
+    for r in rows:  # by id: a later unit of the same task (another eval n) is the one shown
+        e = entry(r)
+        e.metrics[(r["task"], r["metric"])] = r
+        e.items[(r["task"], r["metric"])] = unit_items.get((r["cell_id"], r.get("unit") or ""), {}).get(r["metric"])
+    for e in entries.values():  # a method's row shows the latency of its format
+        if not e.is_fp:
+            r = next(iter(e.metrics.values()), None)
+            for k, fr in (formats.get(_format_of(r)) or {}).items() if r else ():
+                e.metrics.setdefault(k, fr)
     for c in cells:
         if c["status"] == "failed":
             entry(c).note = _failure(c.get("error"))
@@ -135,105 +171,163 @@ def _stat(e: Entry, name: str):
     return next((r[name] for r in rows if r.get(name) is not None), None)
 
 
-def _mark_best(table: Table, entries: list[Entry], col: int, higher: bool):
-    by_bits: dict[int, list[Cell]] = {}
-    for e, row in zip(entries, table.rows):
-        if not e.is_fp and row[col].value is not None:
-            by_bits.setdefault(e.bits, []).append(row[col])
+def _p_value(a: Entry, b: Entry, key) -> float | None:
+    """Paired test of one metric between two rows over the same items (None: not comparable)."""
+    from ptqbench.leaderboard.stats import compare
+
+    x, y = a.items.get(key), b.items.get(key)
+    if not x or not y or x["kind"] != y["kind"] or len(x["items"]) != len(y["items"]):
+        return None
+    kw = {} if x["kind"] == "proportion" else dict(weights_a=x.get("weights"), weights_b=y.get("weights"))
+    return compare(x["kind"], x["items"], y["items"], **kw)
+
+
+def _score_cell(e: Entry, key, show_n: bool) -> Cell:
+    r = e.metrics.get(key)
+    if r is None:
+        return Cell(note=e.note or "not run")
+    if r["status"] != "ok":
+        return Cell(note=_failure(r.get("error")))
+    v, lo, hi, n = r["value"], r.get("ci_low"), r.get("ci_high"), r.get("n")
+    text = fmt_num(v) + ("" if lo is None or hi is None else f" [{fmt_num(lo)}, {fmt_num(hi)}]") + (f" n={n}" if show_n and n else "")
+    return Cell(text, float(v), n=n, ci=None if lo is None or hi is None else (lo, hi))
+
+
+def _mark_best(cells_by_entry: list[tuple[Entry, Cell]], key, higher: bool) -> None:
+    """Bold the best quantized value of a bit width only where a paired test puts it above the runner-up."""
+    by_bits: dict[int, list[tuple[Entry, Cell]]] = {}
+    for e, c in cells_by_entry:
+        if not e.is_fp and c.value is not None:
+            by_bits.setdefault(e.bits, []).append((e, c))
     for group in by_bits.values():
         if len(group) < 2:
             continue  # a lone method at a bit width is not "best" of anything
-        shown = [float(c.text) for c in group]  # compare what the reader sees, so ties are ties
-        best = max(shown) if higher else min(shown)
-        for c, s in zip(group, shown):
-            c.best = s == best
+        group.sort(key=lambda ec: ec[1].value, reverse=higher)
+        (best_e, best_c), (run_e, run_c) = group[0], group[1]
+        if best_c.value == run_c.value:
+            continue
+        p = _p_value(best_e, run_e, key) if key is not None else None
+        best_c.best = p is not None and p < ALPHA
 
 
 def _tables(entries: list[Entry]) -> list[Table]:
-    # "deploy" rows only carry a cell's latency figures (a full-precision cell without tasks): not accuracy.
-    cols = sorted({k for e in entries for k in e.metrics if k[0] != "deploy"}, key=lambda k: (k[0], "/" in k[1], k[1]))
-    avg_cols = [k for k in cols if "/" not in k[1] and higher_is_better(k[1])]
+    keys = sorted({k for e in entries for k in e.metrics if k[0] not in ("deploy", "recon")}, key=lambda k: (k[0], k[1]))
+    head = [k for k in keys if "/" not in k[1]]
+    family = [k for k in keys if "/" in k[1]]
+    recon = sorted({k for e in entries for k in e.metrics if k[0] == "recon"}, key=lambda k: ("/" in k[1], k[1]))
+    avg_keys = [k for k in head if higher_is_better(k[1])]
     fp = next((e for e in entries if e.is_fp), None)
-    lead = lambda e: [Cell(e.method, e.method, note=e.note), Cell(str(e.bits), e.bits), Cell(e.config, e.config)]  # noqa: E731
+    show_config = any(e.config for e in entries)
+    lead_cols = ["method", "format"] + (["config"] if show_config else [])
+    lead = lambda e: [Cell(e.method, e.method, note=e.note), Cell(e.fmt, e.fmt)] + ([Cell(e.config, e.config)] if show_config else [])  # noqa: E731
 
-    def metric_cell(e: Entry, k) -> Cell:
-        r = e.metrics.get(k)
-        if r is None:
-            return Cell(note=e.note or "not run")
-        if r["status"] != "ok":
-            return Cell(note=_failure(r.get("error")))
-        return _num(r["value"])
+    # (a) accuracy: headline metrics with n and interval, change against full precision
+    columns, rows = list(lead_cols), [lead(e) for e in entries]
+    for key in head:
+        ns = {e.metrics[key].get("n") for e in entries if key in e.metrics}
+        same_n = len(ns) == 1 and None not in ns
+        columns.append(f"{key[0]} {key[1]}" + (f" (n={ns.pop()})" if same_n else ""))
+        col = [_score_cell(e, key, not same_n) for e in entries]
+        _mark_best(list(zip(entries, col)), key, higher_is_better(key[1]))
+        for row, c in zip(rows, col):
+            row.append(c)
+        if fp is not None and fp.metrics.get(key, {}).get("status") == "ok":
+            columns.append(f"Δ {key[1]} vs FP")
+            base = fp.metrics[key]["value"]
+            for e, row, c in zip(entries, rows, col):
+                if c.value is None or e.is_fp:
+                    row.append(Cell(note=c.note) if not e.is_fp else Cell("", None))
+                    continue
+                p = _p_value(e, fp, key)
+                row.append(Cell(f"{c.value - base:+.4f}" + ("*" if p is not None and p < ALPHA else ""), c.value - base))
+    if len(avg_keys) > 1:
+        columns.append("avg")
+        col = []
+        for e in entries:
+            vals = [e.metrics[k]["value"] for k in avg_keys if k in e.metrics and e.metrics[k]["status"] == "ok"]
+            col.append(_num(sum(vals) / len(vals) if len(vals) == len(avg_keys) else None, note=e.note or "some averaged metric is missing"))
+        _mark_best(list(zip(entries, col)), None, True)  # no paired test for an average: never marked
+        for row, c in zip(rows, col):
+            row.append(c)
+    acc = Table("Accuracy", columns, rows)
+    acc.notes.append("Scores: value [95% interval] (Wilson for accuracies, bootstrap over items for means such as NLL); "
+                     "n = items scored.")
+    acc.notes.append(f"Bold: best at its bit width and better than the runner-up in a paired test over the same items "
+                     f"(McNemar for accuracies, paired bootstrap for means; p < {ALPHA}); no bold = no significant winner.")
+    if fp is not None:
+        acc.notes.append(f"Δ vs FP: change against full precision; * = significant in the same paired test (p < {ALPHA}).")
+    if show_config:
+        acc.notes.append("config lists only the method options that differ between rows of a method; --format json has them all.")
+    if len(avg_keys) > 1:
+        acc.notes.append("avg: mean of " + ", ".join(f"{t} {m}" for t, m in avg_keys) + " (only when all are present).")
 
-    def avg(e: Entry):
-        vals = [e.metrics[k]["value"] for k in avg_cols if k in e.metrics and e.metrics[k]["status"] == "ok"]
-        return sum(vals) / len(vals) if avg_cols and len(vals) == len(avg_cols) else None  # partial avg misleads
-
-    fp_avg = avg(fp) if fp else None
-    header = [f"{t} {m}" for t, m in cols]
-    if avg_cols:
-        header.append("avg")
-    if avg_cols and fp_avg is not None:
-        header.append("Δ avg vs FP")
-    acc_rows = []
-    for e in entries:
-        row = lead(e) + [metric_cell(e, k) for k in cols]
-        if avg_cols:
-            a = avg(e)
-            row.append(_num(a, note=e.note or "some averaged metric is missing"))
-            if fp_avg is not None:
-                row.append(_num(None if a is None else a - fp_avg, None if a is None else f"{a - fp_avg:+.4f}", note=e.note))
-        acc_rows.append(row)
-    acc = Table("Accuracy", ["method", "bits", "config", *header], acc_rows)
-    for i, (t, m) in enumerate(cols):
-        _mark_best(acc, entries, 3 + i, higher_is_better(m))
-    for i in range(len(header) - len(cols)):
-        _mark_best(acc, entries, 3 + len(cols) + i, True)
-    acc.notes.append("Bold: best quantized value in its column among rows of the same bit width "
-                     "(higher is better for accuracy-like metrics; lower for nll/loss/error/latency/memory).")  # fmt: skip
-    acc.notes.append("config lists only the method options that differ between rows of a method; --format json has them all.")
-    if avg_cols:
-        acc.notes.append("avg: mean of " + ", ".join(f"{t} {m}" for t, m in avg_cols) + " (only when all are present).")
+    tables = [acc]
+    if family:  # (b) per family
+        fam = Table("Accuracy per family", lead_cols + [f"{t} {m}" for t, m in family],
+                    [lead(e) + [_score_cell(e, k, True) for k in family] for e in entries])
+        fam.notes.append("Per question family: value [95% interval] n = items of that family.")
+        tables.append(fam)
+    if recon:  # (c) diagnostics
+        rec = Table("Reconstruction diagnostics", lead_cols + [m.replace("/", " ") for _, m in recon],
+                    [lead(e) + [_num(e.metrics[k]["value"]) if k in e.metrics else Cell(note=e.note or "not run")
+                                for k in recon] for e in entries if not e.is_fp])
+        rec.notes.append("Relative output error of the quantized layers (linear_rel_err, mean over layers) and of the last "
+                         "block's output (final_rel_err) on the calibration set, split by vision, text and answer tokens.")
+        tables.append(rec)
 
     def mb(e, name):
         v = _stat(e, name)
         return _num(v, None if v is None else fmt_mb(v), note=e.note)
 
-    def spread(e, name):
+    def latency(e, name):
         v, s = _stat(e, name), _stat(e, f"{name}_spread")
-        return _num(v, None if v is None else fmt_num(v) + ("" if s is None else f" ± {fmt_num(s)}"), note=e.note)
+        if v is None:
+            return _num(None, note=e.note)
+        cv = e.metrics.get(("deploy", f"{name}_cv"), {}).get("value")
+        noisy = cv > NOISY if cv is not None else (s is not None and v and s / abs(v) > NOISY)
+        return Cell(fmt_num(v) + ("" if s is None else f" ± {fmt_num(s)}") + (f" (noisy, CV {cv:.0%})" if noisy and cv is not None
+                                                                             else " (noisy)" if noisy else ""), float(v))
 
     def text(e, name):
         v = _stat(e, name)
         return Cell(MISSING, None, note=e.note) if v is None else Cell(str(v), str(v))
 
-    cost = Table("Calibration cost", ["method", "bits", "config", "calibration time (s)", "calibration peak memory (MB)"],
-                 [lead(e) + [_num(_stat(e, "calib_seconds"), note=e.note), mb(e, "calib_peak_bytes")] for e in entries])  # fmt: skip
+    quant = [e for e in entries if not e.is_fp]
+    cost = Table("Calibration cost", lead_cols + ["calibration time (s)", "calibration peak memory (MB)"],
+                 [lead(e) + [_num(_stat(e, "calib_seconds"), note=e.note), mb(e, "calib_peak_bytes")] for e in quant])  # fmt: skip
+    cost.notes.append("Peak memory while quantizing: the whole process's peak RSS on a CPU (model, calibration set and "
+                      "Python included), peak CUDA memory allocated on a GPU.")
     deploy = Table(
         "Deployment",
-        ["method", "bits", "config", "model size (MB)", "prefill (ms, median ± spread)", "decode (tok/s ± spread)",
-         "peak memory (MB)", "kernel", "device"],
-        [lead(e) + [mb(e, "model_bytes"), spread(e, "prefill_ms"), spread(e, "decode_tok_s"), mb(e, "infer_peak_bytes"),
+        lead_cols + ["model bytes as deployed (MB)", "prefill (ms, median ± IQR)", "decode (tok/s, median ± IQR)",
+                     "inference peak memory (MB)", "kernel", "device"],
+        [lead(e) + [mb(e, "model_bytes"), latency(e, "prefill_ms"), latency(e, "decode_tok_s"), mb(e, "infer_peak_bytes"),
                     text(e, "kernel"), text(e, "device")] for e in entries],
     )  # fmt: skip
-    return [acc, cost, deploy]
-
-
-def _plot_metric(acc: Table):
-    """Column the plots use: the average, else the first higher-is-better metric."""
-    names = acc.columns[3:]
-    if "avg" in names:
-        return 3 + names.index("avg"), "avg"
-    for i, n in enumerate(names):
-        if higher_is_better(n.split(" ", 1)[-1]):
-            return 3 + i, n
-    return None, None
+    deploy.notes.append("Latency belongs to a format, not a method: each format (bits, group, kernel, dtype, batch) is timed "
+                        "once per model, its repeats interleaved with the other formats' so that load hits them alike, and "
+                        "shown on every method's row of that format.")
+    deploy.notes.append(f"(noisy): the coefficient of variation over the timed repeats is above {NOISY:.0%} (or, for figures "
+                        f"stored without it, the IQR is above {NOISY:.0%} of the median). Compare latency only between rows "
+                        "of the same kernel and device.")
+    return tables + [cost, deploy]
 
 
 # -- header ------------------------------------------------------------------------------------
+def _calib_line(manifest: dict | None) -> str:
+    if not manifest:
+        return "manifest not recorded"
+    t = manifest.get("tokens") or {}
+    valid = t.get("valid") or 0
+    share = (t.get("vision", 0) / valid) if valid else 0
+    return (f"{manifest.get('n_samples', '?')} samples of {manifest.get('source', '?')}, seed {manifest.get('seed', '?')}, "
+            f"{valid} tokens (vision {share:.0%}, text {1 - share:.0%}, answer {t.get('answer', '?')})")
+
+
 def _header(rows: list[dict]) -> dict:
     calib, envs, kernels = {}, {}, {}
     for r in rows:
-        if not _is_fp(r) and r.get("calib_hash"):
+        if not _is_fp(r) and r["method"] != FORMAT_METHOD and r.get("calib_hash"):
             if calib.get(r["calib_hash"]) is None:
                 calib[r["calib_hash"]] = r.get("calib_manifest")
         if r.get("env"):
@@ -242,20 +336,30 @@ def _header(rows: list[dict]) -> dict:
             kernels[(r.get("kernel") or "unlabelled", r.get("device") or "unknown device")] = None
     return {
         "models": sorted({r["model"] for r in rows}),
-        "calibration": [{"hash": h, "manifest": m} for h, m in sorted(calib.items())],
+        "calibration": [{"hash": h, "manifest": m, "summary": _calib_line(m)} for h, m in sorted(calib.items())],
         "environments": [envs[k] for k in sorted(envs)],
         "kernels": [f"{k} on {d}" for k, d in sorted(kernels)],
         "latency_note": (
-            "Prefill latency is the median over repeated timed runs ± the spread the harness recorded; decode is "
-            "generated tokens per second ± spread. Each number was measured with the kernel named in its row "
-            "(e.g. a dequantize-then-fp16-matmul path measures fp16 speed, not low-bit speed): compare latency "
-            "and memory only between rows with the same kernel and device."
+            "Prefill latency is the median over repeated timed runs ± their interquartile range; decode is generated "
+            "tokens per second ± IQR. Each figure names its kernel and dtype (e.g. int4pack[bf16]; dequant[...] "
+            "unpacks to bf16 and measures bf16 speed, not low-bit speed): compare latency and memory only between "
+            "rows with the same kernel and device."
         ),
     }
 
 
 def _env_line(env: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(env.items()) if v is not None)
+
+
+def _footnotes(tables: list[Table]) -> list[str]:
+    notes: list[str] = []
+    for t in tables:
+        for row in t.rows:
+            for c in row:
+                if c.note and c.value is None and c.note != "not run" and c.note not in notes:
+                    notes.append(c.note)
+    return notes
 
 
 # -- markdown ----------------------------------------------------------------------------------
@@ -273,9 +377,7 @@ def _md_table(t: Table, notes: list[str]) -> str:
             s = _md_text(c.text)
             if c.best:
                 s = f"**{s}**"
-            if c.note and c.value is None and c.note != "not run":
-                if c.note not in notes:
-                    notes.append(c.note)
+            if c.note and c.value is None and c.note in notes:
                 s += f" [{notes.index(c.note) + 1}]"
             cells.append(s)
         out.append("| " + " | ".join(cells) + " |")
@@ -285,14 +387,12 @@ def _md_table(t: Table, notes: list[str]) -> str:
 
 def _render_md(header, boards) -> str:
     out = ["# ptqbench leaderboard", "", f"- **Models:** {_md_text(', '.join(header['models']))}"]
-    for c in header["calibration"]:
-        manifest = json.dumps(c["manifest"], sort_keys=True) if c["manifest"] is not None else "not recorded"
-        out.append(f"- **Calibration** `{_md_text(c['hash'])}`: {_md_text(manifest)}")
+    out += [f"- **Calibration** `{_md_text(c['hash'])}`: {_md_text(c['summary'])}" for c in header["calibration"]]
     out += [f"- **Environment:** {_md_text(_env_line(e))}" for e in header["environments"]]
     out += [f"- **Latency:** {_md_text(header['latency_note'])} Kernels: {_md_text('; '.join(header['kernels']) or 'none recorded')}.",
             f"- {MISSING} = not run or failed (a numbered footnote gives the error); missing values are never shown as 0.", ""]  # fmt: skip
     for model, tables in boards.items():
-        notes: list[str] = []
+        notes = _footnotes(tables)
         out += [f"## {_md_text(model)}", ""]
         for t in tables:
             out += [_md_table(t, notes), ""]
@@ -300,61 +400,68 @@ def _render_md(header, boards) -> str:
     return "\n".join(out)
 
 
-# -- html --------------------------------------------------------------------------------------
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-W, H, L, R, T, B = 640, 340, 60, 170, 20, 40  # svg size and margins (legend on the right)
+# -- latex -------------------------------------------------------------------------------------
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
-def _scale(lo, hi, a, b):
-    if hi - lo < 1e-12:
-        lo, hi = lo - 1, hi + 1
-    pad = (hi - lo) * 0.06
-    lo, hi = lo - pad, hi + pad
-    return lambda v: a + (v - lo) / (hi - lo) * (b - a), lo, hi
+def tex_escape(s) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
 
 
-def _axes(ylo, yhi, y, xlabel, ylabel) -> list[str]:
-    out = [f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="#444"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="#444"/>',
-           f'<text x="{(L + W - R) / 2}" y="{H - 5}" text-anchor="middle">{escape(xlabel)}</text>',
-           f'<text x="12" y="{(T + H - B) / 2}" transform="rotate(-90 12 {(T + H - B) / 2})" text-anchor="middle">{escape(ylabel)}</text>']  # fmt: skip
-    for i in range(5):
-        v = ylo + (yhi - ylo) * i / 4
-        out.append(f'<text x="{L - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{fmt_num(v)}</text>')
-    return out
+def _tex_table(t: Table, model: str, notes: list[str]) -> str:
+    spec = "l" * min(3, len(t.columns)) + "r" * max(0, len(t.columns) - 3)
+    out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{tex_escape(model)}: {tex_escape(t.title)}}}",
+           rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(tex_escape(c) for c in t.columns) + r" \\", r"\midrule"]
+    for row in t.rows:
+        cells = []
+        for c in row:
+            s = tex_escape(c.text)
+            if c.best:
+                s = rf"\textbf{{{s}}}"
+            if c.note and c.value is None and c.note in notes:
+                s += rf"\textsuperscript{{{notes.index(c.note) + 1}}}"
+            cells.append(s)
+        out.append(" & ".join(cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if t.notes:
+        out.append(r"\par\smallskip\footnotesize " + " ".join(tex_escape(n) for n in t.notes))
+    out.append(r"\end{table}")
+    return "\n".join(out)
 
 
-def _svg(body: list[str], title: str) -> Markup:
-    return Markup(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">'
-                  f"<title>{escape(title)}</title>{''.join(body)}</svg>")  # fmt: skip
+def _render_latex(header, boards) -> str:
+    out = ["% ptqbench leaderboard: booktabs tables (\\usepackage{booktabs}), one per \\input-able block.",
+           "% Models: " + tex_escape(", ".join(header["models"]))]
+    for model, tables in boards.items():
+        notes = _footnotes(tables)
+        picked = [t for t in tables if t.title in ("Accuracy", "Calibration cost", "Deployment")]
+        out += ["", *(_tex_table(t, model, notes) + "\n" for t in picked)]
+        if notes:
+            out.append("% notes: " + tex_escape("; ".join(f"{i}. {n}" for i, n in enumerate(notes, 1))).replace("\n", " "))
+    return "\n".join(out) + "\n"
 
 
-def _plot_bits(entries, acc: Table) -> Markup | None:
-    col, name = _plot_metric(acc)
-    pts = [(e, row[col].value) for e, row in zip(entries, acc.rows) if col is not None and row[col].value is not None]
-    quant = [(e, v) for e, v in pts if not e.is_fp]
-    if not quant:
-        return None
-    bits = sorted({e.bits for e, _ in quant})
-    xs = {b: L + 30 + i * (W - R - L - 60) / max(1, len(bits) - 1) for i, b in enumerate(bits)}
-    y, lo, hi = _scale(min(v for _, v in pts), max(v for _, v in pts), H - B, T)
-    body = _axes(lo, hi, y, "bits", name)
-    body += [f'<text x="{x:.1f}" y="{H - B + 16}" text-anchor="middle">{b}</text>' for b, x in xs.items()]
-    series = sorted({e.series for e, _ in quant})
-    for e, v in pts:
-        if e.is_fp:  # full precision: a dashed reference line, listed under the methods
-            body.append(f'<line x1="{L}" x2="{W - R}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#000" stroke-dasharray="5 4">'
-                        f"<title>{escape(e.method)}: {fmt_num(v)}</title></line>"
-                        f'<text x="{W - R + 10}" y="{T + 16 * len(series) + 9}">- - {escape(e.method[:20])}</text>')  # fmt: skip
-            break
-    for i, s in enumerate(series):
-        color = COLORS[i % len(COLORS)]
-        sp = sorted((e.bits, v, e) for e, v in quant if e.series == s)
-        body.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{xs[b]:.1f},{y(v):.1f}" for b, v, _ in sp)}"/>')
-        body += [f'<circle cx="{xs[b]:.1f}" cy="{y(v):.1f}" r="4" fill="{color}"><title>{escape(s)} w{b}: {fmt_num(v)}</title></circle>' for b, v, _ in sp]
-        body.append(f'<rect x="{W - R + 10}" y="{T + 16 * i}" width="10" height="10" fill="{color}"/>'
-                    f'<text x="{W - R + 24}" y="{T + 16 * i + 9}">{escape(s[:24])}</text>')  # fmt: skip
-    return _svg(body, f"{name} vs bits per method")
+# -- csv ---------------------------------------------------------------------------------------
+CSV_COLUMNS = ("model", "method", "method_options", "bits", "group_size", "sym", "calib_hash", "task", "metric", "value",
+               "n", "ci_low", "ci_high", "status", "error", "cell_id", "unit", "unit_json", "kernel", "device", "model_bytes",
+               "prefill_ms", "prefill_ms_spread", "decode_tok_s", "decode_tok_s_spread", "infer_peak_bytes",
+               "calib_seconds", "calib_peak_bytes", "run_id")
+
+
+def _render_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        vals = []
+        for c in CSV_COLUMNS:
+            v = r.get(c)
+            if c == "error" and v:
+                v = str(v).splitlines()[0]
+            vals.append(json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else ("" if v is None else v))
+        w.writerow(vals)
+    return buf.getvalue()
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -368,30 +475,44 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _plot_pareto(entries, acc: Table, deploy: Table) -> Markup | None:
-    col, name = _plot_metric(acc)
-    pts = [(e, d[3].value, a[col].value) for e, a, d in zip(entries, acc.rows, deploy.rows)
-           if col is not None and a[col].value is not None and d[3].value is not None]  # fmt: skip
-    if not pts:
-        return None
-    x, xlo, xhi = _scale(min(p[1] for p in pts) / 1e6, max(p[1] for p in pts) / 1e6, L, W - R)
-    y, lo, hi = _scale(min(p[2] for p in pts), max(p[2] for p in pts), H - B, T)
-    body = _axes(lo, hi, y, "model size (MB)", name)
-    body += [f'<text x="{x(xlo + (xhi - xlo) * i / 4):.1f}" y="{H - B + 16}" text-anchor="middle">{fmt_num(xlo + (xhi - xlo) * i / 4)}</text>' for i in range(5)]
-    front = pareto_front([(p[1], p[2]) for p in pts])
-    line = " ".join(f"{x(pts[i][1] / 1e6):.1f},{y(pts[i][2]):.1f}" for i in front)
-    body.append(f'<polyline fill="none" stroke="#d62728" stroke-width="2" points="{line}"/>')
-    for i, (e, size, v) in enumerate(pts):
-        on = i in front
-        label = f"{e.method} w{e.bits} {e.config}".strip()
-        body.append(f'<circle cx="{x(size / 1e6):.1f}" cy="{y(v):.1f}" r="{5 if on else 4}" fill="{"#d62728" if on else "none"}" '
-                    f'stroke="{"#d62728" if on else "#777"}"><title>{escape(label)}: {fmt_num(v)}, {fmt_mb(size)} MB</title></circle>')  # fmt: skip
-        if on:  # label the front; right-half labels grow leftwards so they stay inside the plot
-            right = x(size / 1e6) > (L + W - R) / 2
-            body.append(f'<text x="{x(size / 1e6) + (-7 if right else 7):.1f}" y="{y(v) - 6:.1f}" font-size="11" '
-                        f'text-anchor="{"end" if right else "start"}">{escape(label[:28])}</text>')
-    body.append(f'<text x="{W - R + 10}" y="{T + 9}" fill="#d62728">● Pareto front</text>')
-    return _svg(body, f"Pareto front: {name} vs model size")
+# -- html --------------------------------------------------------------------------------------
+def _plots(entries: list[Entry]) -> list[Markup]:
+    """The page's figures (matplotlib, inline SVG): per headline metric accuracy vs bits; the first one
+    against model size; calibration time per cell; decode throughput per format."""
+    from ptqbench.leaderboard import plots
+
+    out = []
+    heads = sorted({k for e in entries for k in e.metrics if k[0] not in ("deploy", "recon") and "/" not in k[1]})
+    ok = lambda e, k: k in e.metrics and e.metrics[k]["status"] == "ok"  # noqa: E731
+    for key in heads:
+        fp = next((e for e in entries if e.is_fp and ok(e, key)), None)
+        series: dict[str, list] = {}
+        for e in entries:
+            if not e.is_fp and ok(e, key):
+                r = e.metrics[key]
+                series.setdefault(e.series, []).append((e.bits, r["value"], r.get("ci_low"), r.get("ci_high")))
+        r = fp.metrics[key] if fp else None
+        out.append(plots.accuracy_vs_bits(series, fp=(r["value"], r.get("ci_low"), r.get("ci_high")) if r else None,
+                                          title=f"{key[0]} {key[1]} vs weight bits (95% intervals)", ylabel=f"{key[0]} {key[1]}",
+                                          higher_is_better=higher_is_better(key[1])))
+    if heads:
+        key = heads[0]
+        pts = [dict(label=f"{e.method} {e.fmt}" if not e.is_fp else e.fmt, method=e.method, size_mb=_stat(e, "model_bytes") / 1e6,
+                    value=e.metrics[key]["value"], lo=e.metrics[key].get("ci_low"), hi=e.metrics[key].get("ci_high"), fp=e.is_fp)
+               for e in entries if ok(e, key) and _stat(e, "model_bytes")]
+        out.append(plots.pareto(pts, title=f"{key[0]} {key[1]} vs model size", ylabel=f"{key[0]} {key[1]}",
+                                higher_is_better=higher_is_better(key[1])))
+    cost = [(f"{e.method} {e.fmt}", _stat(e, "calib_seconds")) for e in entries if not e.is_fp and _stat(e, "calib_seconds")]
+    out.append(plots.cost_bars(cost, title="Calibration time per cell", xlabel="seconds"))
+    seen, tput = set(), []
+    for e in entries:
+        kernel, v = _stat(e, "kernel"), _stat(e, "decode_tok_s")
+        label = f"{e.fmt} {kernel or ''}".strip()  # one bar per format: every method of it shares the figure
+        if v is not None and label not in seen:
+            seen.add(label)
+            tput.append((label, v, _stat(e, "decode_tok_s_spread")))
+    out.append(plots.throughput_bars(tput, title="Decode throughput", xlabel="tokens / s (median ± IQR)"))
+    return [Markup(p) for p in out if p]
 
 
 HTML = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
@@ -400,25 +521,27 @@ HTML = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1em}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}td.t,th{text-align:left}th{background:#f2f2f2;cursor:pointer}
 th:after{content:" ⇅";color:#aaa}td.best{font-weight:bold;background:#e6f4e6}td.missing{color:#999}
-.note{color:#555;font-size:.9em}pre{background:#f6f6f6;padding:.5em;overflow:auto;max-height:15em}svg text{font-size:12px}
+.note{color:#555;font-size:.9em}.plots svg{max-width:100%;height:auto;display:block;margin:1em 0}
 </style></head><body>
 <h1>ptqbench leaderboard</h1>
-<p><b>Models:</b> {{ h.models|join(", ") }}</p>
-{% for c in h.calibration %}<details><summary><b>Calibration</b> <code>{{ c.hash }}</code></summary>
-<pre>{{ c.manifest|tojson(indent=1) if c.manifest is not none else "manifest not recorded" }}</pre></details>{% endfor %}
-{% for e in h.environments %}<p><b>Environment:</b> {{ env_line(e) }}</p>{% endfor %}
-<p><b>Latency:</b> {{ h.latency_note }} Kernels: {{ h.kernels|join("; ") or "none recorded" }}.</p>
-<p class="note">{{ missing }} = not run or failed (hover or see the numbered note for the error); missing values are never shown as 0. Click a column header to sort.</p>
 {% for model, b in boards.items() %}<h2>{{ model }}</h2>
-{% for t in b.tables %}<h3>{{ t.title }}</h3><table class="sortable"><thead><tr>
+{% for t in b.tables %}{% if loop.index == 2 %}<details><summary>Per-family breakdown, diagnostics, cost and deployment</summary>{% endif %}
+<h3>{{ t.title }}</h3><table class="sortable"><thead><tr>
 {% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in t.rows %}<tr>{% for c in row %}<td class="{{ 't' if c.value is string }}{{ ' best' if c.best }}{{ ' missing' if c.value is none }}"
 {%- if c.value is not none %} data-v="{{ c.value }}"{% endif %}{% if c.note %} title="{{ c.note }}"{% endif %}>{{ c.text }}
 {%- if c.note and c.value is none and c.note in b.notes %}<sup>{{ b.notes.index(c.note) + 1 }}</sup>{% endif %}</td>{% endfor %}</tr>
-{% endfor %}</tbody></table>{% for n in t.notes %}<p class="note">{{ n }}</p>{% endfor %}{% endfor %}
+{% endfor %}</tbody></table>{% for n in t.notes %}<p class="note">{{ n }}</p>{% endfor %}
+{% if loop.last and loop.length > 1 %}</details>{% endif %}{% endfor %}
 {% if b.notes %}<ol class="note">{% for n in b.notes %}<li>{{ n }}</li>{% endfor %}</ol>{% endif %}
-{% for p in b.plots %}{{ p }}{% endfor %}
+<div class="plots">{% for p in b.plots %}{{ p }}{% endfor %}</div>
 {% endfor %}
+<h2>Provenance</h2>
+<p><b>Models:</b> {{ h.models|join(", ") }}</p>
+{% for c in h.calibration %}<p><b>Calibration</b> <code>{{ c.hash }}</code>: {{ c.summary }}</p>{% endfor %}
+{% for e in h.environments %}<p><b>Environment:</b> {{ env_line(e) }}</p>{% endfor %}
+<p><b>Latency:</b> {{ h.latency_note }} Kernels: {{ h.kernels|join("; ") or "none recorded" }}.</p>
+<p class="note">{{ missing }} = not run or failed (hover or see the numbered note for the error); missing values are never shown as 0. Click a column header to sort.</p>
 <script>
 document.querySelectorAll("table.sortable th").forEach((th, i) => th.addEventListener("click", () => {
   const body = th.closest("table").tBodies[0], asc = th.dataset.dir !== "asc";
@@ -435,17 +558,8 @@ document.querySelectorAll("table.sortable th").forEach((th, i) => th.addEventLis
 
 
 def _render_html(header, boards, entries_by_model) -> str:
-    ctx = {}
-    for model, tables in boards.items():
-        notes = []
-        for t in tables:
-            for row in t.rows:
-                for c in row:
-                    if c.note and c.value is None and c.note != "not run" and c.note not in notes:
-                        notes.append(c.note)
-        entries = entries_by_model[model]
-        plots = [p for p in (_plot_bits(entries, tables[0]), _plot_pareto(entries, tables[0], tables[2])) if p]
-        ctx[model] = {"tables": tables, "notes": notes, "plots": plots}
+    ctx = {model: {"tables": tables, "notes": _footnotes(tables), "plots": _plots(entries_by_model[model])}
+           for model, tables in boards.items()}
     return HTML.render(h=header, boards=ctx, env_line=_env_line, missing=MISSING)
 
 
@@ -461,29 +575,38 @@ def _clean(v):
 
 
 def _render_json(header, boards, rows, cells) -> str:
-    tables = {
-        model: [{"title": t.title, "columns": t.columns,
-                 "rows": [{c: {"value": x.value, "text": x.text, "best": x.best, **({"note": x.note} if x.note else {})}
-                           for c, x in zip(t.columns, row)} for row in t.rows]} for t in ts]
-        for model, ts in boards.items()
-    }  # fmt: skip
-    doc = {"format": "ptqbench-leaderboard-v1", "header": header, "tables": tables, "rows": rows, "cells": cells}
+    def cell(x: Cell) -> dict:
+        d = {"value": x.value, "text": x.text, "best": x.best}
+        if x.n is not None:
+            d["n"] = x.n
+        if x.ci is not None:
+            d["ci_low"], d["ci_high"] = x.ci
+        return {**d, **({"note": x.note} if x.note else {})}
+
+    tables = {model: [{"title": t.title, "columns": t.columns, "rows": [{c: cell(x) for c, x in zip(t.columns, row)} for row in t.rows]}
+                      for t in ts] for model, ts in boards.items()}  # fmt: skip
+    doc = {"format": "ptqbench-leaderboard-v2", "header": header, "tables": tables, "rows": rows, "cells": cells}
     return json.dumps(_clean(doc), indent=1, sort_keys=True, default=str, allow_nan=False) + "\n"
 
 
-def render(store_rows: list[dict], format: str = "md", cells: list[dict] | None = None) -> str:
-    """Leaderboard text from ResultsStore.rows() (and .cells(), for failed/unfinished cells)."""
+def render(store_rows: list[dict], format: str = "md", cells: list[dict] | None = None, units: list[dict] | None = None) -> str:
+    """Leaderboard text from ResultsStore.rows() (and .cells(), for failed/unfinished cells, and .units(),
+    for the per-item outcomes the significance marks compare)."""
     if format not in FORMATS:
         raise one_of("format", format, FORMATS)
     rows, cells = list(store_rows), list(cells or [])
+    if format == "csv":
+        return _render_csv(rows)
     header = _header(rows)
     boards, entries_by_model = {}, {}
     for model in sorted({r["model"] for r in rows} | {c["model"] for c in cells}):
-        entries = _entries([r for r in rows if r["model"] == model], [c for c in cells if c["model"] == model])
+        entries = _entries([r for r in rows if r["model"] == model], [c for c in cells if c["model"] == model], list(units or []))
         entries_by_model[model], boards[model] = entries, _tables(entries)
     header["models"] = sorted(boards)
     if format == "md":
         return _render_md(header, boards)
     if format == "html":
         return _render_html(header, boards, entries_by_model)
+    if format == "latex":
+        return _render_latex(header, boards)
     return _render_json(header, boards, rows, cells)

@@ -58,7 +58,7 @@ JSON_COLS = {"env": "env_json", "config": "config_json", "calib_manifest": "cali
 ROW_FIELDS = (
     "value", "status", "error", "run_id", "calib_seconds", "calib_peak_bytes", "model_bytes",
     "prefill_ms", "prefill_ms_spread", "decode_tok_s", "decode_tok_s_spread", "infer_peak_bytes",
-    "kernel", "device", "unit", "unit_json",
+    "kernel", "device", "unit", "unit_json", "n", "ci_low", "ci_high",
 )  # fmt: skip
 
 RESULTS_TABLE = """
@@ -69,6 +69,7 @@ CREATE TABLE results (
     task TEXT NOT NULL, metric TEXT NOT NULL,
     value REAL, status TEXT NOT NULL CHECK (status IN ('ok', 'failed')), error TEXT,
     run_id TEXT, cell_id TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', unit_json TEXT,
+    n INTEGER, ci_low REAL, ci_high REAL,
     calib_seconds REAL, calib_peak_bytes INTEGER, model_bytes INTEGER,
     prefill_ms REAL, prefill_ms_spread REAL, decode_tok_s REAL, decode_tok_s_spread REAL,
     infer_peak_bytes INTEGER, kernel TEXT, device TEXT,
@@ -91,7 +92,7 @@ CREATE TABLE cells (
 CREATE TABLE units (
     cell_id TEXT NOT NULL, unit TEXT NOT NULL, kind TEXT NOT NULL, key_json TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('done', 'failed')), error TEXT, attempts INTEGER NOT NULL DEFAULT 1,
-    finished_at TEXT NOT NULL,
+    finished_at TEXT NOT NULL, items_json TEXT,
     PRIMARY KEY (cell_id, unit)
 );
 PRAGMA user_version = {SCHEMA_VERSION};
@@ -410,8 +411,10 @@ class ResultsStore:
         with self._connect() as con:
             return {r["unit"] for r in con.execute("SELECT unit FROM units WHERE cell_id = ? AND status = 'done'", (cell_id,))}
 
-    def record_unit(self, cell_id: str, unit: str, kind: str, unit_key: dict, rows: list[dict], error: str | None = None) -> None:
-        """Write one unit's rows and mark it done, or mark it failed with `error`; one transaction."""
+    def record_unit(self, cell_id: str, unit: str, kind: str, unit_key: dict, rows: list[dict], error: str | None = None,
+                    items: dict | None = None) -> None:
+        """Write one unit's rows and mark it done, or mark it failed with `error`; one transaction. `items`:
+        per metric, the per-item outcomes behind it ({"kind", "items", "weights"}) for paired comparisons."""
         if kind not in UNIT_KINDS:
             raise BadInput(f"unit kind {kind!r} is not accepted; accepted: {', '.join(UNIT_KINDS)}")
         now = _now()
@@ -422,10 +425,13 @@ class ResultsStore:
                 for row in rows:
                     self._insert_row(con, cell_id, base, dict(row, unit=unit, unit_json=canonical_json(unit_key)), now)
             con.execute(
-                """INSERT INTO units (cell_id, unit, kind, key_json, status, error, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?)
+                """INSERT INTO units (cell_id, unit, kind, key_json, status, error, finished_at, items_json)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (cell_id, unit) DO UPDATE SET status = excluded.status, error = excluded.error,
-                       key_json = excluded.key_json, finished_at = excluded.finished_at, attempts = attempts + 1""",
-                (cell_id, unit, kind, canonical_json(unit_key), "done" if error is None else "failed", error, now),
+                       key_json = excluded.key_json, finished_at = excluded.finished_at, items_json = excluded.items_json,
+                       attempts = attempts + 1""",
+                (cell_id, unit, kind, canonical_json(unit_key), "done" if error is None else "failed", error, now,
+                 None if items is None else canonical_json(items)),
             )
 
     def units(self, cell_id: str | None = None) -> list[dict]:
@@ -434,6 +440,8 @@ class ResultsStore:
             out = [dict(r) for r in con.execute(f"SELECT * FROM units {where} ORDER BY finished_at", args)]
         for r in out:
             r["key"] = json.loads(r.pop("key_json"))
+            raw = r.pop("items_json")
+            r["items"] = json.loads(raw) if raw else {}
         return out
 
     def _split_key(self, cell_id: str, key_dict: dict) -> tuple[dict, dict]:

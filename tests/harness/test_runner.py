@@ -62,13 +62,16 @@ def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, monkeypatch):
 
 
 def test_latency_rows_name_their_kernel(tmp_path):
-    code, out = run("--model", "tiny:qwen2-vl", "--methods", "rtn", "--bits", "2,4", "--calib-n", "2", "--runs", str(tmp_path),
+    """Latency is timed once per format (full precision, W2, W4), not per method, and names its kernel."""
+    code, out = run("--model", "tiny:qwen2-vl", "--methods", "rtn,gptq", "--bits", "2,4", "--calib-n", "2", "--runs", str(tmp_path),
                     "--no-save-model", "--latency-tokens", "4")
     assert code == 0, out
     con = sqlite3.connect(tmp_path / "results.sqlite")
-    rows = {(m, b): (k, size, tok) for m, b, k, size, tok in con.execute(
-        "select method, bits, kernel, model_bytes, decode_tok_s from results where metric in ('decode_tok_s', 'final_rel_err')")}
+    rows = {(m, b): (k, size, tok, n) for m, b, k, size, tok, n in con.execute(
+        "select method, bits, kernel, model_bytes, decode_tok_s, n from results where metric = 'decode_tok_s'")}
+    assert set(rows) == {("fp", 16), ("format", 2), ("format", 4)}  # one figure per format, whatever the methods
     assert rows[("fp", 16)][0] == "dense[bf16]"
-    assert rows[("rtn", 4)][0] == "int4pack[bf16]" and rows[("rtn", 2)][0] == "dequant[bf16]"
-    assert rows[("rtn", 2)][1] < rows[("rtn", 4)][1] < rows[("fp", 16)][1]  # measured from the held tensors
-    assert all(v[2] and v[2] > 0 for v in rows.values())
+    assert rows[("format", 4)][0] == "int4pack[bf16]" and rows[("format", 2)][0] == "dequant[bf16]"
+    assert rows[("format", 2)][1] < rows[("format", 4)][1] < rows[("fp", 16)][1]  # measured from the held tensors
+    assert all(v[2] and v[2] > 0 and v[3] >= 7 for v in rows.values())  # at least min_rounds interleaved repeats
+    assert out.count("[latency] timing 3 format(s)") == 1

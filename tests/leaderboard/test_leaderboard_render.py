@@ -8,12 +8,14 @@ import pytest
 from ptqbench.errors import BadInput
 from ptqbench.leaderboard import leaderboard, render
 from ptqbench.leaderboard.render import fmt_num, higher_is_better, pareto_front
+from ptqbench.leaderboard.stats import wilson
 from ptqbench.leaderboard.store import DB_NAME, ResultsStore
 
 EVIL = "<script>alert(1)</script>"
 
 
-def add(store, method, bits, metrics, *, fail=None, model="tiny", size=None, **stats):
+def add(store, method, bits, metrics, *, fail=None, model="tiny", size=None, items=None, **stats):
+    """A cell with its rows; `items`: {(task, metric): list of 0/1 outcomes} stored as the unit's items."""
     k = {"model": model, "method": method, "method_options": {}, "bits": bits,
          "group_size": None if bits >= 16 else 128, "sym": False, "calib_hash": None if bits >= 16 else "c0ffee"}  # fmt: skip
     cid = ResultsStore.cell_id(**k)
@@ -21,8 +23,23 @@ def add(store, method, bits, metrics, *, fail=None, model="tiny", size=None, **s
     if fail:
         store.fail_cell(cid, fail)
         return
-    rows = [{"task": t, "metric": m, "value": v, "model_bytes": size, **stats} for (t, m), v in metrics.items()]
-    store.finish_cell(cid, rows, {})
+    store.finish_cell(cid, [{"task": "recon", "metric": "final_rel_err", "value": 0.1, "model_bytes": size, **stats}]
+                      if bits < 16 else [], {})
+    for task in sorted({t for t, _ in metrics}):
+        its = {m: {"kind": "proportion", "items": items[(t, m)], "weights": None} for (t, m) in metrics if t == task and (t, m) in (items or {})}
+        rows = []
+        for (t, m), v in metrics.items():
+            if t == task:
+                its_tm = (items or {}).get((t, m))
+                ci = dict(zip(("ci_low", "ci_high"), wilson(int(sum(its_tm)), len(its_tm)))) if its_tm else {}
+                rows.append({"task": t, "metric": m, "value": v, "n": len(its_tm) if its_tm else None, "model_bytes": size,
+                             **ci, **stats})
+        store.record_unit(cid, "u-" + task, "eval", {"task": task}, rows, items=its)
+
+
+def outcomes(k: int, n: int = 200, shift: int = 0) -> list[float]:
+    """n items of which k are right, the right ones starting at `shift` (so two lists can pair up)."""
+    return [1.0 if (i - shift) % n < k else 0.0 for i in range(n)]
 
 
 @pytest.fixture
@@ -30,8 +47,8 @@ def store(tmp_path):
     s = ResultsStore(tmp_path)
     acc, fam, nll = ("synthvqa", "acc"), ("synthvqa", "acc/color"), ("synthvqa-nll", "nll")
     add(s, "fp16", 16, {acc: 0.9, fam: 0.95, nll: 1.0}, size=4_000_000, prefill_ms=40.0, prefill_ms_spread=1.5)
-    add(s, "rtn", 4, {acc: 0.6, fam: 0.7, nll: 1.1}, size=1_100_000, calib_seconds=0.5)  # best nll at 4 bits
-    add(s, "gptq", 4, {acc: 0.7, fam: 0.65, nll: 1.3}, size=1_100_000, calib_seconds=12.25)  # best acc at 4 bits
+    add(s, "rtn", 4, {acc: 0.6, fam: 0.7, nll: 1.1}, size=1_100_000, calib_seconds=0.5)
+    add(s, "gptq", 4, {acc: 0.7, fam: 0.65, nll: 1.3}, size=1_100_000, calib_seconds=12.25)
     add(s, "gptq", 3, {acc: 0.5, nll: 1.8}, size=900_000)  # partial: acc/color never ran
     add(s, "awq", 3, {}, fail="CUDA out of memory | at layer 3\nTraceback (most recent call last):\n  File x")
     add(s, "rtn", 2, {acc: 0.3, fam: 0.3, nll: 2.5}, size=600_000)  # alone at 2 bits: nothing to beat
@@ -54,8 +71,8 @@ def md_tables(md: str) -> dict[str, list[dict]]:
     return tables
 
 
-def find(rows, method, bits):
-    (r,) = [r for r in rows if r["method"] == method and r["bits"] == str(bits)]
+def find(rows, method, fmt):
+    (r,) = [r for r in rows if r["method"] == method and r["format"].startswith(fmt)]
     return r
 
 
@@ -67,16 +84,17 @@ def test_higher_is_better():
 
 def test_partial_grid_shows_missing_not_zero(store):
     md = render(store.rows(), "md", cells=store.cells())
-    acc = md_tables(md)["Accuracy"]
-    assert find(acc, "gptq", 3)["synthvqa acc/color"] == "—"  # not run
-    assert find(acc, "gptq", 3)["synthvqa acc"] == "0.5000"
-    failed = find(acc, "awq", 3)
-    assert all(v.startswith("—") for k, v in failed.items() if k not in ("method", "bits", "config"))
+    tables = md_tables(md)
+    assert list(tables)[0] == "Accuracy"  # the headline first
+    fam = tables["Accuracy per family"]
+    assert find(fam, "gptq", "W3")["synthvqa acc/color"] == "—"  # not run
+    assert find(tables["Accuracy"], "gptq", "W3")["synthvqa acc"] == "0.5000"
+    failed = find(tables["Accuracy"], "awq", "W3")
+    assert all(v.startswith("—") for k, v in failed.items() if k not in ("method", "format"))
     note = re.search(r"^(\d+)\. failed: CUDA out of memory \\\| at layer 3$", md, re.M)
     assert note and failed["synthvqa acc"] == f"— [{note.group(1)}]"
-    deploy = md_tables(md)["Deployment"]
-    assert find(deploy, "awq", 3)["model size (MB)"].startswith("—")
-    assert find(md_tables(md)["Calibration cost"], "fp16", 16)["calibration time (s)"] == "—"
+    assert find(tables["Deployment"], "awq", "W3")["model bytes as deployed (MB)"].startswith("—")
+    assert find(tables["Calibration cost"], "rtn", "W4")["calibration time (s)"] == "0.5000"
     assert not re.search(r"\|\s*0(\.0+)?\s*\|", md)  # no zero anywhere: every value here is non-zero
 
     assert "Traceback" not in md  # notes keep the error's first line; JSON keeps all of it
@@ -89,39 +107,97 @@ def test_partial_grid_shows_missing_not_zero(store):
     assert any("Traceback" in (c["error"] or "") for c in doc["cells"])
 
 
-def test_best_per_column(store):
-    doc = json.loads(render(store.rows(), "json", cells=store.cells()))
-    acc = {(r["method"]["text"], r["bits"]["value"]): r for r in doc["tables"]["tiny"][0]["rows"]}
-    best = {k: {c for c, v in r.items() if v["best"]} for k, r in acc.items()}
-    assert best[("gptq", 4)] == {"synthvqa acc", "avg", "Δ avg vs FP"}
-    assert best[("rtn", 4)] == {"synthvqa acc/color", "synthvqa-nll nll"}  # nll: lower is better
-    assert best[("fp16", 16)] == set()  # the reference is not a contender
-    assert best[("rtn", 2)] == set()  # alone at its bit width
-    assert best[("gptq", 3)] == set()  # its only rival failed
-    md_acc = md_tables(render(store.rows(), "md", cells=store.cells()))["Accuracy"]
-    assert find(md_acc, "rtn", 4)["synthvqa-nll nll"] == "**1.1000**"
-    assert find(md_acc, "gptq", 4)["synthvqa-nll nll"] == "1.3000"
-    html = render(store.rows(), "html", cells=store.cells())
-    assert html.count('class=" best"') == 5
+def test_best_only_where_significant(tmp_path):
+    """Bold needs a paired test over the same items to put the best above the runner-up; Δ vs FP says * the same way."""
+    s = ResultsStore(tmp_path)
+    acc = ("synthvqa", "acc")
+    fp = outcomes(190)
+    add(s, "fp", 16, {acc: 0.95}, items={acc: fp})
+    add(s, "gptq", 4, {acc: 0.945}, items={acc: outcomes(189)})  # one item fewer than fp: not significant
+    add(s, "rtn", 4, {acc: 0.94}, items={acc: outcomes(188)})  # one fewer than gptq: a tie with it
+    add(s, "gptq", 2, {acc: 0.80}, items={acc: outcomes(160)})
+    add(s, "rtn", 2, {acc: 0.40}, items={acc: outcomes(80)})  # 80 discordant pairs, all one way: significant
+    doc = json.loads(render(s.rows(), "json", cells=s.cells(), units=s.units()))
+    rows = {(r["method"]["text"], r["format"]["text"]): r for r in doc["tables"]["tiny"][0]["rows"]}
+    col = "synthvqa acc (n=200)"
+    assert not rows[("gptq", "W4 g128")][col]["best"] and not rows[("rtn", "W4 g128")][col]["best"]  # tied
+    assert rows[("gptq", "W2 g128")][col]["best"] and not rows[("rtn", "W2 g128")][col]["best"]
+    assert rows[("gptq", "W4 g128")]["Δ acc vs FP"]["text"] == "-0.0050"  # not significant: no *
+    assert rows[("rtn", "W2 g128")]["Δ acc vs FP"]["text"] == "-0.5500*"
+    cell = rows[("gptq", "W2 g128")][col]
+    assert cell["n"] == 200 and "[" in cell["text"]
+    md = md_tables(render(s.rows(), "md", cells=s.cells(), units=s.units()))["Accuracy"]
+    assert find(md, "gptq", "W2")[col].startswith("**0.8000")
+
+
+def test_intervals_are_shown_from_the_store(tmp_path):
+    s = ResultsStore(tmp_path)
+    lo, hi = wilson(195, 200)
+    k = {"model": "m", "method": "rtn", "method_options": {}, "bits": 4, "group_size": 64, "sym": False, "calib_hash": "c"}
+    cid = ResultsStore.cell_id(**k)
+    s.start_cell(cid, k)
+    s.finish_cell(cid, [])
+    s.record_unit(cid, "u", "eval", {"task": "synthvqa"}, [{"task": "synthvqa", "metric": "acc", "value": 0.975, "n": 200,
+                                                            "ci_low": lo, "ci_high": hi}])
+    md = md_tables(render(s.rows(), "md", cells=s.cells(), units=s.units()))
+    assert md["Accuracy"][0]["synthvqa acc (n=200)"] == f"0.9750 [{fmt_num(lo)}, {fmt_num(hi)}]"
+    tex = render(s.rows(), "latex", cells=s.cells(), units=s.units())
+    assert r"\toprule" in tex and r"synthvqa acc (n=200)" in tex and fmt_num(lo) in tex
+    csv_text = render(s.rows(), "csv", cells=s.cells(), units=s.units())
+    import csv as _csv
+    import io
+
+    (row,) = list(_csv.DictReader(io.StringIO(csv_text)))
+    assert row["n"] == "200" and float(row["ci_low"]) == lo and float(row["value"]) == 0.975
+
+
+def test_latex_and_csv_escape_everything(tmp_path):
+    s = ResultsStore(tmp_path)
+    evil = 'a_b & c % $x$ #1 {y} ~z ^w \\ <t>'
+    add(s, evil, 4, {("vqa" + evil, "acc"): 0.5}, model=evil, size=10**6)
+    tex = render(s.rows(), "latex", cells=s.cells())
+    from ptqbench.leaderboard.render import tex_escape
+
+    assert evil not in tex and tex_escape(evil) in tex
+    assert tex_escape("a_b & c%") == r"a\_b \& c\%" and tex_escape("\\") == r"\textbackslash{}"
+    csv_text = render(s.rows(), "csv", cells=s.cells())
+    import csv as _csv
+    import io
+
+    (row,) = [r for r in _csv.DictReader(io.StringIO(csv_text)) if r["task"] != "recon"]
+    assert row["method"] == evil and row["model"] == evil  # quoted, not split or altered
 
 
 def test_md_and_json_carry_the_store_numbers(store):
     rows = store.rows()
     md = md_tables(render(rows, "md", cells=store.cells()))
     for r in rows:
-        shown = find(md["Accuracy"], r["method"], r["bits"])[f"{r['task']} {r['metric']}"]
-        assert shown.strip("*") == fmt_num(r["value"])
-    gptq4 = [r for r in rows if r["method"] == "gptq" and r["bits"] == 4]
-    assert find(md["Calibration cost"], "gptq", 4)["calibration time (s)"] == "12.25"
-    assert find(md["Deployment"], "gptq", 4)["model size (MB)"] == "1.10" and gptq4[0]["model_bytes"] == 1_100_000
-    assert find(md["Deployment"], "fp16", 16)["prefill (ms, median ± spread)"] == "40.00 ± 1.5000"
-    assert find(md["Accuracy"], "gptq", 4)["avg"] == "**0.7000**"
-    assert find(md["Accuracy"], "gptq", 4)["Δ avg vs FP"] == "**-0.2000**"
+        if r["task"] == "recon":
+            continue
+        fmt = "FP" if r["bits"] >= 16 else f"W{r['bits']}"
+        table = md["Accuracy per family"] if "/" in r["metric"] else md["Accuracy"]
+        shown = find(table, r["method"], fmt)[f"{r['task']} {r['metric']}"]
+        assert shown.strip("*").split(" ")[0] == fmt_num(r["value"])
+    assert find(md["Calibration cost"], "gptq", "W4")["calibration time (s)"] == "12.25"
+    assert find(md["Deployment"], "gptq", "W4")["model bytes as deployed (MB)"] == "1.10"
+    assert find(md["Deployment"], "fp16", "FP")["prefill (ms, median ± IQR)"] == "40.00 ± 1.5000"
+    assert "avg" not in md["Accuracy"][0]  # one higher-is-better headline (nll is lower-is-better): nothing to average
+    assert find(md["Accuracy"], "gptq", "W4")["Δ acc vs FP"] == "-0.2000"  # no items: no significance claimed
 
     doc = json.loads(render(rows, "json", cells=store.cells()))
     assert doc["rows"] == json.loads(json.dumps(rows))  # every row, provenance included, unchanged
     assert all(r["env"] == {"torch": "2.x"} and "config" in r and "calib_hash" in r for r in doc["rows"])
     assert doc["header"]["calibration"][0]["hash"] == "c0ffee"
+    assert "{" not in render(rows, "md", cells=store.cells()).split("## tiny")[0]  # no raw JSON in the header
+
+
+def test_noisy_latency_is_flagged(tmp_path):
+    s = ResultsStore(tmp_path)
+    add(s, "rtn", 4, {("synthvqa", "acc"): 0.5}, size=10**6, prefill_ms=10.0, prefill_ms_spread=5.0,
+        decode_tok_s=100.0, decode_tok_s_spread=1.0)
+    (row,) = md_tables(render(s.rows(), "md", cells=s.cells()))["Deployment"]
+    assert row["prefill (ms, median ± IQR)"] == "10.00 ± 5.0000 (noisy)"
+    assert row["decode (tok/s, median ± IQR)"] == "100.00 ± 1.0000"
 
 
 def test_html_escapes_everything(tmp_path):
@@ -140,10 +216,12 @@ def test_html_escapes_everything(tmp_path):
 
 def test_html_is_self_contained_with_plots(store):
     html = render(store.rows(), "html", cells=store.cells())
-    assert html.startswith("<!DOCTYPE html>") and html.count("<svg") == 2
-    assert re.findall(r"https?://[^\"' ]+", html) == ["http://www.w3.org/2000/svg"] * 2  # namespace, not a fetch
+    assert html.startswith("<!DOCTYPE html>") and html.count("<svg") >= 4  # accuracy vs bits x2, Pareto, cost, throughput
+    fetches = [u for u in re.findall(r"https?://[^\"' )]+", html) if not u.startswith(("http://www.w3.org/", "http://purl.org/",
+                                                                                      "http://creativecommons.org/", "https://matplotlib.org"))]
+    assert fetches == []  # namespaces and metadata, never a fetch
     assert "<link" not in html and " src=" not in html and "@import" not in html
-    assert "table.sortable th" in html and "Pareto front" in html
+    assert "table.sortable th" in html and html.index("<table") < html.index("<svg")  # the accuracy table comes first
 
 
 def test_pareto_front():
