@@ -1,18 +1,14 @@
-"""The leaderboard page's figures: matplotlib Figures saved as inline SVG strings.
-
-Each public function returns an ``<svg>`` element (no XML declaration, DOCTYPE or metadata, nothing
-external) or None when there is nothing to draw. Output is deterministic: a fixed ``svg.hashsalt``
-(salted with the title, so two figures on one page do not share element ids), no date, text kept as
-``<text>`` (``svg.fonttype: none``) with mathtext off, so ``$`` in a label is printed as is. Figures
-are built as ``matplotlib.figure.Figure`` objects; pyplot and the global rcParams are never touched.
-Colors: tab10 indexed by the sorted method names of a figure (a series "gptq g64" counts as method
-"gptq"; variants of one method differ by marker and line style); full precision is black.
-"""
+"""The leaderboard page's figures: matplotlib Figures returned as inline ``<svg>`` strings (None when
+there is nothing to draw). No XML declaration, DOCTYPE, metadata or external reference; deterministic
+(``svg.hashsalt`` fixed and salted with the title so two figures on a page share no ids, no date);
+text kept as ``<text>`` with mathtext off, so ``$`` prints as is. pyplot and the global rcParams are
+never touched. Colors: tab10 by sorted method name (series "gptq g64" is method "gptq", its variants
+differ by marker and line style); full precision is black. ``_figure_*`` return the Figure (tests)."""
 
 from __future__ import annotations
 
-import functools
 import io
+import itertools
 import math
 import re
 
@@ -34,25 +30,13 @@ NO_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}
 FP_COLOR, FRONT_COLOR = "black", "0.35"
 
 
-def _styled(build):
-    """Build the figure under the local style (text.parse_math is read when a Text is created)."""
-
-    @functools.wraps(build)
-    def wrapper(*args, **kwargs):
-        with matplotlib.rc_context(RC):
-            return build(*args, **kwargs)
-
-    return wrapper
-
-
 def _svg(fig: Figure | None, title: str) -> str | None:
     if fig is None:
         return None
     buf = io.StringIO()
     with matplotlib.rc_context({**RC, "svg.hashsalt": f"ptqbench/{title}"}):
         fig.savefig(buf, format="svg", metadata=NO_METADATA)
-    text = buf.getvalue()
-    text = re.sub(r'<g id="[^"]*">', "<g>", text)  # artist names ("axes_1"), never referenced: unique ids only
+    text = re.sub(r'<g id="[^"]*">', "<g>", buf.getvalue())  # artist names ("axes_1"): never referenced, not unique
     return text[text.index("<svg"):].strip()  # drop the XML declaration and DOCTYPE
 
 
@@ -82,10 +66,8 @@ def _set_ylim(ax, values: list[float], centers: list[float], higher_is_better: b
     lo, hi = (max(min(values), 0.0), min(max(values), 1.0)) if unit else (min(values), max(values))
     if not higher_is_better and lo >= 0:
         lo = 0.0
-    span = max(hi - lo, 0.1 if unit else 0.1 * max(abs(lo), abs(hi)), 1e-9)
-    pad = 0.08 * span
-    mid = (lo + hi) / 2
-    lo, hi = min(lo, mid - span / 2) - pad, max(hi, mid + span / 2) + pad
+    span, mid = max(hi - lo, 0.1 if unit else 0.1 * max(abs(lo), abs(hi)), 1e-9), (lo + hi) / 2
+    lo, hi = min(lo, mid - span / 2) - 0.08 * span, max(hi, mid + span / 2) + 0.08 * span
     ticks = _locator().tick_values(lo, hi)
     lo, hi = max([t for t in ticks if t <= lo] or [ticks[0]]), min([t for t in ticks if t >= hi] or [ticks[-1]])
     floor = 0.0 if (min(values) >= 0 or not higher_is_better) else -math.inf
@@ -109,7 +91,7 @@ def _freeze(fig: Figure):
     return canvas.get_renderer()
 
 
-@_styled
+@matplotlib.rc_context(RC)  # the style is read when the Figure and its Text are made
 def _figure_accuracy_vs_bits(series, *, fp, title, ylabel, higher_is_better=True) -> Figure | None:
     series = {k: sorted((b, v, lo, hi) for b, v, lo, hi in pts if _finite(b, v)) for k, pts in series.items()}
     series = {k: pts for k, pts in sorted(series.items()) if pts}
@@ -120,7 +102,7 @@ def _figure_accuracy_vs_bits(series, *, fp, title, ylabel, higher_is_better=True
     method = {k: k.split()[0] if k.split() else k for k in series}
     palette, variant = colors(method.values()), {}
     bits = sorted({b for pts in series.values() for b, *_ in pts})
-    gap = min((b - a for a, b in zip(bits, bits[1:])), default=1)
+    gap = min((b - a for a, b in itertools.pairwise(bits)), default=1)
     dodge = 0.25 * gap / max(len(series) - 1, 1)  # spread the methods' points at one bit width apart
     values, centers = [], []
     for i, (key, pts) in enumerate(series.items()):
@@ -170,35 +152,38 @@ def front(points: list[dict], higher_is_better: bool = True) -> list[dict]:
 
 
 # Label offsets (points) around a marker, tried in order: right, left, above, below, diagonals; the
-# far ring gets a leader line. A label that fits nowhere is dropped (its point stays, in the legend).
+# far rings get a leader line. A label that fits nowhere is dropped (its point stays, in the legend).
 _NEAR = [(6, 0), (-6, 0), (0, 7), (0, -7), (5, 5), (-5, 5), (5, -5), (-5, -5)]
 _CANDIDATES = [(o, False) for o in _NEAR] + [((k * dx, k * dy), True) for k in (3, 5, 8) for dx, dy in _NEAR]
+LEADER = {"arrowstyle": "-", "lw": 0.6, "color": "0.4", "shrinkA": 1, "shrinkB": 4}
+LABEL_BOX = {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75}
 
 
 def _place_labels(ax, pts: list[dict], renderer, lines=()) -> list:
-    """Annotate each point where its text overlaps no other label or leader, marker, interval or
-    segment of `lines`, and stays inside the axes (extents in display space, from the renderer).
-    A leader line may cross markers and intervals, never another label's text."""
+    """Annotate each point where its text overlaps no other label or leader, marker, its own interval
+    or a segment of `lines`, and stays inside the axes (extents in display space, from the renderer).
+    Labels sit on a translucent white box, so crossing another point's error bar stays readable; a
+    leader line may cross markers and intervals, never another label's text."""
     to_px = ax.transData.transform
 
     def box(a, b, pad):  # the rectangle spanned by two data points, padded by `pad` pixels
         (x0, y0), (x1, y1) = to_px([a, b])
         return Bbox.from_extents(min(x0, x1) - pad, min(y0, y1) - pad, max(x0, x1) + pad, max(y0, y1) + pad)
 
-    def mark(p, pad):  # the marker and its error bar
-        ys = [v for v in (p["lo"], p["value"], p["hi"]) if _finite(v)]
+    def mark(p, pad, whisker=True):  # the marker and (for the point's own label) its error bar
+        ys = [v for v in (p["lo"], p["value"], p["hi"]) if _finite(v) and (whisker or v == p["value"])]
         return box((p["size_mb"], min(ys)), (p["size_mb"], max(ys)), pad)
 
     inside, blocked, px = ax.get_window_extent(renderer), [box(*s, 3) for s in lines], renderer.points_to_pixels(1)
     texts, leaders, placed = [], [], []
     for p in pts:
         x, y = to_px((p["size_mb"], p["value"]))
-        obstacles = [mark(p, 4), *(mark(q, 6) for q in pts if q is not p), *blocked, *texts]
+        obstacles = [mark(p, 4), *(mark(q, 6, whisker=False) for q in pts if q is not p), *blocked, *texts]
         for (dx, dy), leader in _CANDIDATES:
             ann = ax.annotate(p["label"], (p["size_mb"], p["value"]), xytext=(dx, dy), textcoords="offset points",
                               ha="left" if dx > 0 else "right" if dx < 0 else "center",
-                              va="bottom" if dy > 0 else "top" if dy < 0 else "center", fontsize=7.5,
-                              arrowprops=dict(arrowstyle="-", lw=0.6, color="0.4", shrinkA=1, shrinkB=4) if leader else None)
+                              va="bottom" if dy > 0 else "top" if dy < 0 else "center", fontsize=7.5, bbox=LABEL_BOX,
+                              arrowprops=LEADER if leader else None)
             ann.set_in_layout(False)
             ann.get_window_extent(renderer)  # positions the text
             text = Text.get_window_extent(ann, renderer).padded(1.5)
@@ -215,7 +200,7 @@ def _place_labels(ax, pts: list[dict], renderer, lines=()) -> list:
     return placed
 
 
-@_styled
+@matplotlib.rc_context(RC)  # the style is read when the Figure and its Text are made
 def _figure_pareto(points, *, title, ylabel, higher_is_better=True) -> Figure | None:
     pts = [p for p in points if _finite(p.get("size_mb"), p.get("value"))]
     if not pts:
@@ -223,16 +208,16 @@ def _figure_pareto(points, *, title, ylabel, higher_is_better=True) -> Figure | 
     pts = [{**p, "lo": p.get("lo"), "hi": p.get("hi"), "label": str(p.get("label", ""))} for p in pts]
     fig = Figure(figsize=(WIDTH, 4.4), dpi=72, layout="constrained")
     ax = fig.add_subplot()
-    palette = colors(p["method"] for p in pts if not p.get("fp"))
+    palette = colors(p.get("method", "") for p in pts if not p.get("fp"))
     best = front(pts, higher_is_better)
     ax.step([p["size_mb"] for p in best], [p["value"] for p in best], where="post", color=FRONT_COLOR, lw=1.2, zorder=1)
     handles = {}
     for p in pts:
-        c = FP_COLOR if p.get("fp") else palette[p["method"]]
+        c = FP_COLOR if p.get("fp") else palette[p.get("method", "")]
         err = _ci(p["value"], p["lo"], p["hi"])
         ax.errorbar([p["size_mb"]], [p["value"]], yerr=[[e] for e in err] if err else None, fmt="*" if p.get("fp") else "o",
                     color=c, ms=9 if p.get("fp") else 6, mec="white", mew=0.6, elinewidth=1, capsize=3, zorder=3)
-        name = "full precision" if p.get("fp") else p["method"]
+        name = "full precision" if p.get("fp") else p.get("method", "")
         handles.setdefault(name, Line2D([], [], color=c, marker="*" if p.get("fp") else "o", ls="none", label=name))
     handles = [handles[k] for k in sorted(handles, key=lambda k: (k == "full precision", k))]
     handles.append(Line2D([], [], color=FRONT_COLOR, lw=1.2, label="Pareto front"))
@@ -246,8 +231,8 @@ def _figure_pareto(points, *, title, ylabel, higher_is_better=True) -> Figure | 
     renderer = _freeze(fig)
     # front first, then full precision, then the rest: what gets dropped when crowded is the least useful
     on_front = {id(p) for p in best}
-    steps = [((a["size_mb"], a["value"]), (b["size_mb"], a["value"])) for a, b in zip(best, best[1:])]
-    steps += [((b["size_mb"], a["value"]), (b["size_mb"], b["value"])) for a, b in zip(best, best[1:])]
+    steps = [((a["size_mb"], a["value"]), (b["size_mb"], a["value"])) for a, b in itertools.pairwise(best)]
+    steps += [((b["size_mb"], a["value"]), (b["size_mb"], b["value"])) for a, b in itertools.pairwise(best)]
     _place_labels(ax, sorted(pts, key=lambda p: (id(p) not in on_front, not p.get("fp"))), renderer, steps)
     return fig
 
@@ -261,7 +246,7 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-@_styled
+@matplotlib.rc_context(RC)  # the style is read when the Figure and its Text are made
 def _figure_bars(rows, *, title, xlabel, color) -> Figure | None:
     rows = [(str(label), v, s if _finite(s) else None) for label, v, s in rows if _finite(v)]
     if not rows:
@@ -271,7 +256,7 @@ def _figure_bars(rows, *, title, xlabel, color) -> Figure | None:
     ys = range(len(rows))
     half = [s / 2 if s else 0.0 for *_, s in rows]  # the spread (an IQR) drawn as its width around the value
     ax.barh(ys, [v for _, v, _ in rows], height=0.6, color=color,
-            xerr=half if any(half) else None, error_kw=dict(ecolor="0.2", elinewidth=1, capsize=3))
+            xerr=half if any(half) else None, error_kw={"ecolor": "0.2", "elinewidth": 1, "capsize": 3})
     for y, (_, v, _), h in zip(ys, rows, half):
         ax.annotate(_fmt(v), (v + h, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_yticks(list(ys), [label for label, *_ in rows])
@@ -285,19 +270,12 @@ def _figure_bars(rows, *, title, xlabel, color) -> Figure | None:
     return fig
 
 
-def _figure_cost_bars(rows, *, title, xlabel):
-    return _figure_bars([(label, v, None) for label, v in rows], title=title, xlabel=xlabel, color=PALETTE[0])
-
-
 def cost_bars(rows: list[tuple[str, float]], *, title: str, xlabel: str) -> str | None:
     """Horizontal bars (label, seconds), in the order given."""
-    return _svg(_figure_cost_bars(rows, title=title, xlabel=xlabel), title)
-
-
-def _figure_throughput_bars(rows, *, title, xlabel):
-    return _figure_bars(rows, title=title, xlabel=xlabel, color=PALETTE[2])
+    return _svg(_figure_bars([(label, v, None) for label, v in rows], title=title, xlabel=xlabel, color=PALETTE[0]), title)
 
 
 def throughput_bars(rows: list[tuple[str, float, float | None]], *, title: str, xlabel: str) -> str | None:
-    """Horizontal bars (label, tokens/s, spread): the spread (IQR) is drawn as an error bar of that width."""
-    return _svg(_figure_throughput_bars(rows, title=title, xlabel=xlabel), title)
+    """Horizontal bars (label, tokens/s, spread), in the order given; the spread (an IQR) is drawn as
+    an error bar that wide, centred on the value."""
+    return _svg(_figure_bars(rows, title=title, xlabel=xlabel, color=PALETTE[2]), title)

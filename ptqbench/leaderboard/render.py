@@ -435,7 +435,7 @@ def _render_latex(header, boards) -> str:
            "% Models: " + tex_escape(", ".join(header["models"]))]
     for model, tables in boards.items():
         notes = _footnotes(tables)
-        picked = [t for t in tables if t.title in ("Accuracy", "Calibration cost", "Deployment")]
+        picked = [t for t in tables if t.title in ("Accuracy", "Calibration cost", "Deployment", SUMMARY)]
         out += ["", *(_tex_table(t, model, notes) + "\n" for t in picked)]
         if notes:
             out.append("% notes: " + tex_escape("; ".join(f"{i}. {n}" for i, n in enumerate(notes, 1))).replace("\n", " "))
@@ -589,6 +589,28 @@ def _render_json(header, boards, rows, cells) -> str:
     return json.dumps(_clean(doc), indent=1, sort_keys=True, default=str, allow_nan=False) + "\n"
 
 
+SUMMARY = "Summary across models"
+
+
+def _summary(entries_by_model: dict[str, list[Entry]]) -> Table:
+    """Each model's first headline score (value [interval]) per method and format, side by side."""
+    models = sorted(entries_by_model)
+    heads = {m: next(iter(sorted({k for e in es for k in e.metrics if k[0] not in ("deploy", "recon") and "/" not in k[1]})), None)
+             for m, es in entries_by_model.items()}
+    keys = sorted({(e.method, e.fmt) for es in entries_by_model.values() for e in es},
+                  key=lambda k: (not k[1].startswith("FP"), k[1], k[0]))
+    rows = []
+    for method, fmt in keys:
+        row = [Cell(method, method), Cell(fmt, fmt)]
+        for m in models:
+            e = next((e for e in entries_by_model[m] if (e.method, e.fmt) == (method, fmt)), None)
+            row.append(_score_cell(e, heads[m], True) if e is not None and heads[m] else Cell(note="not run"))
+        rows.append(row)
+    cols = ["method", "format"] + [f"{m}: {' '.join(heads[m]) if heads[m] else 'no task'}" for m in models]
+    return Table(SUMMARY, cols, rows, ["Each model's first task metric, value [95% interval] n = items; the model's own "
+                                       "section has every metric and the significance marks."])
+
+
 def render(store_rows: list[dict], format: str = "md", cells: list[dict] | None = None, units: list[dict] | None = None) -> str:
     """Leaderboard text from ResultsStore.rows() (and .cells(), for failed/unfinished cells, and .units(),
     for the per-item outcomes the significance marks compare)."""
@@ -603,6 +625,9 @@ def render(store_rows: list[dict], format: str = "md", cells: list[dict] | None 
         entries = _entries([r for r in rows if r["model"] == model], [c for c in cells if c["model"] == model], list(units or []))
         entries_by_model[model], boards[model] = entries, _tables(entries)
     header["models"] = sorted(boards)
+    if len(boards) > 1:  # several models: a summary first, one column per model
+        summary = _summary(entries_by_model)
+        boards, entries_by_model = {SUMMARY: [summary], **boards}, {SUMMARY: [], **entries_by_model}
     if format == "md":
         return _render_md(header, boards)
     if format == "html":

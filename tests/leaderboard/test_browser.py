@@ -66,8 +66,12 @@ def test_html_leaderboard_renders_in_chromium(tmp_path):
     census = _Census()
     census.feed(dom.stdout)
     assert len(census.table_rows) >= 3 and all(n >= 2 for n in census.table_rows), census.table_rows  # header + data
-    assert census.svgs >= 1 and census.svg_marks >= 3  # plots with points in them
+    assert census.svgs >= 4 and census.svg_marks >= 20  # matplotlib figures with marks in them
     assert census.scripts_external == 0  # one self-contained file
+    first = dom.stdout[dom.stdout.index("<table"):]
+    first_header = first[:first.index("</thead>")]
+    assert "synthvqa acc" in first_header and "synthvqa-nll nll" in first_header  # the first table is the accuracy
+    assert "reconstruction" not in first_header.lower() and "final_rel_err" not in first_header
 
     out = Path(__file__).parent.parent.parent / "test-output"
     out.mkdir(exist_ok=True)

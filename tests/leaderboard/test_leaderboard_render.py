@@ -256,3 +256,41 @@ def test_leaderboard_on_empty_runs(tmp_path):
     ResultsStore(tmp_path)  # created, nothing written
     with pytest.raises(BadInput, match="no results yet"):
         leaderboard(tmp_path, "md")
+
+
+def test_a_format_latency_shows_on_every_row_of_that_format(tmp_path):
+    """Latency is stored once per format (runner.plan_formats' 'format' cells) and shown on each method's row."""
+    s = ResultsStore(tmp_path)
+    acc = ("synthvqa", "acc")
+    for method in ("rtn", "gptq", "awq"):
+        add(s, method, 4, {acc: 0.5}, size=10**6)
+    add(s, "rtn", 2, {acc: 0.3}, size=10**6)
+    k = {"model": "tiny", "method": "format", "method_options": {}, "bits": 4, "group_size": 128, "sym": False, "calib_hash": "-"}
+    cid = ResultsStore.cell_id(**k)
+    s.claim(cid, k)
+    s.record_unit(cid, "d", "deploy", {"kernel": "auto"}, [
+        {"task": "deploy", "metric": "decode_tok_s", "value": 123.0, "decode_tok_s": 123.0, "decode_tok_s_spread": 2.0,
+         "prefill_ms": 9.0, "prefill_ms_spread": 0.1, "kernel": "int4pack[bf16]", "model_bytes": 2 * 10**6, "n": 9},
+        {"task": "deploy", "metric": "decode_tok_s_cv", "value": 0.02, "n": 9},
+        {"task": "deploy", "metric": "prefill_ms_cv", "value": 0.2, "n": 9}])
+    md = md_tables(render(s.rows(), "md", cells=s.cells(), units=s.units()))
+    dep = md["Deployment"]
+    w4 = [r for r in dep if r["format"] == "W4 g128"]
+    assert len(w4) == 3 and {r["decode (tok/s, median ± IQR)"] for r in w4} == {"123.00 ± 2.0000"}
+    assert {r["prefill (ms, median ± IQR)"] for r in w4} == {"9.0000 ± 0.1000 (noisy, CV 20%)"}
+    assert {r["kernel"] for r in w4} == {"int4pack[bf16]"} and {r["model bytes as deployed (MB)"] for r in w4} == {"2.00"}
+    assert find(dep, "rtn", "W2")["decode (tok/s, median ± IQR)"].startswith("—")  # no W2 format timed
+    assert all(r["method"] != "format" for table in md.values() for r in table)  # the format cell is no row of its own
+
+
+def test_several_models_get_a_summary_first(tmp_path):
+    s = ResultsStore(tmp_path)
+    add(s, "rtn", 4, {("synthvqa", "acc"): 0.5}, model="model-a", size=10**6)
+    add(s, "rtn", 4, {("synthvqa", "acc"): 0.25}, model="model-b", size=10**6)
+    add(s, "gptq", 4, {("synthvqa", "acc"): 0.75}, model="model-b", size=10**6)
+    md = render(s.rows(), "md", cells=s.cells())
+    assert md.index("## Summary across models") < md.index("## model-a") < md.index("## model-b")
+    summary = md_tables(md)["Summary across models"]
+    assert find(summary, "rtn", "W4")["model-a: synthvqa acc"] == "0.5000" and find(summary, "rtn", "W4")["model-b: synthvqa acc"] == "0.2500"
+    assert find(summary, "gptq", "W4")["model-a: synthvqa acc"] == "—"
+    assert r"\caption{Summary across models: Summary across models}" in render(s.rows(), "latex", cells=s.cells())

@@ -22,10 +22,11 @@ SERIES = {
 
 def points(series=SERIES, fp=True):
     """Pareto points of SERIES: same-bit-width points crowd at nearly the same size."""
-    out = [dict(label=f"{k.split()[0]} W{b} {k.split()[1]}", method=k.split()[0], size_mb=4400 * b / 16 + 300 + 20 * i,
-                value=v, lo=lo, hi=hi, fp=False)
+    out = [{"label": f"{k.split()[0]} W{b} {k.split()[1]}", "method": k.split()[0], "size_mb": 4400 * b / 16 + 300 + 20 * i,
+            "value": v, "lo": lo, "hi": hi, "fp": False}
            for i, (k, pts) in enumerate(sorted(series.items())) for b, v, lo, hi in pts]  # fmt: skip
-    return out + ([dict(label="FP (bfloat16)", method="fp", size_mb=4700.0, value=0.69, lo=0.65, hi=0.73, fp=True)] if fp else [])
+    full = {"label": "FP (bfloat16)", "method": "fp", "size_mb": 4700.0, "value": 0.69, "lo": 0.65, "hi": 0.73, "fp": True}
+    return out + ([full] if fp else [])
 
 
 def calls(label="x"):
@@ -71,7 +72,7 @@ def test_text_present():
 def test_titles_are_salted_apart():
     """Two figures on one page must not share element ids (the SVG hash salt includes the title)."""
     a, b = calls("one")["pareto"](), calls("two")["pareto"]()
-    ids = lambda s: [el.get("id") for el in ET.fromstring(s).iter() if el.get("id")]  # noqa: E731
+    ids = lambda s: [el.get("id") for el in ET.fromstring(s).iter() if el.get("id")]
     assert ids(a) and len(set(ids(a))) == len(ids(a)) and not set(ids(a)) & set(ids(b))
     refs = re.findall(r'(?:href="#|url\(#)([^")]+)', a)
     assert refs and set(refs) <= set(ids(a))  # every reference resolves inside its own figure
@@ -112,7 +113,7 @@ def test_lower_is_better_starts_at_zero_and_is_not_clamped():
 
 
 def test_pareto_front_direction():
-    pts = [dict(size_mb=s, value=v) for s, v in [(1, 0.5), (2, 0.4), (3, 0.7), (3, 0.6), (4, 0.7)]]
+    pts = [{"size_mb": s, "value": v} for s, v in [(1, 0.5), (2, 0.4), (3, 0.7), (3, 0.6), (4, 0.7)]]
     assert [(p["size_mb"], p["value"]) for p in P.front(pts)] == [(1, 0.5), (3, 0.7)]
     assert [(p["size_mb"], p["value"]) for p in P.front(pts, higher_is_better=False)] == [(1, 0.5), (2, 0.4)]
 
