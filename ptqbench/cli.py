@@ -66,6 +66,7 @@ def run(
     calib_n: Optional[int] = typer.Option(None, "--calib-n", help="calibration samples"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="max tokens per calibration sample"),
     seed: Optional[int] = typer.Option(None, help="seed for data, sampling and everything else"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated calibration seeds: the grid once per seed, and the spread across them"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="calibration batch size"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated tasks (default: the model's; none for tiny models)"),
     eval_n: Optional[int] = typer.Option(None, "--eval-n", help="evaluation items per task (default: the task's)"),
@@ -103,6 +104,8 @@ def run(
         overrides["bits"] = parse_list(bits, int, "bits")
     if tasks is not None:
         overrides["tasks"] = parse_list(tasks, str, "tasks")
+    if seeds is not None:
+        overrides["seeds"] = parse_list(seeds, int, "seeds")
     if option:
         opts: dict = {}
         for text in option:

@@ -30,6 +30,7 @@ class RunConfig:
     calib_n: int = 32  # the default grid on the testbed must fit 10 minutes on 2 cores; raise it for real checkpoints
     seq_len: int = 512
     seed: int = 1  # a positive integer (the synthvqa generator refuses 0)
+    seeds: list[int] | None = None  # run the grid once per calibration seed (the spread across calibration sets); replaces seed
     batch_size: int = 4
     tasks: list[str] | None = None  # None = the model's default tasks (synthvqa tasks for the testbed)
     eval_n: int | None = None
@@ -82,6 +83,10 @@ class RunConfig:
         for key, low in (("calib_n", 1), ("seq_len", 8), ("batch_size", 1), ("seed", 1)):
             if getattr(self, key) < low:
                 raise BadInput(f"{key.replace('_', '-')} {getattr(self, key)!r} is not accepted; accepted: an integer >= {low}")
+        if self.seeds is not None:
+            if not self.seeds or any(v < 1 for v in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+                raise BadInput(f"seeds {','.join(map(str, self.seeds))!r} is not accepted; accepted: distinct integers >= 1, "
+                               "e.g. 1,2,3")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise BadInput(f"max-blocks {self.max_blocks!r} is not accepted; accepted: a positive integer (or unset: every block)")
         if self.eval_n is not None and self.eval_n < 1:
@@ -169,10 +174,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig
     for k in data:
         if k not in accepted:
             raise BadInput(f"config key {k!r} does not exist; accepted: {', '.join(a.replace('_', '-') for a in accepted)}")
-    for k in ("methods", "bits", "tasks"):  # YAML may give "gptq,vlmq" like the flag does
+    for k in ("methods", "bits", "tasks", "seeds"):  # YAML may give "gptq,vlmq" like the flag does
         if isinstance(data.get(k), str):
-            data[k] = parse_list(data[k], int if k == "bits" else str, k)
-        elif isinstance(data.get(k), int) and k == "bits":
+            data[k] = parse_list(data[k], int if k in ("bits", "seeds") else str, k)
+        elif isinstance(data.get(k), int) and k in ("bits", "seeds"):
             data[k] = [data[k]]
     options = overrides.pop("options", None) or {}
     data.update({k: v for k, v in overrides.items() if v is not None})

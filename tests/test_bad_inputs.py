@@ -55,6 +55,8 @@ CASES = [
     ("calib-n-zero", ["--calib-n", "0"], {}, "calib-n 0"),
     ("seq-len-tiny", ["--seq-len", "4"], {}, "seq-len 4"),
     ("seed-zero", ["--seed", "0"], {}, "seed 0"),
+    ("seeds-zero", ["--seeds", "1,0"], {}, "seeds '1,0'"),
+    ("seeds-twice", ["--seeds", "2,2"], {}, "seeds '2,2'"),
     ("batch-size-zero", ["--batch-size", "0"], {}, "batch-size 0"),
     ("eval-n-zero", ["--eval-n", "0"], {}, "eval-n 0"),
     ("model-unknown-family", ["--model", "tiny:gpt2"], {}, "'gpt2'"),

@@ -11,6 +11,7 @@ and the grid goes on. Cells are claimed in the store, so concurrent runs never c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -582,6 +583,23 @@ def _fmt_s(seconds: float) -> str:
 
 
 def run_grid(cfg: RunConfig, progress=None, log=print) -> RunSummary:
+    """The grid; with `seeds`, once per calibration seed (each its own calibration set and run folder)."""
+    if not cfg.seeds:
+        return _run_one(cfg, progress, log)
+    validate_inputs(cfg)  # every input checked once, before the first seed's work
+    summaries = []
+    for s in cfg.seeds:
+        log(f"[seed {s}] the grid with calibration seed {s} ({cfg.seeds.index(s) + 1}/{len(cfg.seeds)})")
+        one = dataclasses.replace(cfg, seed=s, seeds=None, name=None if cfg.name is None else f"{cfg.name}-seed{s}")
+        summaries.append(_run_one(one, progress, log))
+    cells = [dataclasses.replace(c, method=f"{c.method} seed {s}" if c.method != FP_METHOD else c.method)
+             for s, sm in zip(cfg.seeds, summaries) for c in sm.cells
+             if not (c.method == FP_METHOD and s != cfg.seeds[0])]  # full precision does not depend on the seed
+    last = summaries[-1]
+    return RunSummary(last.run_dir, cfg.model, last.group_size, last.calib_manifest, cells)
+
+
+def _run_one(cfg: RunConfig, progress=None, log=print) -> RunSummary:
     from ptqbench.leaderboard.store import ResultsStore, process_owner
 
     grid = prepare(cfg, progress, log)

@@ -78,6 +78,7 @@ class Entry:
     series: str  # label without the bit width: one line in the accuracy-vs-bits plot
     is_fp: bool
     fmt: str = ""  # the format: "W4 g64", "W3 per-channel sym", "FP (float32)"
+    opts_key: str = ""  # the method options as JSON: rows that differ only in calibration set share it
     metrics: dict = field(default_factory=dict)  # (task, metric) -> store row
     items: dict = field(default_factory=dict)  # (task, metric) -> {"kind", "items", "weights"} of that row
     note: str = ""  # cell-level failure
@@ -143,7 +144,7 @@ def _entries(rows: list[dict], cells: list[dict], units: list[dict]) -> list[Ent
             parts += [f"calib {calib[:8]}"] if several_calibs and not fp else []
             label = f"FP ({dtypes.get(r['cell_id']) or 'dtype not recorded'})" if fp else _format_label(int(r["bits"]), gs, sym)
             series = " ".join([r["method"], *parts] + ([] if fp else [label.split(" ", 1)[1]]))
-            entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp, label)
+            entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp, label, json.dumps(opts, sort_keys=True))
         return entries[key]
 
     for r in rows:  # by id: a later unit of the same task (another eval n) is the one shown
@@ -262,6 +263,9 @@ def _tables(entries: list[Entry]) -> list[Table]:
         acc.notes.append("avg: mean of " + ", ".join(f"{t} {m}" for t, m in avg_keys) + " (only when all are present).")
 
     tables = [acc]
+    spread = _seed_spread(entries, head)
+    if spread is not None:
+        tables.append(spread)
     if family:  # (b) per family
         fam = Table("Accuracy per family", lead_cols + [f"{t} {m}" for t, m in family],
                     [lead(e) + [_score_cell(e, k, True) for k in family] for e in entries])
@@ -311,6 +315,32 @@ def _tables(entries: list[Entry]) -> list[Table]:
                         f"stored without it, the IQR is above {NOISY:.0%} of the median). Compare latency only between rows "
                         "of the same kernel and device.")
     return tables + [cost, deploy]
+
+
+def _seed_spread(entries: list[Entry], head: list) -> Table | None:
+    """Rows that differ only in their calibration set (bench run --seeds): mean ± standard deviation of
+    each headline metric across the sets, beside the per-set rows of the accuracy table."""
+    import statistics
+
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        if not e.is_fp:
+            groups.setdefault((e.method, e.fmt, e.opts_key), []).append(e)
+    multi = {k: es for k, es in groups.items() if len(es) > 1}
+    if not multi or not head:
+        return None
+    rows = []
+    for (method, fmt, _), es in multi.items():
+        row = [Cell(method, method), Cell(fmt, fmt)]
+        for key in head:
+            vals = [e.metrics[key]["value"] for e in es if e.metrics.get(key, {}).get("status") == "ok"]
+            row.append(_num(statistics.fmean(vals), f"{fmt_num(statistics.fmean(vals))} ± {fmt_num(statistics.stdev(vals))} "
+                                                    f"({len(vals)} sets)") if len(vals) > 1 else Cell(note="fewer than 2 sets"))
+        rows.append(row)
+    t = Table("Spread across calibration sets", ["method", "format"] + [f"{k[0]} {k[1]}" for k in head], rows)
+    t.notes.append("Mean ± standard deviation over the calibration sets (bench run --seeds) of rows that differ only in "
+                   "their calibration set; the accuracy table has each set's row.")
+    return t
 
 
 # -- header ------------------------------------------------------------------------------------
@@ -435,7 +465,8 @@ def _render_latex(header, boards) -> str:
            "% Models: " + tex_escape(", ".join(header["models"]))]
     for model, tables in boards.items():
         notes = _footnotes(tables)
-        picked = [t for t in tables if t.title in ("Accuracy", "Calibration cost", "Deployment", SUMMARY)]
+        picked = [t for t in tables if t.title in ("Accuracy", "Spread across calibration sets", "Calibration cost", "Deployment",
+                                                   SUMMARY)]
         out += ["", *(_tex_table(t, model, notes) + "\n" for t in picked)]
         if notes:
             out.append("% notes: " + tex_escape("; ".join(f"{i}. {n}" for i, n in enumerate(notes, 1))).replace("\n", " "))
@@ -511,7 +542,7 @@ def _plots(entries: list[Entry]) -> list[Markup]:
         if v is not None and label not in seen:
             seen.add(label)
             tput.append((label, v, _stat(e, "decode_tok_s_spread")))
-    out.append(plots.throughput_bars(tput, title="Decode throughput", xlabel="tokens / s (median ± IQR)"))
+    out.append(plots.throughput_bars(tput, title="Decode throughput per format", xlabel="tokens / s (median; bar: interquartile range)"))
     return [Markup(p) for p in out if p]
 
 

@@ -75,3 +75,18 @@ def test_latency_rows_name_their_kernel(tmp_path):
     assert rows[("format", 2)][1] < rows[("format", 4)][1] < rows[("fp", 16)][1]  # measured from the held tensors
     assert all(v[2] and v[2] > 0 and v[3] >= 7 for v in rows.values())  # at least min_rounds interleaved repeats
     assert out.count("[latency] timing 3 format(s)") == 1
+
+
+def test_seeds_give_one_calibration_set_each_and_a_spread(tmp_path):
+    from ptqbench.leaderboard import leaderboard
+
+    code, out = run("--model", "tiny:qwen2-vl", "--methods", "gptq", "--bits", "4", "--calib-n", "2", "--runs", str(tmp_path),
+                    "--no-save-model", "--no-latency", "--tasks", "synthvqa-nll", "--eval-n", "4", "--seeds", "1,2")
+    assert code == 0, out
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    hashes = {h for (h,) in con.execute("select calib_hash from cells where method = 'gptq'")}
+    assert len(hashes) == 2  # a calibration set per seed
+    assert con.execute("select count(*) from cells where method = 'fp'").fetchone()[0] == 1  # fp does not depend on it
+    md = leaderboard(tmp_path, "md")
+    spread = md.split("### Spread across calibration sets")[1].split("###")[0]
+    assert "gptq" in spread and "(2 sets)" in spread
