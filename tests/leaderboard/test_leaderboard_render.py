@@ -294,3 +294,15 @@ def test_several_models_get_a_summary_first(tmp_path):
     assert find(summary, "rtn", "W4")["model-a: synthvqa acc"] == "0.5000" and find(summary, "rtn", "W4")["model-b: synthvqa acc"] == "0.2500"
     assert find(summary, "gptq", "W4")["model-a: synthvqa acc"] == "—"
     assert r"\caption{Summary across models: Summary across models}" in render(s.rows(), "latex", cells=s.cells())
+
+
+def test_output_files_follow_the_umask(store, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "board.md"
+        leaderboard(store.runs_dir, "md", out)
+        assert (out.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600: the user's file, to share
+    finally:
+        os.umask(old)
