@@ -398,18 +398,20 @@ def _md_text(s: str) -> str:
     return escape(str(s), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
+def _row_texts(row: list[Cell], notes: list[str], esc, bold, footnote) -> list[str]:
+    """A row's cells as text in one markup: escaped, best in bold, a missing value's footnote number."""
+    out = []
+    for c in row:
+        text = bold(esc(c.text)) if c.best else esc(c.text)
+        out.append(text + (footnote(notes.index(c.note) + 1) if c.note and c.value is None and c.note in notes else ""))
+    return out
+
+
 def _md_table(t: Table, notes: list[str]) -> str:
     out = [f"### {_md_text(t.title)}", "", "| " + " | ".join(_md_text(c) for c in t.columns) + " |",
            "|" + "|".join("---" for _ in t.columns) + "|"]  # fmt: skip
     for row in t.rows:
-        cells = []
-        for c in row:
-            s = _md_text(c.text)
-            if c.best:
-                s = f"**{s}**"
-            if c.note and c.value is None and c.note in notes:
-                s += f" [{notes.index(c.note) + 1}]"
-            cells.append(s)
+        cells = _row_texts(row, notes, _md_text, lambda s: f"**{s}**", lambda i: f" [{i}]")
         out.append("| " + " | ".join(cells) + " |")
     out += [""] + [f"_{_md_text(n)}_" for n in t.notes]
     return "\n".join(out)
@@ -444,14 +446,7 @@ def _tex_table(t: Table, model: str, notes: list[str]) -> str:
     out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{tex_escape(model)}: {tex_escape(t.title)}}}",
            rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(tex_escape(c) for c in t.columns) + r" \\", r"\midrule"]
     for row in t.rows:
-        cells = []
-        for c in row:
-            s = tex_escape(c.text)
-            if c.best:
-                s = rf"\textbf{{{s}}}"
-            if c.note and c.value is None and c.note in notes:
-                s += rf"\textsuperscript{{{notes.index(c.note) + 1}}}"
-            cells.append(s)
+        cells = _row_texts(row, notes, tex_escape, lambda s: rf"\textbf{{{s}}}", lambda i: rf"\textsuperscript{{{i}}}")
         out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     if t.notes:
