@@ -14,10 +14,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
-import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +28,13 @@ from ptqbench.harness.adapters import adapter_for
 from ptqbench.harness.calibration import build_calibration
 from ptqbench.harness.engine import EngineResult, quantize_model
 from ptqbench.harness.measure import measure
-from ptqbench.harness.models import check_model_source, load_model, resolve_device, resolve_dtype
+from ptqbench.harness.models import load_model, resolve_device, resolve_dtype
+from ptqbench.harness.preflight import make_run_dir, validate_inputs, write_atomic
 from ptqbench.methods import QuantSpec, get_method
 
 FP_METHOD = "fp"
 FORMAT_METHOD = "format"  # a deployment format's own cell: its latency, measured once per model (run_formats)
 CELL_FILE = "model.safetensors"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 EVAL_BATCH = 16  # items per evaluation batch (part of a task unit's identity: padding can move a logit)
 LATENCY_PROTOCOL = 1  # bump when latency.measure_inference's protocol (prompt, warm-up, repeats) changes
 
@@ -149,75 +146,6 @@ class Grid:
         return self.calib.manifest
 
 
-# ---- validation: every input, before anything is loaded or written ------------------------------
-def _probe_writable(folder: Path, what: str) -> None:
-    """The nearest existing folder of `folder` must take a new file (a real write: root ignores modes)."""
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise BadInput(f"{what} {str(folder)!r} lies under a file ({str(probe)!r}); accepted: a writable folder")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".ptqbench-probe-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise BadInput(f"{what} {str(folder)!r} is not writable ({e.strerror or e}); accepted: a writable folder") from None
-
-
-def validate_inputs(cfg: RunConfig) -> dict:
-    """Check every input that can be checked without the model; returns the method classes.
-    Writes nothing (a probe file in the runs folder is created and removed at once)."""
-    from ptqbench.benchmarks.tasks import get_task
-    from ptqbench.harness.calibration import check_source
-    from ptqbench.leaderboard.store import DB_NAME, ResultsStore
-
-    if cfg.name is not None and (not NAME_RE.match(cfg.name) or cfg.name in (".", "..")):
-        raise BadInput(f"name {cfg.name!r} is not accepted; accepted: a plain folder name of letters, digits, '.', '_' "
-                       "and '-' (no path, at most 100 characters)")
-    runs = Path(cfg.runs)
-    if runs.exists() and not runs.is_dir():
-        raise BadInput(f"runs {str(runs)!r} is a file; accepted: a folder (new or written by bench run)")
-    _probe_writable(runs, "runs folder")
-    if (runs / DB_NAME).exists():
-        ResultsStore(runs, create=False).check_writable()  # refuses a foreign, damaged or read-only store
-    methods = {m: get_method(m) for m in cfg.method_list()}
-    for m, cls in methods.items():  # options of every named method, at every bit width
-        for b in cfg.bits:
-            cls(QuantSpec(bits=b, group_size=cfg.group_size if cfg.group_size is not None else 128, sym=cfg.sym,
-                          grid=cfg.grid), **cfg.options.get(m, {}))
-    device = resolve_device(cfg.device)
-    check_model_source(cfg.model, allow_pickle=cfg.allow_pickle)
-    check_source(cfg.calib, cfg.calib_n, cfg.seed, cfg.image_root)
-    for t in cfg.tasks or []:
-        get_task(t)
-    return methods, device
-
-
-def _new_run_dir(runs: Path, name: str | None) -> Path:
-    """A named folder is reused (resuming that run); a default one is unique even within one second."""
-    runs.mkdir(parents=True, exist_ok=True)
-    if name is not None:
-        (runs / name).mkdir(exist_ok=True)
-        return runs / name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i in range(1, 10_000):
-        d = runs / (stamp if i == 1 else f"{stamp}-{i}")
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free run folder name for {stamp} in {runs}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) -> Grid:
     """Validate the whole grid before any expensive work, load the model, capture (or load) calibration.
     Nothing is written before every input has been checked."""
@@ -271,9 +199,9 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
                               progress=progress, vision=cfg.quantize_vision, warn=log)
     place_outside_decoder(lm.model, lm.adapter.decoder_path, torch.device("cpu"))
     if new_run_dir:  # the first write of the run: every input has been checked by now
-        run_dir = _new_run_dir(runs, cfg.name)
-        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
-        _write_atomic(run_dir / "calibration.json", json.dumps(calib.manifest, indent=2))
+        run_dir = make_run_dir(runs, cfg.name)
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+        write_atomic(run_dir / "calibration.json", json.dumps(calib.manifest, indent=2))
         m = calib.manifest
         t = m["tokens"]
         share = t["vision"] / max(1, t["valid"])
