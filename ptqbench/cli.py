@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data come from disk, never the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lmms-eval datasets too: a missing one fails its task, nothing is fetched
 
 import typer
 from rich.console import Console
