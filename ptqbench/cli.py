@@ -115,7 +115,7 @@ def run(
         overrides["options"] = opts
     cfg = load_config(config, overrides)
 
-    from ptqbench.harness.runner import run_grid
+    from ptqbench.grid.runner import run_grid
 
     if console.is_terminal:
         with _progress() as progress:
@@ -204,7 +204,7 @@ def export(
     overwrite: bool = typer.Option(False, help="replace a non-empty OUT"),
 ):
     """Export a quantized cell as a GPTQ checkpoint (transformers/optimum/GPTQModel layout)."""
-    from ptqbench.harness.export import export_gptq, resolve_cell
+    from ptqbench.deploy.export import export_gptq, resolve_cell
 
     s = export_gptq(resolve_cell(cell, runs), out, model, checkpoint_format=format, shift_zero=shift_zero, overwrite=overwrite)
     console.print(f"wrote {s.out_dir}: {s.method} w{s.bits} g{s.group_size} desc_act={s.desc_act} sym={s.sym}, "

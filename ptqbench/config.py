@@ -14,7 +14,7 @@ from ptqbench.methods.quant import GRIDS, QuantSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_MODEL = "testbed"  # the trained testbed VLM shipped in ptqbench/benchmarks/testbed_model
+DEFAULT_MODEL = "testbed"  # the trained testbed VLM shipped in ptqbench/models/testbed_model
 
 
 @dataclass
@@ -44,7 +44,7 @@ class RunConfig:
     save_model: bool = True
     force: bool = False
     latency: bool = True  # measure prefill/decode/memory of the deployed model per cell
-    kernel: str = "auto"  # auto, int4pack, int8pack, dequant or fake (ptqbench.harness.kernels)
+    kernel: str = "auto"  # auto, int4pack, int8pack, dequant or fake (ptqbench.deploy.kernels)
     infer_dtype: str = "bfloat16"  # the dtype the latency deployment runs in (bf16: the only one with fast CPU kernels)
     latency_tokens: int = 8
     latency_batch: int = 1
@@ -93,7 +93,7 @@ class RunConfig:
             raise BadInput(f"eval-n {self.eval_n!r} is not accepted; accepted: a positive integer")
         if self.device not in DEVICES:
             raise one_of("device", self.device, DEVICES)
-        from ptqbench.harness.kernels import CHOICES as KERNEL_CHOICES
+        from ptqbench.deploy.kernels import CHOICES as KERNEL_CHOICES
 
         if self.kernel not in KERNEL_CHOICES:
             raise one_of("kernel", self.kernel, KERNEL_CHOICES)

@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ptqbench.config import RunConfig
-    from ptqbench.harness.runner import run_grid
-    from ptqbench.leaderboard.store import ResultsStore
+    from ptqbench.grid.runner import run_grid
+    from ptqbench.grid.store import ResultsStore
 
     base = ROOT / "docs" / "configs" / "qwen2-vl-7b.json"
     widths = [int(w) for w in args.widths.split(",")]

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ptqbench.benchmarks import tasks as T  # noqa: E402
-from ptqbench.benchmarks import testbed as tb  # noqa: E402
+from ptqbench.eval import tasks as T  # noqa: E402
+from ptqbench.models import testbed as tb  # noqa: E402
 from ptqbench.methods.quant import QuantSpec, quantize_rtn  # noqa: E402
 
 

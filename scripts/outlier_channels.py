@@ -80,8 +80,8 @@ def add_outlier_channels(model, k: int, scale: float) -> dict[str, list[list[int
 
 @torch.no_grad()
 def _logits(model, processor, n: int = 8) -> torch.Tensor:
-    from ptqbench.benchmarks import synthvqa as sv
-    from ptqbench.benchmarks import tasks
+    from ptqbench.data import synthvqa as sv
+    from ptqbench.eval import tasks
 
     items = sv.generate("calib", n)
     enc = tasks._encode(processor, tasks._prompts(processor, items), [it.image for it in items], "cpu")
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         at = text.find("## Integrity")  # the section goes before the card's last one
         card.write_text(text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section)
     if (args.out / "SHA256SUMS").is_file():
-        from ptqbench.benchmarks.testbed import write_sha256sums
+        from ptqbench.models.testbed import write_sha256sums
 
         write_sha256sums(args.out)
     print(f"wrote {args.out}: {args.k} channels x {args.scale:g} at 4 sites in "

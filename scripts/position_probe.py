@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptqbench.benchmarks import synthvqa as sv  # noqa: E402
-from ptqbench.benchmarks import tasks as T  # noqa: E402
-from ptqbench.benchmarks import testbed as tb  # noqa: E402
+from ptqbench.data import synthvqa as sv  # noqa: E402
+from ptqbench.eval import tasks as T  # noqa: E402
+from ptqbench.models import testbed as tb  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from train_testbed import vision_features  # noqa: E402

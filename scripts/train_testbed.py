@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Train the embedded testbed VLM (Qwen2-VL architecture, from scratch) on SynthVQA.
 
-Reproduces ``ptqbench/benchmarks/testbed_model/``: builds the tokenizer/processor/config from
-``ptqbench.benchmarks.testbed``, pre-renders the ``train`` split (each image with one question of
+Reproduces ``ptqbench/models/testbed_model/``: builds the tokenizer/processor/config from
+``ptqbench.models.testbed``, pre-renders the ``train`` split (each image with one question of
 every family, as a multi-turn chat), trains with answer-only cross-entropy (prompt tokens -100),
 saves the checkpoint (fp16 storage), reloads it through ``load_testbed`` and scores the held-out
 ``eval`` split with the ``synthvqa`` / ``synthvqa-nll`` tasks, then writes MODEL_CARD.md and
 SHA256SUMS. Uses CUDA when available, else CPU.
 
-    python scripts/train_testbed.py --out ptqbench/benchmarks/testbed_model
+    python scripts/train_testbed.py --out ptqbench/models/testbed_model
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptqbench.benchmarks import synthvqa as sv  # noqa: E402
-from ptqbench.benchmarks import tasks as T  # noqa: E402
-from ptqbench.benchmarks import testbed as tb  # noqa: E402
+from ptqbench.data import synthvqa as sv  # noqa: E402
+from ptqbench.eval import tasks as T  # noqa: E402
+from ptqbench.models import testbed as tb  # noqa: E402
 
 
 CAPTION_PROMPT = "describe the image."
@@ -835,11 +835,11 @@ def _card(args, config, n_params, n_vis, n_img_tokens, device, machine, train_s,
 
 A `Qwen2VLForConditionalGeneration` (the real transformers architecture: Qwen2-VL vision tower with
 2D RoPE and 2x2 patch merger, GQA decoder with M-RoPE) trained **from scratch** on the procedural
-SynthVQA generator (`ptqbench.benchmarks.synthvqa`). It is the default model of ptqbench: small
+SynthVQA generator (`ptqbench.data.synthvqa`). It is the default model of ptqbench: small
 enough to quantize and evaluate on a CPU in seconds. It is not a general-purpose model: it only
 knows SynthVQA scenes. Whether quantization error shows up as lost accuracy is measured, not
 assumed: see the known limitations (added by hand after training) and
-`tests/benchmarks/test_testbed_discriminates.py`.
+`tests/models/test_testbed_discriminates.py`.
 
 ## Architecture
 - parameters: {n_params / 1e6:.2f}M ({n_vis / 1e6:.2f}M vision), stored as float16 ({size / 1e6:.1f} MB directory)
@@ -860,7 +860,7 @@ assumed: see the known limitations (added by hand after training) and
 - training time: {train_s / 60:.1f} min; total wall time (rendering, training, saving, evaluation): {wall / 60:.1f} min
 {_previous_phase(args)}
 ## Evaluation (held-out `eval` split, seed {T.EVAL_SEED}, n={args.eval_n}, the checkpoint as stored, loaded in float32)
-Greedy generation, exact match after strip/lowercase (`ptqbench.benchmarks.tasks`, task `synthvqa`);
+Greedy generation, exact match after strip/lowercase (`ptqbench.eval.tasks`, task `synthvqa`);
 NLL is the mean answer-token negative log-likelihood (task `synthvqa-nll`).
 
 | family | accuracy | answer NLL |
@@ -875,7 +875,7 @@ Periodic probes during training ({args.probe_n} eval items):
 {hist}
 
 ## Integrity
-`SHA256SUMS` lists every file; `ptqbench.benchmarks.testbed.load_testbed` verifies it before loading.
+`SHA256SUMS` lists every file; `ptqbench.models.testbed.load_testbed` verifies it before loading.
 """
 
 

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from ptqbench.benchmarks import synthvqa as sv  # noqa: E402
-from ptqbench.benchmarks import testbed as tb  # noqa: E402
+from ptqbench.data import synthvqa as sv  # noqa: E402
+from ptqbench.models import testbed as tb  # noqa: E402
 from train_testbed import Encoder, collate, reinit_text_, vision_features  # noqa: E402
 
 UNUSED_DATA_SEED = 5

@@ -1,10 +1,10 @@
 """Helpers shared by tests (importable because pytest puts tests/ on the path)."""
 
-from ptqbench.harness import calibration as C
+from ptqbench.engine import calibration as C
 
 
 def tiny_samples(processor, n=8, seed=0):
-    from ptqbench.harness.tiny import tiny_batch
+    from ptqbench.models.tiny import tiny_batch
 
     return [C.Sample(im, q, a) for im, q, a in tiny_batch(processor, n=n, seed=seed)]
 
@@ -26,7 +26,7 @@ def write_sharegpt(tmp_path, samples):
 
 def store_writer(runs_dir, worker, n):
     """A process writing n cells into the results store (module-level: picklable for spawn)."""
-    from ptqbench.leaderboard.store import ResultsStore
+    from ptqbench.grid.store import ResultsStore
 
     store = ResultsStore(runs_dir)
     for i in range(n):

@@ -7,8 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from ptqbench.harness import calibration as C
-from ptqbench.harness.adapters import adapter_for
+from ptqbench.engine import calibration as C
+from ptqbench.models.adapters import adapter_for
 
 
 from _helpers import tiny_samples, write_sharegpt  # noqa: E402
@@ -16,7 +16,7 @@ from _helpers import tiny_samples, write_sharegpt  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_qwen():
-    from ptqbench.harness.tiny import build_tiny
+    from ptqbench.models.tiny import build_tiny
 
     torch.manual_seed(0)
     model, processor = build_tiny("qwen2-vl")

@@ -115,8 +115,8 @@ CASES = [
 
 def _make_checkpoint(case: str, tmp: Path) -> Path:
     """A tiny Qwen2-VL checkpoint folder, spoiled as the case says."""
-    from ptqbench.benchmarks.testbed import write_sha256sums
-    from ptqbench.harness.tiny import build_tiny
+    from ptqbench.models.testbed import write_sha256sums
+    from ptqbench.models.tiny import build_tiny
 
     model, processor = build_tiny("qwen2-vl")
     d = tmp / "ckpt"
@@ -146,7 +146,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, flags, files, needle
         p = tmp_path / name
         p.parent.mkdir(parents=True, exist_ok=True)
         if content == "STORE":  # a healthy store with a result in it: it must stay byte-for-byte as it is
-            from ptqbench.leaderboard.store import ResultsStore
+            from ptqbench.grid.store import ResultsStore
 
             k = dict(model="m", method="rtn", method_options={}, bits=4, group_size=32, sym=False, calib_hash="c")
             store = ResultsStore(p.parent)

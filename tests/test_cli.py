@@ -77,7 +77,7 @@ def test_undecodable_image(tmp_path):
 
 
 def test_model_without_image_token(tmp_path, monkeypatch):
-    from ptqbench.harness import models
+    from ptqbench.models import sources as models
 
     real = models.load_model
 
@@ -88,7 +88,7 @@ def test_model_without_image_token(tmp_path, monkeypatch):
         return lm
 
     monkeypatch.setattr(models, "load_model", no_image_token)
-    monkeypatch.setattr("ptqbench.harness.runner.load_model", no_image_token)
+    monkeypatch.setattr("ptqbench.grid.runner.load_model", no_image_token)
     code, out = bench("run", "--model", "tiny:qwen2-vl", "--methods", "rtn", "--runs", str(tmp_path / "r"))
     assert code == 2 and "image token" in out
 

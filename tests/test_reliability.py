@@ -128,7 +128,7 @@ def test_a_new_task_is_scored_on_the_stored_weights_exactly(base_runs, tmp_path)
 
 
 def test_other_weights_under_the_same_name_are_new_cells(tmp_path, monkeypatch):
-    from ptqbench.harness import calibration as C
+    from ptqbench.engine import calibration as C
 
     args = ("--model", "tiny:qwen2-vl", "--methods", "rtn", "--bits", "3,4", "--calib-n", "2", "--runs", tmp_path,
             "--no-save-model", "--no-latency")
@@ -161,7 +161,7 @@ def test_nan_weights_fail_their_cell_and_the_grid_goes_on(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("where", ["raise", "nan"])
 def test_a_failing_task_keeps_the_cell_and_its_other_results(tmp_path, monkeypatch, where):
-    from ptqbench.benchmarks import tasks
+    from ptqbench.eval import tasks
 
     def broken(self, *a, **k):
         if where == "raise":
@@ -187,7 +187,7 @@ def test_a_failing_task_keeps_the_cell_and_its_other_results(tmp_path, monkeypat
 
 
 def test_a_failing_latency_keeps_the_scores(tmp_path, monkeypatch):
-    from ptqbench.harness import latency
+    from ptqbench.deploy import latency
 
     real = latency.measure_inference
 
@@ -266,13 +266,13 @@ def test_kill_9_then_rerun_loses_and_repeats_nothing(tmp_path, reference, point)
     p.wait()
     done_before = {}
     if (runs / "results.sqlite").exists():
-        from ptqbench.leaderboard.store import ResultsStore
+        from ptqbench.grid.store import ResultsStore
 
         ResultsStore(runs)  # a store killed before its schema was written is completed, as the rerun would
         con = db(runs)
         done_before = {r["cell_id"]: r["finished_at"] for r in con.execute("select * from cells where status='done'")}
         # a cell whose process died is never shown as running
-        from ptqbench.leaderboard.store import ResultsStore
+        from ptqbench.grid.store import ResultsStore
 
         assert "running" not in {c["status"] for c in ResultsStore(runs).cells()}
     p = _spawn(runs)

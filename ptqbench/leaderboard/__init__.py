@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ptqbench.errors import BadInput, one_of
 from ptqbench.leaderboard.render import FORMATS, render
-from ptqbench.leaderboard.store import ResultsStore
+from ptqbench.grid.store import ResultsStore
 
 __all__ = ["ResultsStore", "render", "leaderboard"]
 

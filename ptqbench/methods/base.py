@@ -8,7 +8,7 @@ Lifecycle (driven by the engine, which never knows a method by name):
         m.quantize_block(block)           # ask `block` for statistics, commit a QuantizedWeight per linear
     info = m.on_end(run)                  # method-level facts stored with the result
 
-What a block context offers (see `ptqbench.harness.engine.BlockContext`): the block and a frozen
+What a block context offers (see `ptqbench.engine.blockwise.BlockContext`): the block and a frozen
 full-precision copy, the linears to quantize and their true-sequential groups, the full-precision and
 quantized input streams with their per-token masks (valid / vision / text / answer / reply) and replay kwargs,
 `input_stats(...)` for masked fp32 Hessians (and GPTAQ's cross term, optionally token-weighted),

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from ptqbench.errors import BadInput
-from ptqbench.harness.adapters import move
+from ptqbench.models.adapters import move
 from ptqbench.methods.base import Method, option
 from ptqbench.methods.gptq import solve
 from ptqbench.methods.registry import register

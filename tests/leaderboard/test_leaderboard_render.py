@@ -9,7 +9,7 @@ from ptqbench.errors import BadInput
 from ptqbench.leaderboard import leaderboard, render
 from ptqbench.leaderboard.render import fmt_num, higher_is_better, pareto_front
 from ptqbench.leaderboard.stats import wilson
-from ptqbench.leaderboard.store import DB_NAME, ResultsStore
+from ptqbench.grid.store import DB_NAME, ResultsStore
 
 EVIL = "<script>alert(1)</script>"
 

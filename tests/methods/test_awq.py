@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from ptqbench.harness.adapters import adapter_for
-from ptqbench.harness.adapters.base import Adapter
-from ptqbench.harness.engine import quantize_model
+from ptqbench.models.adapters import adapter_for
+from ptqbench.models.adapters.base import Adapter
+from ptqbench.engine.blockwise import quantize_model
 from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods.awq import (
     AWQ,

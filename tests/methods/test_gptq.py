@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from ptqbench.harness.adapters import adapter_for
-from ptqbench.harness.engine import quantize_model
+from ptqbench.models.adapters import adapter_for
+from ptqbench.engine.blockwise import quantize_model
 from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods.gptq import solve
 from ptqbench.methods.quant import quantize_rtn

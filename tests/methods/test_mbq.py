@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ptqbench.errors import BadInput
-from ptqbench.harness.adapters import adapter_for
-from ptqbench.harness.calibration import CalibBatch, CalibSet
-from ptqbench.harness.engine import RunContext, quantize_model
+from ptqbench.models.adapters import adapter_for
+from ptqbench.engine.calibration import CalibBatch, CalibSet
+from ptqbench.engine.blockwise import RunContext, quantize_model
 from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods.awq import TokenLoss, alpha_grid, search_block_scales
 from ptqbench.methods.base import Method

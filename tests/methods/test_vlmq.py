@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ptqbench.errors import BadInput
-from ptqbench.harness.adapters import adapter_for
-from ptqbench.harness.engine import quantize_model
+from ptqbench.models.adapters import adapter_for
+from ptqbench.engine.blockwise import quantize_model
 from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods import vlmq as V
 

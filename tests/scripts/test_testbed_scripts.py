@@ -48,8 +48,8 @@ def test_reinit_text_keeps_nothing_of_the_decoder(tt):
 def test_cached_vision_features_equal_the_live_tower(tt):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from ptqbench.benchmarks import synthvqa as sv
-    from ptqbench.benchmarks import testbed as tb
+    from ptqbench.data import synthvqa as sv
+    from ptqbench.models import testbed as tb
 
     tok = tb.build_tokenizer()
     proc = tb.build_processor(tok)
@@ -89,8 +89,8 @@ def test_linear_probe_reads_a_linear_code_and_not_noise():
 
 
 def test_keep_families_masks_the_other_answers(tt):
-    from ptqbench.benchmarks import synthvqa as sv
-    from ptqbench.benchmarks import testbed as tb
+    from ptqbench.data import synthvqa as sv
+    from ptqbench.models import testbed as tb
 
     proc = tb.build_processor(tb.build_tokenizer())
     enc = tt.Encoder(proc, 64, False)
@@ -106,9 +106,9 @@ def test_keep_families_masks_the_other_answers(tt):
 
 def test_single_turn_chats_are_the_evaluation_prompt(tt):
     """--single-turn trains each question as the eval task builds it: image, instruction, one question."""
-    from ptqbench.benchmarks import synthvqa as sv
-    from ptqbench.benchmarks import tasks as T
-    from ptqbench.benchmarks import testbed as tb
+    from ptqbench.data import synthvqa as sv
+    from ptqbench.eval import tasks as T
+    from ptqbench.models import testbed as tb
 
     proc = tb.build_processor(tb.build_tokenizer())
     enc = tt.Encoder(proc, 64, False)
@@ -140,7 +140,7 @@ def test_train_testbed_refuses_bad_flags(tt, argv, bad, capsys):
 
 
 def test_testbed_config_rope_theta():
-    from ptqbench.benchmarks import testbed as tb
+    from ptqbench.models import testbed as tb
 
     assert tb.testbed_config(layers=1).text_config.rope_parameters["rope_theta"] == 10000.0
     assert tb.testbed_config(layers=1, rope_theta=1e6).text_config.rope_parameters["rope_theta"] == 1e6
@@ -152,7 +152,7 @@ def test_mrope_section_moves_image_tokens_only():
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from ptqbench.benchmarks import testbed as tb
+    from ptqbench.models import testbed as tb
 
     tok = tb.build_tokenizer()
     ids_text = torch.tensor([tok("where is the red circle?")["input_ids"]])
@@ -181,7 +181,7 @@ def test_where_reader_learns_a_planted_position_and_not_noise():
     when the tokens carry it, and stays near chance when the answers are unrelated to the tokens."""
     from types import SimpleNamespace
 
-    from ptqbench.benchmarks import synthvqa as sv
+    from ptqbench.data import synthvqa as sv
 
     wl = _load("where_learnability")
     g = torch.Generator().manual_seed(0)

@@ -1,1 +1,0 @@
-"""Local lmms-eval tasks of ptqbench (YAML + hooks). See :mod:`ptqbench.benchmarks.lmms`."""

@@ -1,0 +1,1 @@
+"""A quantized model deployed: packed storage, inference kernels, latency and memory, GPTQ export."""

@@ -1,0 +1,1 @@
+"""Calibration capture (one content-hashed set per run) and the block-by-block quantization engine."""

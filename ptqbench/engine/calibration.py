@@ -1,0 +1,399 @@
+"""Calibration sets: captured once per (model, data, n, seq len, seed), content-hashed, cached on disk,
+and handed identically to every method.
+
+A calibration set is the input of the first decoder layer for every sample (plus the kwargs the layers
+take), with per-token masks:
+  valid  – not padding;   vision – an image/video placeholder token (from the adapter's token ids,
+  after the processor expanded the pads);   text – valid and not vision;
+  answer – the assistant's reply text (everything after the chat template's generation prompt, e.g.
+  after `<|im_start|>assistant\n`: the answer and the template's closing tokens);
+  reply  – the whole assistant turn from its opening token: the generation prompt's tokens (e.g.
+  `<|im_start|>assistant\n`) plus `answer`. This is the reference MBQ's supervised set (its labels are
+  -100 up to the last `<|im_start|>`, thu-nics/MBQ `qmllm/models/qwen2_vl/qwen2_vl.py`).
+Both are computed per sample from token lengths of the rendered template (never by searching for a
+token id), and never cover padding.
+Sources: the built-in synthetic set (`synthvqa`, `synthvqa:caption`), a ShareGPT4V JSON/JSONL file with
+a local image folder, or a text-only file (.txt, one sample per non-empty line; every token counts as
+answer and reply, as in GPTQ's text calibration).
+The cache (`<runs>/.calib/calib-<key>.safetensors`) holds tensors and a JSON skeleton, never a pickle; an
+entry that is damaged, foreign or from another version is discarded with one warning and recaptured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptqbench.errors import BadInput
+from ptqbench.models.adapters import Adapter, move
+
+CACHE_VERSION = 3  # 2: masks gained `reply`; 3: safetensors + JSON skeleton instead of a pickle
+MASK_KEYS = ("valid", "vision", "text", "answer", "reply")
+
+
+@dataclass
+class Sample:
+    image: Any = None  # PIL image or None
+    question: str | None = None
+    answer: str | None = None
+    text: str | None = None  # text-only sample (no chat template)
+
+
+@dataclass
+class CalibBatch:
+    hidden: torch.Tensor  # (B, T, D) input of decoder layer 0
+    kwargs: dict  # replay kwargs for the decoder layers
+    extras: dict  # adapter-specific state (e.g. Qwen3-VL deepstack features)
+    input_ids: torch.Tensor  # (B, T)
+    masks: dict[str, torch.Tensor]  # valid / vision / text / answer / reply, bool (B, T)
+    inputs: dict | None = None  # the processor batch, kept when the vision tower is calibrated too
+
+
+@dataclass
+class CalibSet:
+    batches: list[CalibBatch]
+    manifest: dict = field(default_factory=dict)
+    vision_batches: list[CalibBatch] = field(default_factory=list)  # inputs of vision-tower block 0
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["content_hash"]
+
+    def __len__(self) -> int:
+        return sum(b.hidden.shape[0] for b in self.batches)
+
+
+# ---- sources -------------------------------------------------------------------------------------
+SOURCES_ACCEPTED = "synthvqa, synthvqa:caption, a ShareGPT4V .json/.jsonl file, or a .txt file"
+
+
+def check_source(source: str, n: int, seed: int, image_root: str | None = None) -> None:
+    """Validate a calibration source completely, before any model is loaded: raises BadInput for
+    anything `build_calibration` would refuse. It does the same work as `load_samples` (reads the file
+    and decodes every selected image, so it costs what loading them costs) and discards the result."""
+    load_samples(source, n, seed, image_root)
+
+
+def load_samples(source: str, n: int, seed: int, image_root: str | None = None) -> tuple[list[Sample], dict]:
+    """Read `n` samples from a source; returns (samples, description for the manifest).
+    Every selected record is validated and its image decoded here, so a bad input is one BadInput
+    line naming the bad value, never a traceback from deep inside the capture."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise BadInput(f"calibration sample count {n!r} is not accepted; accepted: a positive integer")
+    if not isinstance(source, str) or not source:
+        raise BadInput(f"calibration source {source!r} is not accepted; accepted: {SOURCES_ACCEPTED}")
+    # Only the exact names are the built-in set: a file called `synthvqa.json` is a file.
+    if source == "synthvqa" or source.startswith("synthvqa:"):
+        from ptqbench.data import synthvqa
+
+        mode = source.partition(":")[2] or "qa"
+        if mode not in ("qa", "caption"):
+            raise BadInput(f"synthvqa calibration mode {mode!r} is not accepted; accepted: qa, caption")
+        items = synthvqa.generate("calib", n, seed=seed)
+        samples = [Sample(it.image, it.question, it.answer if mode == "qa" else it.caption) for it in items]
+        return samples, {"source": source, "split": "calib", "generator_seed": seed}
+    path = Path(source)
+    if not path.is_file():
+        raise BadInput(f"calibration source {source!r} is not a file; accepted: {SOURCES_ACCEPTED}")
+    if path.suffix not in (".json", ".jsonl", ".txt"):
+        raise BadInput(f"calibration file suffix {path.suffix!r} is not accepted; accepted: .json, .jsonl, .txt")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # permission denied, a directory behind a link, an I/O error
+        raise BadInput(f"calibration file {source!r} cannot be read ({e.strerror or type(e).__name__}); "
+                       "accepted: a readable file") from None
+    desc = {"source": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"calibration file {source!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                       f"{e.start}); accepted: a UTF-8 text or JSON file") from None
+    if "\x00" in text:  # valid UTF-8 can still be a binary file; no text sample holds a NUL
+        raise BadInput(f"calibration file {source!r} holds NUL bytes (a binary file); accepted: a UTF-8 text or JSON file")
+    if path.suffix == ".txt":
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            raise BadInput(f"calibration file {source!r} is empty; accepted: a text file with one sample per line")
+        random.Random(seed).shuffle(lines)
+        return [Sample(text=t) for t in lines[:n]], desc
+
+    records, where = _read_records(text, path.suffix, source)
+    if image_root is not None and not Path(image_root).is_dir():
+        raise BadInput(f"image root {image_root!r} is not a folder; accepted: the folder the records' image paths are relative to")
+    root = Path(image_root) if image_root else path.parent
+    # MBQ shuffles the ShareGPT4V list with a seed. Shuffling the indices gives the same permutation
+    # (it depends on the length only) and keeps each record's place in the file for error messages.
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [_sharegpt_sample(records[i], root, source, where[i]) for i in order[:n]], desc
+
+
+def _read_records(text: str, suffix: str, source: str) -> tuple[list, list[str]]:
+    """The records of a ShareGPT4V JSON list or JSONL file, and where each one is (for messages)."""
+    accepted = "accepted: ShareGPT4V JSON (a list of records) or JSONL (one record per line)"
+    if suffix == ".jsonl":
+        records, where = [], []
+        # split on "\n" only: str.splitlines would also cut at U+2028 etc., which JSON strings may hold raw
+        for i, ln in enumerate(text.split("\n"), 1):
+            if not ln.strip():
+                continue
+            try:
+                records.append(json.loads(ln))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"calibration file {source!r} line {i} is not JSON ({e.msg}, column {e.colno}); {accepted}") from None
+            where.append(f"line {i}")
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"calibration file {source!r} is not readable JSON ({e}); {accepted}") from None
+        if not isinstance(records, list):
+            raise BadInput(f"calibration file {source!r} holds a JSON {type(records).__name__}, not a list; {accepted}")
+        where = [f"record [{i}]" for i in range(len(records))]
+    if not records:
+        raise BadInput(f"calibration file {source!r} holds no records; accepted: a non-empty ShareGPT4V list")
+    return records, where
+
+
+def _short(value, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _sharegpt_sample(rec, root: Path, source: str, where: str = "a record") -> Sample:
+    from PIL import Image
+
+    at = f"{where} of {source!r}"
+    record = "accepted: a ShareGPT4V record, an object with 'conversations' (a list of {from, value} objects) and an optional 'image' path"
+    if not isinstance(rec, dict):
+        raise BadInput(f"{at} is {_short(rec)}, not an object; {record}")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list):
+        raise BadInput(f"{at}: conversations {_short(conv)} is not a list; {record}")
+    for j, c in enumerate(conv):
+        if not isinstance(c, dict):
+            raise BadInput(f"{at}: conversations[{j}] is {_short(c)}, not an object; {record}")
+        if not isinstance(c.get("value"), str):
+            raise BadInput(f"{at}: conversations[{j}] value {_short(c.get('value'))} is not a string; {record}")
+    human = next((c["value"] for c in conv if c.get("from") == "human"), None)
+    gpt = next((c["value"] for c in conv if c.get("from") == "gpt"), None)
+    if human is None or gpt is None:
+        raise BadInput(f"{at} (id {_short(rec.get('id', '?'))}) lacks a human or a gpt turn; {record}")
+    image = None
+    name = rec.get("image")
+    if name is not None and name != "":  # absent, null or "": a text-only conversation
+        if not isinstance(name, str):
+            raise BadInput(f"{at}: image {_short(name)} is not accepted; accepted: an image file path (a string) "
+                           "relative to the image folder")
+        ipath = root / name
+        if not ipath.is_file():
+            raise BadInput(f"{at}: image {name!r} does not exist (looked for {str(ipath)!r}); accepted: an image "
+                           "file under the image folder (--image-root, default: the file's folder)")
+        try:
+            with Image.open(ipath) as im:
+                image = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise BadInput(f"{at}: image {str(ipath)!r} cannot be decoded ({type(e).__name__}); accepted: a readable "
+                           "PNG/JPEG file") from None
+    return Sample(image, human.replace("<image>", "").strip(), gpt.strip())
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+def _messages(s: Sample, with_answer: bool) -> list[dict]:
+    content = ([{"type": "image"}] if s.image is not None else []) + [{"type": "text", "text": s.question}]
+    msgs = [{"role": "user", "content": content}]
+    if with_answer:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": s.answer}]})
+    return msgs
+
+
+def _texts(processor, s: Sample) -> tuple[str, str | None, str | None]:
+    """(full conversation, prompt with the generation prompt, prompt without it); text-only: (text, None, None)."""
+    if s.text is not None:
+        return s.text, None, None
+    full = processor.apply_chat_template(_messages(s, True), tokenize=False)
+    prompt = processor.apply_chat_template(_messages(s, False), tokenize=False, add_generation_prompt=True)
+    question = processor.apply_chat_template(_messages(s, False), tokenize=False, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise RuntimeError("the chat template's generation prompt is not a prefix of the full conversation")
+    if not prompt.startswith(question):
+        raise RuntimeError("the chat template's prompt without the generation prompt is not a prefix of the prompt with it")
+    return full, prompt, question
+
+
+def _encode(processor, texts: list[str], images: list, padding_side: str = "left") -> dict:
+    kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+    if any(im is not None for im in images):
+        kw["images"] = [[im] if im is not None else [] for im in images]
+    tok = getattr(processor, "tokenizer", processor)
+    old = tok.padding_side
+    tok.padding_side = padding_side  # MBQ left-pads; masks make the side irrelevant to statistics
+    try:
+        return dict(processor(**kw))
+    finally:
+        tok.padding_side = old
+
+
+def _length(processor, text: str, image) -> int:
+    return int(_encode(processor, [text], [image])["input_ids"].shape[1])
+
+
+# ---- capture -------------------------------------------------------------------------------------
+def build_calibration(model, adapter: Adapter, processor, source: str, n: int, seq_len: int, seed: int,
+                      batch_size: int = 4, image_root: str | None = None, cache_dir: str | Path | None = None,
+                      progress=None, vision: bool = False, warn: Callable[[str], None] | None = None) -> CalibSet:
+    """Capture (or load from `cache_dir`) the calibration set for this model and data.
+
+    `warn` gets one line when a cache entry is discarded (damaged, foreign, outdated) or cannot be
+    written; default: printed to stderr. The set is then captured as if there were no cache."""
+    if not isinstance(seq_len, int) or seq_len < 8:
+        raise BadInput(f"sequence length {seq_len!r} is not accepted; accepted: an integer >= 8")
+    from ptqbench.engine.calib_cache import CACHE_SUFFIX, CalibCacheError, Uncachable, read_calibration_cache, write_calibration_cache
+
+    warn = warn or _print_stderr
+    samples, desc = load_samples(source, n, seed, image_root)
+    fingerprint = model_fingerprint(model)
+    key = hashlib.sha256(json.dumps(dict(v=CACHE_VERSION, model=fingerprint, data=desc, n=n,
+                                         seq_len=seq_len, seed=seed, batch=batch_size, vision=vision,
+                                         dtype=str(next(model.parameters()).dtype)), sort_keys=True).encode()).hexdigest()[:20]
+    # Entries of earlier versions (`calib-*.pt`, pickles) have another name and are never opened.
+    cache = Path(cache_dir) / f"calib-{key}{CACHE_SUFFIX}" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            return read_calibration_cache(cache, key)
+        except CalibCacheError as e:
+            warn(f"calibration cache {str(cache)!r} discarded ({e}); capturing the set again")
+
+    encoded, dropped = [], 0
+    for s in samples:
+        full, prompt, question = _texts(processor, s)
+        L = _length(processor, full, s.image)
+        if L > seq_len:
+            if s.text is not None:  # text-only: truncate by tokens
+                tok = getattr(processor, "tokenizer", processor)
+                full = tok.decode(tok(full)["input_ids"][:seq_len])
+                L = _length(processor, full, None)
+            else:  # never cut an image: drop the sample (VLMQ's rule)
+                dropped += 1
+                continue
+        if prompt is None:
+            ans = reply = L
+        else:
+            ans = L - _length(processor, prompt, s.image)  # after the generation prompt
+            reply = L - _length(processor, question, s.image)  # the generation prompt's tokens too
+        encoded.append((full, s.image, ans, reply))
+    if not encoded:
+        raise BadInput(f"no calibration sample fits sequence length {seq_len} ({dropped} dropped); accepted: a larger --seq-len")
+
+    device = next(model.parameters()).device
+    vision_ids = torch.tensor(adapter.vision_token_ids())
+    batches: list[CalibBatch] = []
+    vision_batches: list[CalibBatch] = []
+    chunks = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    task = progress.add_task("capture calibration", total=len(chunks)) if progress else None
+    for chunk in chunks:
+        inputs = _encode(processor, [c[0] for c in chunk], [c[1] for c in chunk])
+        ids = inputs["input_ids"]
+        valid = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        answer, reply = torch.zeros_like(valid), torch.zeros_like(valid)
+        T = ids.shape[1]
+        for i, (_, _, ans, n_reply) in enumerate(chunk):
+            answer[i, T - ans:] = True  # left padding: the answer is the last `ans` tokens
+            reply[i, T - n_reply:] = True  # the assistant turn (generation prompt + answer): the last `n_reply`
+        answer &= valid
+        reply &= valid
+        vis = torch.isin(ids, vision_ids) & valid
+        hidden, kwargs, extras = adapter.capture(move(inputs, device))
+        if vision:  # a second pass records every vision block's own call arguments
+            vh, calls = adapter.capture_vision(move(inputs, device))
+            ones = torch.ones(vh.shape[:-1], dtype=torch.bool)
+            vision_batches.append(CalibBatch(vh.detach().cpu(), {"vision_calls": move(calls, "cpu")}, {},
+                                             torch.zeros(0, dtype=torch.long),
+                                             {"valid": ones, "vision": ones, "text": ~ones, "answer": ~ones,
+                                              "reply": ~ones}))
+        batches.append(CalibBatch(hidden.cpu(), move(kwargs, "cpu"), move(extras, "cpu"), ids.cpu(),
+                                  {"valid": valid, "vision": vis, "text": valid & ~vis, "answer": answer,
+                                   "reply": reply},
+                                  inputs=move(inputs, "cpu") if vision else None))
+        if progress:
+            progress.advance(task)
+
+    counts = {k: int(sum(b.masks[k].sum() for b in batches)) for k in MASK_KEYS}
+    # How redundant the vision tokens are: the share of 14x14 image patches that are pure background.
+    from ptqbench.data.synthvqa import background_patch_share
+
+    images = [c[1] for c in encoded if c[1] is not None]
+    bg = float(sum(background_patch_share(im) for im in images) / len(images)) if images else None
+    manifest = dict(desc, n_requested=n, n_samples=len(encoded), n_dropped=dropped, seq_len=seq_len, seed=seed,
+                    batch_size=batch_size, tokens=counts, model=fingerprint, cache_key=key,
+                    background_patch_share=bg)
+    manifest["content_hash"] = content_hash(batches + vision_batches)
+    cs = CalibSet(batches, manifest, vision_batches)
+    if cache is not None:
+        try:
+            write_calibration_cache(cs, cache)
+        except Uncachable as e:
+            warn(f"calibration cache not written: {e}; the set is captured again on every run")
+        except Exception as e:  # noqa: BLE001 - full disk, unwritable folder: costs a recapture next time, not this run
+            warn(f"calibration cache {str(cache)!r} not written ({type(e).__name__}: {_one_line(e)})")
+    return cs
+
+
+def _hash_obj(h, obj) -> None:
+    if isinstance(obj, torch.Tensor) and obj.is_meta:  # a lazily built block: identified by its seed (fingerprint)
+        h.update(f"meta{obj.dtype}{tuple(obj.shape)}".encode())
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        for k in sorted(obj):
+            h.update(str(k).encode())
+            _hash_obj(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _hash_obj(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def content_hash(batches: list[CalibBatch]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        _hash_obj(h, [b.hidden, b.input_ids, b.masks, b.kwargs, b.extras])
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """Identity of a model for cache keys: every parameter for small models, config + files for big ones."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    h.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    h.update(f"{getattr(model, 'name_or_path', '')}:{getattr(model, '_ptq_random_seed', '')}".encode())
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params <= 50_000_000:
+        for name, p in model.state_dict().items():
+            h.update(name.encode())
+            _hash_obj(h, p)
+    else:
+        d = Path(str(getattr(model.config, "_name_or_path", "")))
+        for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _print_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

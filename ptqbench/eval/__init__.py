@@ -1,0 +1,1 @@
+"""Scoring tasks: the SynthVQA tasks and the lmms-eval bridge."""

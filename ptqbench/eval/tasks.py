@@ -1,0 +1,259 @@
+"""Benchmark tasks: a small registry of things that score a VLM + processor.
+
+Each task takes any Hugging Face VLM and its processor (prompts go through the processor's chat
+template), so the same task scores the embedded testbed and a real checkpoint alike.
+
+- ``synthvqa``: exact-match accuracy (greedy generation, batched, left padding) per family and
+  overall on the held-out SynthVQA eval split.
+- ``synthvqa-nll``: mean answer-token negative log-likelihood (teacher forced) on the same items.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ptqbench.data import synthvqa as sv
+from ptqbench.errors import BadInput
+
+# Appended to every question (LLaVA's short-answer instruction) so that real VLMs answer in one word.
+INSTRUCTION = "\nAnswer the question using a single word or phrase."
+DEFAULT_N = 200  # 33 per family; the default grid (19 cells x 2 tasks) must fit 10 minutes on 2 cores
+EVAL_SEED = sv.DEFAULT_SEED["eval"]
+
+
+def user_text(question: str) -> str:
+    return f"{question}{INSTRUCTION}"
+
+
+def messages_for(question: str, with_image: bool = True) -> list[dict]:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": user_text(question)}]
+    return [{"role": "user", "content": content}]
+
+
+def normalize(text: str) -> str:
+    """strip, lowercase, and drop trailing punctuation ("Red." -> "red")."""
+    return text.strip().lower().rstrip(string.punctuation + " ").strip()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _check_n(n):
+    if n is None:
+        return DEFAULT_N
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BadInput(f"n {n!r} is not accepted; accepted: a positive integer")
+    return n
+
+
+def _check_batch(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInput(f"batch_size {batch_size!r} is not accepted; accepted: a positive integer")
+    return batch_size
+
+
+def _prompts(processor, items) -> list[str]:
+    return [processor.apply_chat_template(messages_for(it.question), add_generation_prompt=True, tokenize=False)
+            for it in items]
+
+
+def _encode(processor, texts, images, device):
+    enc = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+
+
+class _Progress:
+    """Adapts ``progress``: a callable ``(done, total)``, a rich ``Progress`` (add_task/advance), or None."""
+
+    def __init__(self, progress, label: str, total: int):
+        self.p, self.total, self.done, self.task = progress, total, 0, None
+        if progress is not None and hasattr(progress, "add_task"):
+            self.task = progress.add_task(label, total=total)
+        elif progress is not None and not callable(progress):
+            raise BadInput(f"progress {progress!r} is not accepted; accepted: None, a callable (done, total), "
+                           "or a rich Progress")
+
+    def advance(self, k: int) -> None:
+        self.done += k
+        if self.task is not None:
+            self.p.advance(self.task, k)
+        elif self.p is not None:
+            self.p(self.done, self.total)
+
+    def close(self) -> None:
+        if self.task is not None and hasattr(self.p, "remove_task"):
+            self.p.remove_task(self.task)
+
+
+@dataclass
+class Score:
+    """One metric of a task with what its uncertainty needs: the per-item outcomes in item order.
+
+    kind "proportion": items are 0/1 (value = their mean); kind "mean": value = sum(items) / sum(weights)
+    (weights: e.g. each item's answer tokens, for a token-weighted NLL; None = plain mean). A task that
+    cannot give per-item outcomes leaves `items` empty: its score is shown with n but no interval."""
+
+    value: float
+    n: int
+    kind: str = "mean"
+    items: list[float] | None = None
+    weights: list[float] | None = None
+
+
+class Task:
+    name: str = ""
+    description: str = ""
+
+    def scores(self, model, processor, n: int | None = None, batch_size: int = 16,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Score]:
+        """Metric name -> Score. ``progress``: None, a callable ``(done, total)`` or a rich Progress."""
+        raise NotImplementedError
+
+    def evaluate(self, model, processor, n: int | None = None, batch_size: int = 16,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """Metric name -> value."""
+        return {m: s.value for m, s in self.scores(model, processor, n, batch_size, progress).items()}
+
+    def identity(self, n: int | None = None) -> dict:
+        """Everything besides the model that decides this task's numbers: a stored score is keyed by it."""
+        return dict(task=self.name, n=_check_n(n), seed=self.seed)
+
+
+class SynthVQAAccuracy(Task):
+    name = "synthvqa"
+    description = "SynthVQA exact-match accuracy (greedy), per family and overall"
+
+    def __init__(self, seed: int = EVAL_SEED, max_new_tokens: int = 4):  # answers: one word + <|im_end|>
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+
+    def identity(self, n=None) -> dict:
+        return dict(super().identity(n), max_new_tokens=self.max_new_tokens, decoding="greedy")
+
+    @torch.no_grad()
+    def predict(self, model, processor, items, batch_size: int = 16, progress=None) -> list[str]:
+        seed_everything(self.seed)
+        device = _model_device(model)
+        tok = processor.tokenizer
+        eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+        eos = [e for e in dict.fromkeys(eos) if isinstance(e, int) and e >= 0]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        preds: list[str] = []
+        bar = _Progress(progress, self.name, len(items))
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            enc = _encode(processor, _prompts(processor, chunk), [it.image for it in chunk], device)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad)
+            new = out[:, enc["input_ids"].shape[1]:]
+            preds += tok.batch_decode(new, skip_special_tokens=True)
+            bar.advance(len(chunk))
+        bar.close()
+        return preds
+
+    def scores(self, model, processor, n=None, batch_size=16, progress=None):
+        n, batch_size = _check_n(n), _check_batch(batch_size)
+        model.eval()
+        items = sv.generate("eval", n, seed=self.seed)
+        preds = self.predict(model, processor, items, batch_size, progress)
+        hits = [float(normalize(p) == normalize(it.answer)) for it, p in zip(items, preds)]
+        res = {"acc": _proportion(hits)}
+        for f in sv.FAMILIES:
+            fam = [h for h, it in zip(hits, items) if it.family == f]
+            if fam:
+                res[f"acc/{f}"] = _proportion(fam)
+        return res
+
+
+class SynthVQANLL(Task):
+    name = "synthvqa-nll"
+    description = "SynthVQA mean answer-token negative log-likelihood (teacher forced)"
+
+    def __init__(self, seed: int = EVAL_SEED):
+        self.seed = seed
+
+    @torch.no_grad()
+    def scores(self, model, processor, n=None, batch_size=16, progress=None):
+        n, batch_size = _check_n(n), _check_batch(batch_size)
+        seed_everything(self.seed)
+        model.eval()
+        device = _model_device(model)
+        items = sv.generate("eval", n, seed=self.seed)
+        end = processor.tokenizer.eos_token or ""
+        nll, tokens = [], []  # per item: the answer's summed -log p and its token count
+        bar = _Progress(progress, self.name, len(items))
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prompts = _prompts(processor, chunk)
+            images = [it.image for it in chunk]
+            # the answer turn as the model must produce it: the word and the end-of-turn token that stops
+            # generation (a model that answers right but cannot stop fails exact match, so it counts here)
+            full = [p + it.answer + end for p, it in zip(prompts, chunk)]
+            p_enc = processor.tokenizer(prompts, add_special_tokens=False)  # lengths only (image unexpanded)
+            f_enc = processor.tokenizer(full, add_special_tokens=False)
+            n_ans = [len(f) - len(p) for p, f in zip(p_enc["input_ids"], f_enc["input_ids"])]
+            enc = _encode(processor, full, images, device)
+            logits = model(**enc).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            tgt = enc["input_ids"][:, 1:]
+            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            T = enc["input_ids"].shape[1]
+            for b, it in enumerate(chunk):
+                k = max(n_ans[b], 0)
+                # left padding: the answer is the last k tokens; token t is predicted at t-1.
+                nll.append(float(-tok_lp[b, T - 1 - k:].sum()) if k else 0.0)
+                tokens.append(float(k))
+            bar.advance(len(chunk))
+        bar.close()
+        res = {"nll": _ratio(nll, tokens)}
+        family_sums = []
+        for f in sv.FAMILIES:
+            idx = [i for i, it in enumerate(items) if it.family == f and tokens[i]]
+            if idx:
+                res[f"nll/{f}"] = _ratio([nll[i] for i in idx], [tokens[i] for i in idx])
+                family_sums.append(sum(nll[i] for i in idx))
+        if sum(tokens):  # summed family by family, as the figures published before per-item scores were
+            res["nll"].value = sum(family_sums) / sum(tokens)
+        return res
+
+
+def _proportion(hits: list[float]) -> Score:
+    return Score(float(np.mean(hits)), len(hits), "proportion", hits)
+
+
+def _ratio(values: list[float], weights: list[float]) -> Score:
+    """A token-weighted mean (sum over items / their tokens), n = the items with tokens."""
+    total = sum(weights)
+    return Score(sum(values) / total if total else math.nan, sum(1 for w in weights if w), "mean", values, weights)
+
+
+TASKS: dict[str, type] = {
+    SynthVQAAccuracy.name: SynthVQAAccuracy,
+    SynthVQANLL.name: SynthVQANLL,
+}
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """A built-in task, else an lmms-eval task (optional extra; BadInput with the install hint)."""
+    if name in TASKS:
+        return TASKS[name](**kwargs)
+    from ptqbench.eval.lmms import LmmsTask  # lazy: optional and slow to import
+
+    return LmmsTask(name, builtin=TASKS, **kwargs)

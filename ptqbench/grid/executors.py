@@ -1,0 +1,49 @@
+"""Executors run the pending cells of a grid; the driver's callbacks claim cells and write the store.
+
+`local` (default) runs cells one after another in this process. Others (e.g. `ray`) run them
+elsewhere and stream results back; every executor reports through the same three callbacks, so the
+store, resume and failure handling are the same whatever runs the cells.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Callable
+
+from ptqbench.errors import BadInput, one_of
+
+EXECUTORS = ("local", "ray")
+
+
+class LocalExecutor:
+    def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
+            stored_file: Callable = lambda cell: None) -> None:
+        from ptqbench.grid.runner import run_cell
+
+        for cell in cells:
+            todo = started(cell)  # None: claimed by another live run, or done meanwhile
+            if todo is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                result = run_cell(grid, todo, progress, stored_file(todo))
+            except KeyboardInterrupt:
+                failed(todo, "interrupted", "", time.perf_counter() - t0)
+                raise
+            except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
+                failed(todo, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8), time.perf_counter() - t0)
+                continue
+            finished(todo, result, time.perf_counter() - t0)
+
+
+def get_executor(name: str, address: str | None = None):
+    if name == "local":
+        if address is not None:
+            raise BadInput(f"address {address!r} is only used by the ray executor; accepted: --executor ray with --address, or no --address")
+        return LocalExecutor()
+    if name == "ray":
+        from ptqbench.grid.ray_executor import RayExecutor
+
+        return RayExecutor(address=address)
+    raise one_of("executor", name, EXECUTORS)
