@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Optional
@@ -54,59 +55,35 @@ def _log_line(message: str) -> None:
     print(message, flush=True)
 
 
-@app.command()
-def run(
-    model: Optional[str] = typer.Option(None, help="testbed (default), tiny:<family>, a checkpoint dir or cached hub id"),
-    methods: Optional[str] = typer.Option(None, help="comma-separated methods (default: all registered)"),
-    bits: Optional[str] = typer.Option(None, help="comma-separated weight bits, 2-8 (default 2,3,4)"),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="-1 per-channel; default: the model's natural size"),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="symmetric grid (default asymmetric)"),
-    grid: Optional[str] = typer.Option(None, help="minmax (AWQ/MBQ convention, default) or gptq"),
-    calib: Optional[str] = typer.Option(None, help="synthvqa, synthvqa:caption, a ShareGPT4V .json/.jsonl, or a .txt"),
-    image_root: Optional[str] = typer.Option(None, help="image folder for a ShareGPT4V file (default: its folder)"),
-    calib_n: Optional[int] = typer.Option(None, "--calib-n", help="calibration samples"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="max tokens per calibration sample"),
-    seed: Optional[int] = typer.Option(None, help="seed for data, sampling and everything else"),
-    seeds: Optional[str] = typer.Option(None, help="comma-separated calibration seeds: the grid once per seed, and the spread across them"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="calibration batch size"),
-    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks (default: the model's; none for tiny models)"),
-    eval_n: Optional[int] = typer.Option(None, "--eval-n", help="evaluation items per task (default: the task's)"),
-    option: list[str] = typer.Option([], "--option", "-o", help="method option METHOD.KEY=VALUE (repeatable)"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16"),
-    runs: Optional[str] = typer.Option(None, help="runs folder holding results.sqlite (default runs)"),
-    name: Optional[str] = typer.Option(None, help="run folder name (default: a timestamp)"),
-    quantize_vision: Optional[bool] = typer.Option(None, "--quantize-vision/--no-quantize-vision", help="also quantize the vision tower's linears"),
-    max_blocks: Optional[int] = typer.Option(None, "--max-blocks", help="quantize only the first N decoder blocks (cost runs on huge models)"),
-    save_model: Optional[bool] = typer.Option(None, "--save-model/--no-save-model", help="save packed safetensors per cell"),
-    force: Optional[bool] = typer.Option(None, "--force", help="recompute cells already in the store"),
-    latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="time the deployed model per cell (default on)"),
-    kernel: Optional[str] = typer.Option(None, help="deployment kernel: auto, int4pack, int8pack, dequant or fake"),
-    infer_dtype: Optional[str] = typer.Option(None, "--infer-dtype", help="dtype of the timed deployment (default bfloat16)"),
-    latency_tokens: Optional[int] = typer.Option(None, "--latency-tokens", help="decode tokens timed (default 8)"),
-    latency_batch: Optional[int] = typer.Option(None, "--latency-batch", help="batch size of the timing (default 1)"),
-    executor: Optional[str] = typer.Option(None, help="local (default) or ray"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)"),
-    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help="load a checkpoint's pickled .bin weights (they can run code)"),
-    config: Optional[str] = typer.Option(None, "--config", help="YAML file with the same fields as these flags"),
-):
-    """Quantize a model with every method x bits, evaluate, and store the results."""
-    from ptqbench.config import load_config, parse_list, parse_option
+def _run_parameters() -> list[inspect.Parameter]:
+    """`bench run`'s flags, one per declared setting (config.py), then --option and --config."""
+    from ptqbench.config import SETTINGS, list_item_type
 
-    overrides = dict(model=model, group_size=group_size, sym=sym, grid=grid, calib=calib, image_root=image_root,
-                     calib_n=calib_n, seq_len=seq_len, seed=seed, batch_size=batch_size, eval_n=eval_n, device=device,
-                     dtype=dtype, runs=runs, name=name, save_model=save_model, force=force,
-                     quantize_vision=quantize_vision, max_blocks=max_blocks, executor=executor, address=address, latency=latency, kernel=kernel,
-                     infer_dtype=infer_dtype, latency_tokens=latency_tokens, latency_batch=latency_batch,
-                     allow_pickle=allow_pickle)
-    if methods is not None:
-        overrides["methods"] = parse_list(methods, str, "methods")
-    if bits is not None:
-        overrides["bits"] = parse_list(bits, int, "bits")
-    if tasks is not None:
-        overrides["tasks"] = parse_list(tasks, str, "tasks")
-    if seeds is not None:
-        overrides["seeds"] = parse_list(seeds, int, "seeds")
+    params = []
+    for s in SETTINGS.values():
+        if not s.cli:
+            continue
+        scalar = next((a for a in getattr(s.type, "__args__", (s.type,)) if a is not type(None)), s.type)
+        annotation = Optional[str] if list_item_type(s) is not None else Optional[scalar]
+        decls = s.flags or (f"--{s.flag}",)
+        params.append(inspect.Parameter(s.key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(None, *decls, help=s.help, rich_help_panel=s.section)))
+    params.append(inspect.Parameter("option", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
+                                    default=typer.Option([], "--option", "-o", help="method option METHOD.KEY=VALUE (repeatable)")))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                    default=typer.Option(None, "--config", help="YAML file with the same keys as these flags")))
+    return params
+
+
+def run(**given):
+    """Quantize a model with every method x bits, evaluate, and store the results."""
+    from ptqbench.config import SETTINGS, list_item_type, load_config, parse_list, parse_option
+
+    config, option = given.pop("config"), given.pop("option")
+    overrides = {}
+    for key, value in given.items():
+        item = list_item_type(SETTINGS[key])
+        overrides[key] = parse_list(value, item, key) if item is not None and value is not None else value
     if option:
         opts: dict = {}
         for text in option:
@@ -129,6 +106,10 @@ def run(
         for c in failed:
             err_console.print(f"  {c.method} w{c.bits}: {c.error}", soft_wrap=True, markup=False)
         raise typer.Exit(1)
+
+
+run.__signature__ = inspect.Signature(_run_parameters())
+app.command()(run)
 
 
 def _print_summary(summary) -> None:

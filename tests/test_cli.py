@@ -54,8 +54,8 @@ def test_config_yaml_same_fields_as_flags(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: tiny:llava\nmethods: gptq,rtn\nbits: [3]\ngroup-size: 16\noptions: {gptq: {act_order: true}}\n")
     c = load_config(cfg, {"bits": [2, 4], "options": {"gptq": {"percdamp": 0.1}}})
-    assert c.methods == ["gptq", "rtn"] and c.bits == [2, 4] and c.group_size == 16
-    assert c.options == {"gptq": {"act_order": True, "percdamp": 0.1}}
+    assert c.quant.methods == ["gptq", "rtn"] and c.quant.bits == [2, 4] and c.quant.group_size == 16
+    assert c.quant.options == {"gptq": {"act_order": True, "percdamp": 0.1}}
 
 
 @pytest.mark.parametrize("content, needle", [("", "empty"), ("{not json", "not readable JSON"), ("[]", "no records")])
@@ -88,7 +88,7 @@ def test_model_without_image_token(tmp_path, monkeypatch):
         return lm
 
     monkeypatch.setattr(models, "load_model", no_image_token)
-    monkeypatch.setattr("ptqbench.grid.runner.load_model", no_image_token)
+    monkeypatch.setattr("ptqbench.grid.plan.load_model", no_image_token)
     code, out = bench("run", "--model", "tiny:qwen2-vl", "--methods", "rtn", "--runs", str(tmp_path / "r"))
     assert code == 2 and "image token" in out
 

@@ -11,15 +11,14 @@ import time
 import traceback
 from typing import Callable
 
-from ptqbench.errors import BadInput, one_of
-
-EXECUTORS = ("local", "ray")
+from ptqbench.config import EXECUTORS
+from ptqbench.errors import BadInput, one_line, one_of
 
 
 class LocalExecutor:
     def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
             stored_file: Callable = lambda cell: None) -> None:
-        from ptqbench.grid.runner import run_cell
+        from ptqbench.grid.cell import run_cell
 
         for cell in cells:
             todo = started(cell)  # None: claimed by another live run, or done meanwhile
@@ -32,7 +31,7 @@ class LocalExecutor:
                 failed(todo, "interrupted", "", time.perf_counter() - t0)
                 raise
             except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
-                failed(todo, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8), time.perf_counter() - t0)
+                failed(todo, one_line(e), traceback.format_exc(limit=8), time.perf_counter() - t0)
                 continue
             finished(todo, result, time.perf_counter() - t0)
 

@@ -41,24 +41,25 @@ def validate_inputs(cfg: RunConfig) -> dict:
     from ptqbench.engine.calibration import check_source
     from ptqbench.grid.store import DB_NAME, ResultsStore
 
-    if cfg.name is not None and (not NAME_RE.match(cfg.name) or cfg.name in (".", "..")):
-        raise BadInput(f"name {cfg.name!r} is not accepted; accepted: a plain folder name of letters, digits, '.', '_' "
+    if cfg.grid.name is not None and (not NAME_RE.match(cfg.grid.name) or cfg.grid.name in (".", "..")):
+        raise BadInput(f"name {cfg.grid.name!r} is not accepted; accepted: a plain folder name of letters, digits, '.', '_' "
                        "and '-' (no path, at most 100 characters)")
-    runs = Path(cfg.runs)
+    runs = Path(cfg.grid.runs)
     if runs.exists() and not runs.is_dir():
         raise BadInput(f"runs {str(runs)!r} is a file; accepted: a folder (new or written by bench run)")
     probe_writable(runs, "runs folder")
     if (runs / DB_NAME).exists():
         ResultsStore(runs, create=False).check_writable()  # refuses a foreign, damaged or read-only store
     methods = {m: get_method(m) for m in cfg.method_list()}
+    q, c = cfg.quant, cfg.calib
     for m, cls in methods.items():  # options of every named method, at every bit width
-        for b in cfg.bits:
-            cls(QuantSpec(bits=b, group_size=cfg.group_size if cfg.group_size is not None else 128, sym=cfg.sym,
-                          grid=cfg.grid), **cfg.options.get(m, {}))
-    device = resolve_device(cfg.device)
-    check_model_source(cfg.model, allow_pickle=cfg.allow_pickle)
-    check_source(cfg.calib, cfg.calib_n, cfg.seed, cfg.image_root)
-    for t in cfg.tasks or []:
+        for b in q.bits:
+            cls(QuantSpec(bits=b, group_size=q.group_size if q.group_size is not None else 128, sym=q.sym,
+                          grid=q.rounding), **q.options.get(m, {}))
+    device = resolve_device(cfg.model.device)
+    check_model_source(cfg.model.source, allow_pickle=cfg.model.allow_pickle)
+    check_source(c.source, c.n, c.seed, c.image_root)
+    for t in cfg.eval.tasks or []:
         get_task(t)
     return methods, device
 

@@ -21,7 +21,7 @@ cache and for saved models to land beside the run; a worker that captures its ow
 accepted only if its content hash equals the driver's. Workers need ptqbench installed. A Ray
 connection already open in this process (`ray.init` called by the caller) is used as is and left
 open. Worker output is not echoed to the driver (errors come back with the cells); it is in Ray's
-session logs (/tmp/ray/session_latest/logs on each node).
+session logs on each node (`ray logs`, or session_latest/logs under Ray's temp folder).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from ptqbench.errors import BadInput
+from ptqbench.errors import BadInput, one_line
 
 MAX_RETRIES = 2  # re-runs of a cell whose worker died (system failures only)
 
@@ -50,11 +50,6 @@ def _import_ray():
     return ray
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
 def _plain(obj):
     """What the store would keep of it: JSON types only (tensors -> lists, non-string keys -> str)."""
     from ptqbench.grid.store import canonical_json
@@ -64,12 +59,12 @@ def _plain(obj):
 
 def _worker_grid(cfg_json: str, calib_hash: str):
     from ptqbench.config import RunConfig
-    from ptqbench.grid.runner import prepare
+    from ptqbench.grid.plan import prepare
 
     grid = _GRIDS.get(cfg_json)
     if grid is None:
         _GRIDS.clear()
-        grid = prepare(RunConfig(**json.loads(cfg_json)), progress=None, log=lambda *a, **k: None, new_run_dir=False)
+        grid = prepare(RunConfig.from_flat(**json.loads(cfg_json)), progress=None, log=lambda *a, **k: None, new_run_dir=False)
         got = grid.manifest["content_hash"]
         if got != calib_hash:
             raise RuntimeError(f"the worker's calibration set {got} differs from the driver's {calib_hash}; "
@@ -98,14 +93,14 @@ def run_cell_task(cfg_json: str, calib_hash: str, cell, stored_file=None) -> dic
             torch.set_num_threads(max(1, int(cpus)))
     t0 = time.perf_counter()
     try:
-        from ptqbench.grid.runner import run_cell
+        from ptqbench.grid.cell import run_cell
 
         grid = _worker_grid(cfg_json, calib_hash)
         t0 = time.perf_counter()  # a cell's time is its own, as with the local executor
         result = run_cell(grid, cell, None, stored_file)
         return dict(ok=True, result=_plain(result), seconds=time.perf_counter() - t0)
     except Exception as e:  # recorded as a failed cell by the driver, never retried
-        return dict(ok=False, error=_one_line(e), detail=traceback.format_exc(limit=8), seconds=time.perf_counter() - t0)
+        return dict(ok=False, error=one_line(e), detail=traceback.format_exc(limit=8), seconds=time.perf_counter() - t0)
 
 
 class RayExecutor:
@@ -174,10 +169,10 @@ class RayExecutor:
             out = ray.get(ref)
         except ray.exceptions.RayTaskError as e:  # raised outside the task's own guard (e.g. unpickling)
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            failed(cell, _one_line(cause), str(e), time.perf_counter() - t0)
+            failed(cell, one_line(cause), str(e), time.perf_counter() - t0)
             return
         except ray.exceptions.RayError as e:  # the worker died max_retries + 1 times, or its node did
-            failed(cell, _one_line(e), str(e), time.perf_counter() - t0)
+            failed(cell, one_line(e), str(e), time.perf_counter() - t0)
             return
         if out["ok"]:
             finished(cell, out["result"], out["seconds"])

@@ -174,7 +174,7 @@ def _stat(e: Entry, name: str):
 
 def _p_value(a: Entry, b: Entry, key) -> float | None:
     """Paired test of one metric between two rows over the same items (None: not comparable)."""
-    from ptqbench.leaderboard.stats import compare
+    from ptqbench.eval.stats import compare
 
     x, y = a.items.get(key), b.items.get(key)
     if not x or not y or x["kind"] != y["kind"] or len(x["items"]) != len(y["items"]):

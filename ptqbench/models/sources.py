@@ -19,6 +19,34 @@ from ptqbench.errors import BadInput
 from ptqbench.models.adapters import Adapter, adapter_for
 from ptqbench.models.checkpoints import ACCEPTED, INTACT, check_checkpoint, checkpoint_dir, first_line, json_file, weight_files
 
+@dataclass(frozen=True)
+class Source:
+    """A kind of model name: how it is written, its natural group size, its default tasks."""
+
+    syntax: str
+    group_size: int  # `bench run`'s default --group-size for it
+    tasks: tuple[str, ...]  # default tasks (only the testbed has weights a task can score meaningfully)
+    lazy: bool  # decoder blocks on meta, materialized one at a time
+    what: str
+
+
+SOURCES = {
+    "testbed": Source("testbed", 64, ("synthvqa", "synthvqa-nll"), False,
+                      "the trained testbed VLM shipped in models/testbed_model (the default)"),
+    "tiny": Source("tiny:<family>", 32, (), False, "a tiny random-weight model of a family (tests, smoke runs)"),
+    "random": Source("random:<config.json>[@side]", 128, (), True,
+                     "a real architecture from its config.json, random weights, built block by block (cost runs)"),
+    "checkpoint": Source("<dir> | <hub id>", 128, (), False,
+                         "a local checkpoint directory, or a hub id already in the local cache"),
+}
+
+
+def source_kind(name: str) -> str:
+    if name == "testbed":
+        return "testbed"
+    return name.split(":", 1)[0] if name.startswith(("tiny:", "random:")) else "checkpoint"
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -168,26 +196,26 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, allow_pickle: bool
     """Load on CPU; the engine moves one block at a time to the compute device. `check_model_source` runs
     first (a checkpoint's SHA256SUMS is hashed once per process while its files are unchanged); pickled
     weights are loaded only with `allow_pickle`."""
-    source = _check_source(name, allow_pickle)
-    if name == "testbed":
+    checked = _check_source(name, allow_pickle)
+    kind = source_kind(name)
+    if kind == "testbed":
         from ptqbench.models.testbed import load_testbed
 
         model, processor = load_testbed(dtype=dtype)
-        return LoadedModel(name, model, processor, adapter_for(model), 64, ["synthvqa", "synthvqa-nll"])
-    if name.startswith("tiny:"):
+    elif kind == "tiny":
         from ptqbench.models.tiny import build_tiny
 
         model, processor = build_tiny(name.split(":", 1)[1])
         model = model.to(dtype)
-        return LoadedModel(name, model, processor, adapter_for(model), 32, [])
-    if name.startswith("random:"):  # a real architecture from its config, random weights, lazy blocks
+    elif kind == "random":
         from ptqbench.models.lazy import build_random
 
         path, side = _random_spec(name)
         model, processor = build_random(path, dtype=dtype, image_side=side)
-        return LoadedModel(name, model, processor, adapter_for(model), 128, [], lazy=True)
-    d, safetensors = source
-    if not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") is None:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the network: weights come from disk
-    model, processor = _load_checkpoint(name, d, safetensors, dtype)
-    return LoadedModel(name, model, processor, adapter_for(model), 128, [])
+    else:
+        d, safetensors = checked
+        if not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") is None:
+            os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the network: weights come from disk
+        model, processor = _load_checkpoint(name, d, safetensors, dtype)
+    s = SOURCES[kind]
+    return LoadedModel(name, model, processor, adapter_for(model), s.group_size, list(s.tasks), lazy=s.lazy)

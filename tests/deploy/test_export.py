@@ -200,7 +200,7 @@ def test_export_of_a_real_gptq_act_order_cell(tmp_path, inputs):
     from ptqbench.models.tiny import build_tiny
     from ptqbench.grid.store import ResultsStore
 
-    cfg = RunConfig(model=MODEL, methods=["gptq"], bits=[4], group_size=32, calib_n=2, runs=str(tmp_path / "runs"),
+    cfg = RunConfig.from_flat(model=MODEL, methods=["gptq"], bits=[4], group_size=32, calib_n=2, runs=str(tmp_path / "runs"),
                     name="r", tasks=[], options={"gptq": {"act_order": True}}, device="cpu", latency=False)
     summary = run_grid(cfg, log=lambda *a: None)
     assert [c.status for c in summary.cells] == ["done"]

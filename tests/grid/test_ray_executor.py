@@ -63,7 +63,7 @@ def die_once_hook():
 def grid_config(runs, **kw) -> RunConfig:
     base = dict(model="tiny:qwen2-vl", methods=["rtn", "gptq"], bits=[2, 4], calib_n=2, runs=str(runs),
                 save_model=False, device="cpu", executor="ray", latency=False)
-    return RunConfig(**{**base, **kw})
+    return RunConfig.from_flat(**{**base, **kw})
 
 
 def values(runs) -> dict:
@@ -89,7 +89,7 @@ def test_task_returns_plain_data_and_errors_as_data(tmp_path):
     """The task body, called in this process: a cell comes back as JSON-plain data; an error comes back
     as a one-line message and a traceback, never raised (so Ray does not retry it)."""
     from ptqbench.grid import ray_executor as rx
-    from ptqbench.grid.runner import plan, prepare
+    from ptqbench.grid.plan import plan, prepare
 
     grid = prepare(grid_config(tmp_path, bits=[2], methods=["rtn"]), log=lambda *a: None)
     cfg_json, (cell,) = rx.worker_config(grid), plan(grid)
@@ -189,7 +189,7 @@ DRIVER = """
 import sys
 from ptqbench.config import RunConfig
 from ptqbench.grid.runner import run_grid
-run_grid(RunConfig(**__import__("json").loads(sys.argv[1])))
+run_grid(RunConfig.from_flat(**__import__("json").loads(sys.argv[1])))
 """
 
 

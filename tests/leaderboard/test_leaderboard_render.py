@@ -8,7 +8,7 @@ import pytest
 from ptqbench.errors import BadInput
 from ptqbench.leaderboard import leaderboard, render
 from ptqbench.leaderboard.render import fmt_num, higher_is_better, pareto_front
-from ptqbench.leaderboard.stats import wilson
+from ptqbench.eval.stats import wilson
 from ptqbench.grid.store import DB_NAME, ResultsStore
 
 EVIL = "<script>alert(1)</script>"

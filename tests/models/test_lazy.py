@@ -72,7 +72,7 @@ def test_bench_run_random_model(config_path, tmp_path):
     from ptqbench.config import RunConfig
     from ptqbench.grid.runner import run_grid
 
-    cfg = RunConfig(model=f"random:{config_path}", methods=["gptq", "vlmq"], bits=[4], calib_n=4, group_size=16,
+    cfg = RunConfig.from_flat(model=f"random:{config_path}", methods=["gptq", "vlmq"], bits=[4], calib_n=4, group_size=16,
                     latency=False, save_model=False, runs=str(tmp_path / "runs"))
     summary = run_grid(cfg, log=lambda *_: None)
     assert [c.status for c in summary.cells] == ["done", "done"]
@@ -82,9 +82,10 @@ def test_bench_run_random_model(config_path, tmp_path):
 def test_max_blocks_cost_run(config_path, tmp_path):
     """--max-blocks N quantizes the first N blocks only, and the cell's identity says so."""
     from ptqbench.config import RunConfig
-    from ptqbench.grid.runner import plan, prepare, run_cell
+    from ptqbench.grid.cell import run_cell
+    from ptqbench.grid.plan import plan, prepare
 
-    cfg = RunConfig(model=f"random:{config_path}", methods=["gptq"], bits=[4], calib_n=2, group_size=16, max_blocks=1,
+    cfg = RunConfig.from_flat(model=f"random:{config_path}", methods=["gptq"], bits=[4], calib_n=2, group_size=16, max_blocks=1,
                     latency=False, save_model=False, runs=str(tmp_path))
     grid = prepare(cfg, log=lambda *_: None)
     (cell,) = plan(grid)
@@ -102,11 +103,11 @@ def test_max_blocks_cost_run(config_path, tmp_path):
 ])
 def test_random_model_refusals(config_path, tmp_path, kw, needle):
     from ptqbench.config import RunConfig
-    from ptqbench.grid.runner import prepare
+    from ptqbench.grid.plan import prepare
 
     base = dict(model=f"random:{config_path}", bits=[4], calib_n=2, latency=False, save_model=False, runs=str(tmp_path))
     with pytest.raises(BadInput, match=needle):
-        prepare(RunConfig(**{**base, **kw}), log=lambda *_: None)
+        prepare(RunConfig.from_flat(**{**base, **kw}), log=lambda *_: None)
 
 
 def test_bad_random_specs(tmp_path):

@@ -21,7 +21,7 @@ def grid_results(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = RunConfig(model="testbed", methods=["rtn", "gptq"], bits=[2, 3, 4], calib_n=32, eval_n=120,
+        cfg = RunConfig.from_flat(model="testbed", methods=["rtn", "gptq"], bits=[2, 3, 4], calib_n=32, eval_n=120,
                         latency=False, save_model=False, runs=str(tmp_path_factory.mktemp("runs")))
         summary = run_grid(cfg, log=lambda *_: None)
     finally:

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ptqbench.leaderboard import stats
-from ptqbench.leaderboard.stats import bootstrap_mean, mcnemar, paired_bootstrap, wilson
+from ptqbench.eval import stats
+from ptqbench.eval.stats import bootstrap_mean, mcnemar, paired_bootstrap, wilson
 
 Z = 1.959963984540054
 
