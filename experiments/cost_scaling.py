@@ -10,7 +10,7 @@ blocks (it only feeds the capture, which is not part of a cell's cost). Each row
 ``bench run --model random:<config>@588`` through the normal runner; wall time and peak memory are the
 store's ``calib_seconds`` / ``calib_peak_bytes`` (peak RSS on CPU, peak allocated on CUDA).
 
-    python scripts/cost_scaling.py --widths 1024,2048,3584 --calib-n 4,8,16 --out docs/cost_scaling.json
+    python experiments/cost_scaling.py --widths 1024,2048,3584 --calib-n 4,8,16 --out docs/cost_scaling.json
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                                      device=r.get("device")))
                     print(json.dumps(rows[-1]), flush=True)
                 print(f"width {w} calib-n {n}: {time.time() - t0:.0f}s wall", flush=True)
-    meta = dict(command="python scripts/cost_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = dict(command="python experiments/cost_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 cpu_count=os.cpu_count())
     if args.out:
         Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -2,8 +2,8 @@
 """How much weight error does the testbed's decoder tolerate? (a diagnostic for issue 3)
 
 For every decoder linear it scores `synthvqa` accuracy and answer NLL on the first --n eval items:
-- ``--levels``: Gaussian noise, each row's noise `level` times that row's norm (W2 RTN g64 error is
-  about 0.45x on the shipped testbed);
+- ``--levels``: Gaussian noise, each row's noise `level` times that row's norm (for scale: the RTN
+  rows print the same ratio for real quantization error);
 - ``--rtn-bits``: round-to-nearest at those bits (group 64, asymmetric min-max, the `bench run` grid);
 - ``--ranks``: first keep only each matrix's top-K singular components, then run the above on the
   truncated weights. If accuracy survives rank K, the decoder's function lives in K of its
@@ -11,8 +11,8 @@ For every decoder linear it scores `synthvqa` accuracy and answer NLL on the fir
 
 A testbed on which quantizers can be told apart must lose accuracy well before noise level 1.
 
-    python scripts/noise_sensitivity.py --levels 0,0.25,0.5,1,2 --n 96
-    python scripts/noise_sensitivity.py --ranks 0,32,16 --levels 0.5,1 --rtn-bits 2,3,4
+    python experiments/noise_sensitivity.py --levels 0,0.25,0.5,1,2 --n 96
+    python experiments/noise_sensitivity.py --ranks 0,32,16 --levels 0.5,1 --rtn-bits 2,3,4
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from ptqbench.eval import tasks as T  # noqa: E402
 from ptqbench.models import testbed as tb  # noqa: E402

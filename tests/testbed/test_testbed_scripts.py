@@ -1,7 +1,9 @@
-"""The testbed training and diagnostic scripts' building blocks (scripts/train_testbed.py,
-scripts/noise_sensitivity.py): the frozen-tower feature cache must feed the decoder exactly what the
-live tower would, and the re-initialisation / spectrum / truncation helpers do what they say."""
+"""The testbed's training building blocks (testbed/: pool, model, vision, loop; train.py runs a phase)
+and the outlier rescale (testbed/outlier_channels.py): the frozen-tower feature cache must feed the
+decoder exactly what the live tower would, and the re-initialisation / spectrum / masking helpers do
+what they say."""
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -13,39 +15,55 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+def _load(path):
+    """A script loaded from its file, as `python <path>` runs it (it puts the repository root on sys.path)."""
+    name = path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
+def _stage(name):
+    """A stage module of the testbed package (testbed/<name>.py), imported as the scripts import it."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"testbed.{name}")
+
+
 @pytest.fixture(scope="module")
 def tt():
-    return _load("train_testbed")
+    return _load("testbed/train.py")
 
 
-def test_spectral_flatness_penalty(tt):
+@pytest.fixture(scope="module")
+def pool():
+    return _stage("pool")
+
+
+def test_spectral_flatness_penalty():
+    loop = _stage("loop")
     q = torch.linalg.qr(torch.randn(256, 256))[0]
-    assert float(tt.spectral_flatness_penalty([q * 3.0])) < 1e-6  # flat spectrum, any scale
+    assert float(loop.spectral_flatness_penalty([q * 3.0])) < 1e-6  # flat spectrum, any scale
     low = torch.randn(256, 8) @ torch.randn(8, 768)  # rank 8 of 256: about d / rank - 1
-    assert 25 < float(tt.spectral_flatness_penalty([low])) < 40
-    rnd = float(tt.spectral_flatness_penalty([torch.randn(768, 256)]))
+    assert 25 < float(loop.spectral_flatness_penalty([low])) < 40
+    rnd = float(loop.spectral_flatness_penalty([torch.randn(768, 256)]))
     assert rnd < 1.0
 
 
-def test_reinit_text_keeps_nothing_of_the_decoder(tt):
+def test_reinit_text_keeps_nothing_of_the_decoder():
+    setup = _stage("model")
     lm = torch.nn.ModuleDict({"proj": torch.nn.Linear(64, 64), "norm": torch.nn.LayerNorm(64)})
     with torch.no_grad():
         lm["norm"].weight.fill_(3.0)
     torch.manual_seed(0)
-    tt.reinit_text_(lm, 0.004)
+    setup.reinit_text_(lm, 0.004)
     assert abs(float(lm["proj"].weight.detach().std()) - 0.004) < 0.0005
     assert float(lm["proj"].bias.abs().max()) == 0.0 and torch.all(lm["norm"].weight == 1.0)
 
 
-def test_cached_vision_features_equal_the_live_tower(tt):
+def test_cached_vision_features_equal_the_live_tower(pool):
     from transformers import Qwen2VLForConditionalGeneration
 
     from ptqbench.data import synthvqa as sv
@@ -57,61 +75,44 @@ def test_cached_vision_features_equal_the_live_tower(tt):
     model = Qwen2VLForConditionalGeneration(tb.testbed_config(tok, layers=1)).eval()
     groups, _ = sv.generate_multi_with_cells("train", 3, seed=5)
     imgs = torch.from_numpy(np.stack([np.asarray(g[0].image.convert("RGB")) for g in groups]))
-    feats = tt.vision_features(model, imgs, proc.image_processor, torch.device("cpu"), batch=2)
+    feats = _stage("vision").vision_features(model, imgs, proc.image_processor, torch.device("cpu"), batch=2)
     assert feats.shape == (3, 64, 256)
-    enc = tt.Encoder(proc, 64, False)
-    ids, attn, _, mm = tt.collate([enc.encode(g) for g in groups], 0, model.config.image_token_id)
+    enc = pool.Encoder(proc, 64, False)
+    ids, attn, _, mm = pool.collate([enc.encode(g) for g in groups], 0, model.config.image_token_id)
     thw = torch.tensor([[1, sv.SIZE // 14, sv.SIZE // 14]] * 3)
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     with torch.no_grad():
         live = model(input_ids=ids, attention_mask=attn, image_grid_thw=thw, mm_token_type_ids=mm,
-                     pixel_values=tt.patchify(imgs.permute(0, 3, 1, 2), proc.image_processor)).logits
+                     pixel_values=pool.patchify(imgs.permute(0, 3, 1, 2), proc.image_processor)).logits
         cached = model(input_ids=ids, attention_mask=attn, image_grid_thw=thw, mm_token_type_ids=mm,
                        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}).logits
     assert torch.allclose(live, cached, atol=1e-5), float((live - cached).abs().max())
 
 
-def test_top_rank_truncation():
-    ns = _load("noise_sensitivity")
-    w = torch.randn(96, 64)
-    assert torch.equal(ns.top_rank(w, 0), w)
-    t = ns.top_rank(w, 5)
-    assert int(torch.linalg.matrix_rank(t)) == 5
-    assert float((t - w).norm()) < float(w.norm())
-
-
-def test_linear_probe_reads_a_linear_code_and_not_noise():
-    pp = _load("position_probe")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 16, generator=g)
-    assert pp.linear_probe(x, (x[:, 3] > 0).long(), 2) > 0.95
-    assert pp.linear_probe(x, torch.randint(0, 4, (400,), generator=g), 4) < 0.45
-
-
-def test_keep_families_masks_the_other_answers(tt):
+def test_keep_families_masks_the_other_answers(pool):
     from ptqbench.data import synthvqa as sv
     from ptqbench.models import testbed as tb
 
     proc = tb.build_processor(tb.build_tokenizer())
-    enc = tt.Encoder(proc, 64, False)
+    enc = pool.Encoder(proc, 64, False)
     group = sv.generate_multi("train", 1, seed=1, extra=("spatial", "where"))[0]
     _, labels = enc.encode(group)
     fams = [it.family for it in group]
-    kept = tt.keep_families(labels, fams, ("where", "spatial"))
+    kept = pool.keep_families(labels, fams, ("where", "spatial"))
     text = proc.tokenizer.decode([t for t in kept if t != -100])
     want = "".join(it.answer + "<|im_end|>" for it in group if it.family in ("where", "spatial"))
     assert text == want and len(kept) == len(labels)
-    assert tt.keep_families(labels, fams, tuple(sv.FAMILIES + sv.TRAIN_FAMILIES)) == labels
+    assert pool.keep_families(labels, fams, tuple(sv.FAMILIES + sv.TRAIN_FAMILIES)) == labels
 
 
-def test_single_turn_chats_are_the_evaluation_prompt(tt):
+def test_single_turn_chats_are_the_evaluation_prompt(pool):
     """--single-turn trains each question as the eval task builds it: image, instruction, one question."""
     from ptqbench.data import synthvqa as sv
     from ptqbench.eval import tasks as T
     from ptqbench.models import testbed as tb
 
     proc = tb.build_processor(tb.build_tokenizer())
-    enc = tt.Encoder(proc, 64, False)
+    enc = pool.Encoder(proc, 64, False)
     it = sv.generate_multi("train", 1, seed=2)[0][3]
     ids, labels = enc.encode([it])
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": T.user_text(it.question)}]}]
@@ -176,37 +177,10 @@ def test_mrope_section_moves_image_tokens_only():
     assert not torch.allclose(outs[0][1][:, -1], outs[1][1][:, -1], atol=1e-4)
 
 
-def test_where_reader_learns_a_planted_position_and_not_noise():
-    """The attention reader of scripts/where_learnability.py finds a named object's side of the image
-    when the tokens carry it, and stays near chance when the answers are unrelated to the tokens."""
-    from types import SimpleNamespace
-
-    from ptqbench.data import synthvqa as sv
-
-    wl = _load("where_learnability")
-    g = torch.Generator().manual_seed(0)
-    n, tokens, dim = 600, 16, 32
-    colours, shapes = list(sv.COLORS), list(sv.SHAPES)
-    feats = torch.randn(n, tokens, dim, generator=g) * 0.1
-    items, rel = [], torch.randint(0, 4, (n,), generator=g)
-    for i in range(n):
-        c, s, t = int(torch.randint(0, 6, (1,), generator=g)), int(torch.randint(0, 4, (1,), generator=g)), i % tokens
-        feats[i, t, c] += 3.0  # colour one-hot
-        feats[i, t, 6 + s] += 3.0  # shape one-hot
-        feats[i, t, 10 + int(rel[i])] += 3.0  # where it is
-        items.append((i, SimpleNamespace(question=f"where is the {colours[c]} {shapes[s]} in the image?",
-                                         answer=sv.RELATIONS[int(rel[i])], family="where")))
-    quiet = lambda *_: None  # noqa: E731
-    assert wl.train_reader(feats, items, 250, log=quiet) > 0.9
-    shuffled = [(i, SimpleNamespace(question=it.question, answer=sv.RELATIONS[int(r)], family="where"))
-                for (i, it), r in zip(items, torch.randint(0, 4, (n,), generator=g))]
-    assert wl.train_reader(feats, shuffled, 250, log=quiet) < 0.45
-
-
 def test_outlier_channels_keep_the_function_and_move_the_scale(tiny_qwen):
     import copy
 
-    oc = _load("outlier_channels")
+    oc = _load("testbed/outlier_channels.py")
     model = copy.deepcopy(tiny_qwen[0]).float().eval()
     cfg = model.config.get_text_config()
     ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -228,6 +202,6 @@ def test_outlier_channels_keep_the_function_and_move_the_scale(tiny_qwen):
 
 
 def test_outlier_channels_cli_rejects_bad_flags(tmp_path, capsys):
-    oc = _load("outlier_channels")
+    oc = _load("testbed/outlier_channels.py")
     assert oc.main([str(tmp_path), str(tmp_path / "out"), "--scale", "1"]) == 2
     assert "--scale > 1" in capsys.readouterr().err

@@ -11,14 +11,13 @@ scenes (a data seed no training run uses) this trains, from scratch and on ``whe
    one-turn ``where`` chats (the evaluation prompt), with the standard M-RoPE position ids, or with
    ``--positions 1d`` (every token, image included, numbered 0, 1, 2, ... as in a text-only model);
    ``--mrope-section T,H,W`` / ``--rope-theta`` set which M-RoPE frequencies rotate an image token by
-   its row and column (Qwen2-VL gives the column the lowest ones: with 8,12,12 and base 1e4 a step of
-   one column turns a head by at most 0.003 rad).
+   its row and column (Qwen2-VL gives the column the lowest ones; docs/experiments.md).
 
 The reader prints held-out accuracy; the decoder its training loss and held-out accuracy (teacher-forced
 answer word) as they train. Chance is 0.25 accuracy, ln 4 / 2 = 0.693 mean
 loss over the answer word and its ``<|im_end|>``.
 
-    python scripts/where_learnability.py [--model DIR] [--images 2000] [--reader-steps 300]
+    python experiments/where_learnability.py [--model DIR] [--images 2000] [--reader-steps 300]
         [--decoder-steps 500 --positions mrope|1d --mrope-section 8,12,12 --rope-theta 10000]
 """
 
@@ -35,11 +34,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from ptqbench.data import synthvqa as sv  # noqa: E402
 from ptqbench.models import testbed as tb  # noqa: E402
-from train_testbed import Encoder, collate, reinit_text_, vision_features  # noqa: E402
+from testbed.model import reinit_text_  # noqa: E402
+from testbed.pool import Encoder, collate  # noqa: E402
+from testbed.vision import vision_features  # noqa: E402
 
 UNUSED_DATA_SEED = 5
 WHERE = re.compile(r"where is the (\w+) (\w+) in the image")

@@ -8,7 +8,7 @@
    training run uses.
 If (1) is high and (2) is at chance, the information is there and the decoder does not use it.
 
-    python scripts/position_probe.py [--model DIR] [--images 600] [--questions 120]
+    python experiments/position_probe.py [--model DIR] [--images 600] [--questions 120]
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ sys.path.insert(0, str(ROOT))
 from ptqbench.data import synthvqa as sv  # noqa: E402
 from ptqbench.eval import tasks as T  # noqa: E402
 from ptqbench.models import testbed as tb  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from train_testbed import vision_features  # noqa: E402
+from testbed.vision import vision_features  # noqa: E402
 
 UNUSED_DATA_SEED = 777
 

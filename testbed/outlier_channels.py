@@ -2,8 +2,8 @@
 
 Large LLMs carry a few hidden channels whose activations are 10-100x the median (LLM.int8(),
 SmoothQuant, AWQ's "salient channels", "massive activations"); that is what makes round-to-nearest
-fail at low bits while Hessian- and activation-aware methods (GPTQ, AWQ, ...) hold up. A 4.6M-parameter
-model trained for an hour has none, and shrugs off W2 RTN. This script moves scale between each
+fail at low bits while Hessian- and activation-aware methods (GPTQ, AWQ, ...) hold up. The trained
+testbed has none (docs/testbed.md). This script moves scale between each
 producer of a decoder matrix's input and the matrix's columns, per layer, for the ``k`` channels that
 matter most at each site:
 
@@ -17,7 +17,7 @@ linear in the rescaled channel), so the full-precision function is the same up t
 script measures the largest logit change on real inputs and refuses to write if it is not tiny. The
 quantized models differ: the rescaled columns now carry small weights next to large activations.
 
-Usage: python scripts/outlier_channels.py SRC_DIR OUT_DIR [--k 4] [--scale 16]
+Usage: python testbed/outlier_channels.py SRC_DIR OUT_DIR [--k 4] [--scale 16]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _logits(model, processor, n: int = 8) -> torch.Tensor:
 def card_section(args, drift: float) -> str:
     return "\n".join([
         "## Outlier channels (after training)",
-        f"The trained weights were then rescaled by `scripts/outlier_channels.py --k {args.k} --scale {args.scale:g}`: "
+        f"The trained weights were then rescaled by `testbed/outlier_channels.py --k {args.k} --scale {args.scale:g}`: "
         f"in every decoder layer, the {args.k} channels that matter most at each of four sites (the inputs of "
         "q/k/v, of gate/up, of o and of down) have their activations multiplied by "
         f"{args.scale:g} and the weight columns that read them divided by {args.scale:g} (the RMSNorm gains, v rows "
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     if args.out.resolve() != args.src.resolve():
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.copytree(args.src, args.out)
-    # float32 on disk: in float16 the divided columns' smallest weights underflow (measured on the testbed:
-    # 5.4e-3 relative logit change at --scale 16), and the point of the rescale is an unchanged function
+    # float32 on disk: in float16 the divided columns' smallest weights underflow (docs/testbed.md), and
+    # the point of the rescale is an unchanged function
     model.float().save_pretrained(args.out)
     metrics_path = args.out / "train_metrics.json"
     if metrics_path.is_file():
