@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ptqbench.data import synthvqa as sv
-from ptqbench.data.synthvqa import INSTRUCTION  # noqa: F401 - importable from here too
+from ptqbench.data.synthvqa import INSTRUCTION  # defined with the data; importable from here too
 from ptqbench.engine.chat import ProgressReporter, encode_left, generation_prompt, stop_and_pad_ids, user_turn
 from ptqbench.errors import BadInput
 
