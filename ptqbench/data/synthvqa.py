@@ -4,8 +4,8 @@ Every image is a 224x224 canvas with a large plain (or lightly noise-textured) b
 coloured shapes and one rendered label (a digit or a short word, drawn with a built-in bitmap font
 so rendering never depends on the fonts of the machine). Objects and the label sit in the cells of
 an 8x8 grid of 28 px cells -- the area of one merged Qwen2-VL vision token -- so most 14x14 patches
-(about 90%) are pure background and the few that carry objects or text carry the answer. That is the regime in which vision-token
-pruning and activation-outlier behaviour of VLMs matter, at a size a CPU can evaluate.
+(about 90%) are pure background and the few that carry objects or text carry the answer. That is the
+regime in which vision-token pruning and activation-outlier behaviour of VLMs matter, at a size a CPU can evaluate.
 
 Question families (reported separately): ``color``, ``shape``, ``count``, ``spatial``, ``exists``,
 ``text``. Answers are single lowercase words or digits.
@@ -31,6 +31,9 @@ SPLITS: tuple[str, ...] = ("train", "calib", "eval")
 # Distinct first words of the seed-sequence entropy: the splits can never share a random stream.
 SPLIT_CODE = {"train": 0x5EED_0001, "calib": 0x5EED_0002, "eval": 0x5EED_0003}
 DEFAULT_SEED = {"train": 1, "calib": 1, "eval": 1}
+# Appended to every question put to a model (LLaVA's short-answer instruction) so that real VLMs answer
+# in one word, as SynthVQA's answers are. The tasks prompt with it and the testbed's tokenizer learns it.
+INSTRUCTION = "\nAnswer the question using a single word or phrase."
 
 SIZE = 224  # canvas side; 16x16 patches of 14 px -> 64 vision tokens after Qwen2-VL's 2x2 merge
 PATCH = 14
@@ -441,9 +444,6 @@ def generate_multi_with_cells(split: str, n: int, seed: int | None = None, start
         groups.append(items)
         cells.append(scene_cells(scene))
     return groups, cells
-
-
-CELL_CLASSES = (1 + len(COLORS), 1 + len(SHAPES), 1 + len(DIGITS) + 2 * len(WORDS))
 
 
 def scene_cells(scene: _Scene) -> np.ndarray:

@@ -162,7 +162,9 @@ def unpack_gptq_layer(tensors: dict[str, torch.Tensor], bits: int, group_size: i
 
 # ---- export ----------------------------------------------------------------------------------------
 
-def _cell_file(src) -> Path:
+def cell_file(src) -> Path:
+    """The saved model of a cell: `src` is a cell directory runs/<run>/cells/<cell_id> or its CELL_FILE.
+    (A cell named by its id in a results store is found by `ptqbench.grid.resolve.resolve_cell`.)"""
     p = Path(src)
     if p.is_dir():
         p = p / CELL_FILE
@@ -170,35 +172,6 @@ def _cell_file(src) -> Path:
         raise BadInput(f"{src} has no saved model ({CELL_FILE}); accepted: a cell directory "
                        f"runs/<run>/cells/<cell_id> of a run with save-model on, or its {CELL_FILE}")
     return p
-
-
-def resolve_cell(ref, runs_dir="runs") -> Path:
-    """A cell to export: a path (a cell directory or its model.safetensors) or a cell id, or a unique
-    prefix of one, from the store in `runs_dir`; the id's file is runs/<run_id>/cells/<cell_id>/, else
-    the newest such file of any run."""
-    p = Path(ref)
-    if p.exists():
-        return _cell_file(p)
-    from ptqbench.grid.store import ResultsStore
-
-    runs = Path(runs_dir)
-    if not (runs / "results.sqlite").is_file():
-        raise BadInput(f"{ref!r} is neither a path nor a cell of a store (no {runs / 'results.sqlite'}); accepted: "
-                       f"a cell directory, its {CELL_FILE}, or a cell id listed by the store in --runs")
-    cells = [c for c in ResultsStore(runs, create=False).cells() if c["cell_id"].startswith(str(ref))]
-    if len(cells) != 1:
-        found = ", ".join(c["cell_id"] for c in cells[:5])
-        raise BadInput(f"cell id {ref!r} matches {len(cells)} cells in {runs}{' (' + found + ')' if found else ''}; "
-                       f"accepted: a unique cell id prefix, a cell directory or its {CELL_FILE}")
-    cell = cells[0]
-    run_id = (cell.get("key") or {}).get("run_id")
-    candidates = [runs / run_id / "cells" / cell["cell_id"] / CELL_FILE] if run_id else []
-    candidates += sorted(runs.glob(f"*/cells/{cell['cell_id']}/{CELL_FILE}"), key=lambda f: f.stat().st_mtime, reverse=True)
-    for f in candidates:
-        if f.is_file():
-            return f
-    raise BadInput(f"cell {cell['cell_id']} ({cell['method']} w{cell['bits']}, {cell['status']}) has no saved model "
-                   f"under {runs}; accepted: a cell of a run with save-model on")
 
 
 def _base_config_and_processor(name: str):
@@ -301,10 +274,117 @@ def _quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, 
     }
 
 
-def export_gptq(cell_dir_or_file, out_dir, model_name: str | None = None, *, checkpoint_format: str = "gptq",
+def _load_cell(src: Path, out: Path, model_name: str | None):
+    """(quantized weights, other parameters, metadata, base model name) of the cell file `src`."""
+    from ptqbench.deploy.packing import load_quantized
+
+    if out.resolve() == src.resolve().parent or out.resolve() in src.resolve().parents:
+        raise BadInput(f"output {out} holds the cell being exported; accepted: a directory outside {src.parent}")
+    weights, other, meta = load_quantized(src)
+    if not weights:
+        raise BadInput(f"{src} holds no quantized weight (a full-precision cell?); accepted: a quantized cell")
+    name = model_name or meta.get("model")
+    if not name:
+        raise BadInput(f"{src} does not record its base model; accepted: pass model_name (testbed, tiny:<family>, a checkpoint dir)")
+    return weights, other, meta, name
+
+
+@dataclass
+class _PackedLayers:
+    tensors: dict[str, torch.Tensor]  # "<layer>.<qweight|qzeros|scales|g_idx>" -> tensor
+    bits: int
+    group_size: int
+    desc_act: bool  # some g_idx is not the contiguous arange // group_size
+    sym: bool  # every zero is 2^(bits-1)
+    shifted: int  # (row, group) zero points moved from 0 to 1
+    rounded: int  # layers whose scales are rounded to fp16
+
+
+def _pack_layers(weights: dict[str, QuantizedWeight], checkpoint_format: str, shift_zero: bool) -> _PackedLayers:
+    """Every layer in the GPTQ format; every format check happens here, before the base model is touched."""
+    specs = {(qw.spec.bits, qw.spec.group_size) for qw in weights.values()}
+    if len(specs) != 1:
+        raise BadInput(f"layers of different bits/group sizes {sorted(specs)} cannot share one GPTQ quantization_config; "
+                       f"accepted: a cell quantized with one spec")
+    bits, group_size = specs.pop()
+    out = _PackedLayers({}, bits, group_size, desc_act=False, sym=True, shifted=0, rounded=0)
+    for lname, qw in weights.items():
+        t, s = pack_gptq_layer(qw, lname, checkpoint_format, shift_zero)
+        out.shifted += s
+        out.rounded += not torch.equal(qw.scale.to(torch.float16).to(torch.float32), qw.scale.to(torch.float32))
+        in_f = qw.qweight.shape[1]
+        gs = in_f if group_size == -1 else group_size
+        out.desc_act |= not torch.equal(qw.g_idx.long(), torch.arange(in_f) // gs)
+        out.sym &= s == 0 and bool((qw.zero == 2 ** (bits - 1)).all())
+        out.tensors.update({f"{lname}.{k}": v for k, v in t.items()})
+    return out
+
+
+def _check_against_base(model, name: str, src: Path, weights: dict, other: dict, packed: dict) -> None:
+    """The cell's layers and parameters are exactly those of the base model `model` (meta device)."""
+    linears = _linear_names(model)
+    state_names = set(model.state_dict())
+    missing = sorted(n for n in weights if n not in linears)
+    if missing:
+        raise BadInput(f"quantized layer(s) {', '.join(missing[:5])} are not linear layers of {name!r}; "
+                       f"accepted: the base model the cell was quantized from (pass model_name)")
+    for k in other:
+        if k in packed:
+            raise BadInput(f"parameter {k!r} is both quantized and unquantized in {src}")
+    expected = {n for n in state_names if n.removesuffix(".weight") not in weights}
+    absent = sorted(expected - set(other))
+    unknown = sorted(set(other) - state_names)
+    if absent or unknown:
+        raise BadInput(f"{src} does not match base model {name!r}: "
+                       + (f"missing {', '.join(absent[:5])}" if absent else "")
+                       + ("; " if absent and unknown else "") + (f"unexpected {', '.join(unknown[:5])}" if unknown else "")
+                       + "; accepted: the base model the cell was quantized from (pass model_name)")
+
+
+def _config_dict(config, model, weights: dict, other: dict, meta: dict, p: _PackedLayers, checkpoint_format: str) -> dict:
+    """config.json: the base model's config with the quantization_config the GPTQ loaders read."""
+    # Which linears a GPTQ loader must turn into quantized ones: per block stack, the names inside a block.
+    block_name, modules_in_block = _block_layout(model, list(weights))
+    qmeta = {k: meta.get(k) for k in ("model", "method", "bits", "options", "group_size", "sym", "calib_hash")}
+    qconfig = _quantization_config(p.bits, p.group_size, p.desc_act, p.sym, block_name, modules_in_block, qmeta,
+                                   checkpoint_format)
+    cfg_dict = config.to_dict()
+    cfg_dict["quantization_config"] = qconfig
+    cfg_dict["dtype"] = str(_float_dtype(other)).removeprefix("torch.")
+    cfg_dict.pop("torch_dtype", None)
+    return cfg_dict
+
+
+def _write_export(out: Path, state: dict, cfg_dict: dict, processor, generation, summary: ExportSummary,
+                  src: Path, meta: dict, max_shard_bytes: int) -> None:
+    """Write everything into a temporary sibling of `out`, then rename it into place."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:  # checked up front; this is a race with another writer (or a read-only mount)
+        raise BadInput(f"output {str(out)!r} cannot be created ({e.strerror or e}); accepted: {_OUT_ACCEPTED}") from None
+    try:
+        summary.files = _write_safetensors(state, tmp, {"format": "pt", "ptqbench.export": "gptq"}, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
+        processor.save_pretrained(str(tmp))
+        if generation is not None:
+            generation.save_pretrained(str(tmp))
+        (tmp / EXPORT_INFO).write_text(json.dumps(dict(summary.to_dict(), source=str(src), metadata=meta),
+                                                  indent=2, sort_keys=True, default=str) + "\n")
+        _default_permissions(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_gptq(cell_path, out_dir, model_name: str | None = None, *, checkpoint_format: str = "gptq",
                 shift_zero: bool = True, overwrite: bool = False,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
-    """Write the quantized cell `cell_dir_or_file` as a GPTQ checkpoint directory `out_dir`.
+    """Write the quantized cell `cell_path` (a cell directory or its model.safetensors; a cell id is
+    resolved to it by `ptqbench.grid.resolve.resolve_cell`) as a GPTQ checkpoint directory `out_dir`.
 
     `model_name` (default: the model recorded in the cell) names the base model whose config and
     processor go with the weights: testbed, tiny:<family>, or a checkpoint directory.
@@ -318,98 +398,25 @@ def export_gptq(cell_dir_or_file, out_dir, model_name: str | None = None, *, che
     on the grid (a method's own convention), layers whose widths do not fill whole 32-bit words, layers of
     different bits or group sizes, quantized names the base model does not have, an `out_dir` that exists
     and is not empty (unless `overwrite`). The directory appears complete or not at all."""
-    from ptqbench.deploy.packing import load_quantized
-
-    src = _cell_file(cell_dir_or_file)
+    src = cell_file(cell_path)
     out = check_output_dir(out_dir, overwrite)
-    if out.resolve() == src.resolve().parent or out.resolve() in src.resolve().parents:
-        raise BadInput(f"output {out} holds the cell being exported; accepted: a directory outside {src.parent}")
-    weights, other, meta = load_quantized(src)
-    if not weights:
-        raise BadInput(f"{src} holds no quantized weight (a full-precision cell?); accepted: a quantized cell")
-    name = model_name or meta.get("model")
-    if not name:
-        raise BadInput(f"{src} does not record its base model; accepted: pass model_name (testbed, tiny:<family>, a checkpoint dir)")
-
-    specs = {(qw.spec.bits, qw.spec.group_size) for qw in weights.values()}
-    if len(specs) != 1:
-        raise BadInput(f"layers of different bits/group sizes {sorted(specs)} cannot share one GPTQ quantization_config; "
-                       f"accepted: a cell quantized with one spec")
-    bits, group_size = specs.pop()
-
-    packed: dict[str, torch.Tensor] = {}
-    shifted = rounded = 0
-    desc_act = False
-    all_sym = True
-    for lname, qw in weights.items():  # every format check happens before the base model is touched
-        t, s = pack_gptq_layer(qw, lname, checkpoint_format, shift_zero)
-        shifted += s
-        rounded += not torch.equal(qw.scale.to(torch.float16).to(torch.float32), qw.scale.to(torch.float32))
-        in_f = qw.qweight.shape[1]
-        gs = in_f if group_size == -1 else group_size
-        desc_act |= not torch.equal(qw.g_idx.long(), torch.arange(in_f) // gs)
-        all_sym &= s == 0 and bool((qw.zero == 2 ** (bits - 1)).all())
-        packed.update({f"{lname}.{k}": v for k, v in t.items()})
+    weights, other, meta, name = _load_cell(src, out, model_name)
+    p = _pack_layers(weights, checkpoint_format, shift_zero)
 
     config, processor, generation = _base_config_and_processor(name)
     config = _copy_config(config)
     model = _meta_model(config)
-    linears = _linear_names(model)
-    state_names = set(model.state_dict())
-    missing = sorted(n for n in weights if n not in linears)
-    if missing:
-        raise BadInput(f"quantized layer(s) {', '.join(missing[:5])} are not linear layers of {name!r}; "
-                       f"accepted: the base model the cell was quantized from (pass model_name)")
-    for k, t in other.items():
-        if k in packed:
-            raise BadInput(f"parameter {k!r} is both quantized and unquantized in {src}")
-    expected = {n for n in state_names if n.removesuffix(".weight") not in weights}
-    absent = sorted(expected - set(other))
-    unknown = sorted(set(other) - state_names)
-    if absent or unknown:
-        raise BadInput(f"{src} does not match base model {name!r}: "
-                       + (f"missing {', '.join(absent[:5])}" if absent else "")
-                       + ("; " if absent and unknown else "") + (f"unexpected {', '.join(unknown[:5])}" if unknown else "")
-                       + "; accepted: the base model the cell was quantized from (pass model_name)")
+    _check_against_base(model, name, src, weights, other, p.tensors)
+    cfg_dict = _config_dict(config, model, weights, other, meta, p, checkpoint_format)
 
-    # Which linears a GPTQ loader must turn into quantized ones: per block stack, the names inside a block.
-    block_name, modules_in_block = _block_layout(model, list(weights))
-    dtype = _float_dtype(other)
-    qmeta = {k: meta.get(k) for k in ("model", "method", "bits", "options", "group_size", "sym", "calib_hash")}
-    qconfig = _quantization_config(bits, group_size, desc_act, all_sym, block_name, modules_in_block, qmeta,
-                                   checkpoint_format)
-    cfg_dict = config.to_dict()
-    cfg_dict["quantization_config"] = qconfig
-    cfg_dict["dtype"] = str(dtype).removeprefix("torch.")
-    cfg_dict.pop("torch_dtype", None)
-
-    state = dict(packed)
+    state = dict(p.tensors)
     state.update({k: t.detach().contiguous() for k, t in other.items()})
     state = _untie(state)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as e:  # checked up front; this is a race with another writer (or a read-only mount)
-        raise BadInput(f"output {str(out)!r} cannot be created ({e.strerror or e}); accepted: {_OUT_ACCEPTED}") from None
-    try:
-        files = _write_safetensors(state, tmp, {"format": "pt", "ptqbench.export": "gptq"}, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
-        processor.save_pretrained(str(tmp))
-        if generation is not None:
-            generation.save_pretrained(str(tmp))
-        summary = ExportSummary(out, name, str(meta.get("method")), bits, group_size, all_sym, desc_act, len(weights),
-                                shifted, rounded, files)
-        (tmp / EXPORT_INFO).write_text(json.dumps(dict(summary.to_dict(), source=str(src), metadata=meta),
-                                                  indent=2, sort_keys=True, default=str) + "\n")
-        _default_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    summary.files = sorted(p.name for p in out.iterdir())
-    summary.nbytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    summary = ExportSummary(out, name, str(meta.get("method")), p.bits, p.group_size, p.sym, p.desc_act, len(weights),
+                            p.shifted, p.rounded)
+    _write_export(out, state, cfg_dict, processor, generation, summary, src, meta, max_shard_bytes)
+    summary.files = sorted(f.name for f in out.iterdir())
+    summary.nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return summary
 
 

@@ -1,84 +1,21 @@
 """Deployment kernels: run a quantized linear from its integer codes, so latency and size are measured.
 
 `deploy(model, quantized)` replaces each named `nn.Linear` by a `QuantLinear` built from its
-`QuantizedWeight` (codes q, scale s, zero z, g_idx; W_hat = (q - z[:, g_idx]) * s[:, g_idx]) and
-returns name -> kernel used. Kernels (all need only torch; torchao / hqq / quanto / gptqmodel are not
-used):
+`QuantizedWeight` (W_hat = (q - z[:, g_idx]) * s[:, g_idx]) and returns name -> kernel used. KERNELS,
+all plain torch:
 
-- ``int4pack``: the aten "tinygemm" int4 kernels. CPU: ``aten._convert_weight_to_int4pack_for_cpu``
-  (int32 (N, K) codes -> uint8 (N, K/2)) + ``aten._weight_int4pack_mm_for_cpu(x, packed, g,
-  scales_and_zeros)``; CUDA: ``aten._convert_weight_to_int4pack`` (uint8 (N, K/2) nibble pairs,
-  innerKTiles 8/4/2) + ``aten._weight_int4pack_mm``. ``scales_and_zeros`` is (K/g, N, 2) in the
-  activation dtype and the kernels compute w = (q - 8) * scale + zero_f with a *float* zero, so our
-  (q - z) * s is converted exactly as zero_f = (8 - z) * s (computed in fp32, then cast). The ops take
-  g in {32, 64, 128, 256} only; a coarser group (or per-channel) whose size is a multiple of one of
-  them is run with the scales repeated over sub-groups (same weight, a few more scale bytes). Groups
-  must be contiguous: an act-order g_idx whose groups all have the same size is handled by permuting
-  the weight columns once at load and gathering the input columns (x[:, perm]) on every forward;
-  other g_idx fall back to ``dequant``. CPU: x may be fp32, fp16 or bf16 (scales in the same dtype);
-  N must be a multiple of 16. CUDA: bf16 only, N a multiple of 8 (the CUDA branch could not be run in
-  this session: no GPU; `deploy(verify=True)` checks every layer against the dequantized matmul and
-  falls back to ``dequant`` on any error or mismatch, so a wrong convention cannot go unnoticed).
-  Codes of fewer than 4 bits are valid int4 codes, so ``kernel="int4pack"`` also runs 2/3-bit
-  weights, stored at 4 bits (``auto`` does this only with ``widen=True``).
-- ``int8pack``: ``aten._weight_int8pack_mm(x, int8 (N, K), scales (N,))`` = x @ (q8 * s).T, per-channel
-  only (one group per row; grouped weights fall back to ``dequant``). Our codes are shifted by a
-  per-row integer offset o (128 for 8-bit) into int8, q8 = q - o, and the remainder (o - z) * s is
-  added exactly as a rank-1 term x.sum(-1) (x) ((o - z) * s) -- skipped when z == o everywhere (the
-  symmetric grids). Any bits <= 8 fit (``auto`` uses it only for 8-bit unless ``widen=True``).
-- ``dequant``: holds the codes packed at exactly b bits each, as bit-planes (`pack_planes`: 3-bit
-  = a 2-bit plane + a 1-bit plane, laid out so that unpacking is whole-block int32 shift/mask
-  operations, without gathers or codes straddling words), plus scales (activation dtype) and zeros
-  (uint8 when on-grid integers); every forward unpacks, dequantizes and multiplies CHUNK_ELEMS
-  weights at a time in reused scratch buffers (torch.mm per chunk of rows; allocating a whole fresh
-  weight per call was 8x slower on 4096^2). Works for any bits, group size and g_idx; it is what
-  2/3-bit (and grouped 8-bit) cost here without a low-bit kernel.
-- ``fake``: the full-precision dequantized weight as a dense tensor (the accuracy path; no memory
-  saving).
+- ``int4pack``: aten's "tinygemm" int4 matmuls; codes of up to 4 bits, groups of equal size that are
+  a multiple of 32 (an act-order g_idx is run through a column permutation).
+- ``int8pack``: aten's int8-weight matmul; per-channel codes of up to 8 bits.
+- ``dequant``: codes held at exactly their bits (bit-planes), dequantized chunk by chunk on every
+  forward; any bits, group size and g_idx. What 2/3-bit weights cost without a low-bit kernel.
+- ``fake``: the dequantized weight as a dense tensor (the accuracy path; no memory saving).
 
-`auto` chooses per layer (AUTO_RULE), among the kernels that keep the weight at its own width (so a
-layer never silently grows and `model_nbytes` stays the method's; `widen=True` lifts that):
-  CPU, bf16 activations: 4-bit with groups of equal size, a group size multiple of 32 and N % 16 == 0
-      -> int4pack; 8-bit per-channel -> int8pack; everything else (2/3-bit, grouped 8-bit) -> dequant.
-  CPU, fp32 or fp16 activations: dequant for every layer (the aten kernels are slower there).
-  CUDA: int4pack for 4-bit (bf16), int8pack for 8-bit per-channel, else dequant (not measured: no GPU
-      in this session; each layer is still verified).
-So on CPU deploy in bf16 to measure the low-bit kernels; an fp32 deployment measures dequant.
-
-MEASUREMENTS behind the rule (CPU: 2 AVX2 cores, no AVX512/AMX, shared with a training job and other
-tests; so one torch thread -- with two, OpenMP barrier stalls under oversubscription gave timings in
-~16 ms steps -- and the median of >= 5 (up to 200) calls per cell, the spread between repeated runs
-of the script being about +-30%. torch 2.14.1; /tmp/scratch_kernels/bench_rule.py, bench_big.py.)
-Median ms per forward, out x in, random weight, RTN, g128 (g64 on 768x256); M = rows of x:
-
-  kernel      bits   dtype  | 4096x4096    | 1024x1024     | 768x256      | 256x1024
-                            | M=1    M=32  | M=1    M=128  | M=1   M=128  | M=1    M=128
-  fake(dense)  -     fp32   | 10.3   146   | 0.23   21.2   | 0.073  4.06  | 0.076  2.25
-  fake(dense)  -     bf16   | 14.3   400   | 0.45   127    | 0.139  33.1  | 0.142  24.6
-  int4pack     4     bf16   | 8.81   202   | 0.33   26.2   | 0.114  8.51  | 0.126  8.98
-  int4pack     4     fp32   | 305    -     | 16.8   1640   | 1.31   379   | 1.75   405
-  int8pack     8ch   bf16   | 11.8   198   | 0.36   36.0   | 0.167  8.59  | 0.179  9.64
-  int8pack     8ch   fp32   | 60.5   -     | 1.54   363    | 0.371  81.5  | 0.45   88.1
-  dequant      4     bf16   | 142    658   | 7.13   105    | 0.924  24.8  | 1.07   34.0
-  dequant      4     fp32   | 58.2   194   | 1.65   20.8   | 0.601  5.28  | 0.562  6.71
-  dequant      3     fp32   | 104    231   | 7.04   24.8   | 1.46   7.21  | 1.32   4.01
-  dequant      2     fp32   | 73.3   191   | 2.03   20.8   | 0.67   6.47  | 0.645  6.71
-  dequant      8ch   fp32   | 34.9   118   | 1.11   19.0   | 0.341  6.06  | 0.402  6.93
-  dequant      8ch   bf16   | 84     572   | 6.52   73.0   | 0.632  24.4  | 0.777  30.6
-  fp16, 1024x1024, M=1 / M=128: dense 0.38 / 101, int4pack 14.6 / 1650, int8pack 6.2 / 583,
-  dequant w4 8.5 / 111, dequant w8ch 8.2 / 122.
-  Act-order (permuted g_idx) int4pack bf16: 0.331 vs 0.327 (1024^2), 0.129 vs 0.112 (256x768), M=1.
-  widen=True, bf16, 1024^2, M=1: int4pack on 2-bit 0.31 (vs dequant w2 bf16 4.97); int8pack on
-  per-channel 4-bit 0.27.
-(fp32 int4pack/int8pack at M=32 on 4096^2 were not run: ~50 s a call, extrapolating from 1024^2.)
-Reading: in bf16, int4pack / int8pack beat dequant by 4-22x at decode (M=1) and 2-4x at prefill;
-int4pack also beats a dense bf16 matmul everywhere, int8pack is within 30% of it. In fp32 the aten
-kernels are slower than dequant at decode on every shape but 256x256 (int8pack 0.19 vs 0.25 ms) and
-13-80x slower at prefill; in fp16 likewise (above), so dequant is used. Note that dequant in fp32 is
-still 3-8x slower than a dense fp32 matmul at decode: on this CPU only bf16 int4pack/int8pack make a
-quantized layer faster than the full-precision one.
-The dequant cost is eager torch (unpack, convert, subtract, multiply, then mm, per chunk): a fused
-low-bit kernel would be faster, so its latency is an upper bound of what 2/3-bit weights cost here.
+`auto` (AUTO_RULE) picks per layer the fastest kernel that keeps the weight at its own width: on CPU
+the aten kernels only with bf16 activations (with fp32/fp16 they are slower than ``dequant``), on
+CUDA wherever they apply. `deploy(verify=True)` checks every layer against the dequantized matmul and
+falls back to ``dequant`` on any error or mismatch, so a wrong convention cannot go unnoticed.
+The kernels' layouts and conventions, and the measurements behind AUTO_RULE: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -241,7 +178,7 @@ def unpack_planes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = No
 
 class _Workspace(threading.local):
     """Scratch buffers reused by every dequant forward of a thread: allocating (and page-faulting) a
-    fresh dequantized weight on each call cost 3-8x the arithmetic on this machine."""
+    fresh dequantized weight on each call costs several times the arithmetic (docs/kernels.md)."""
 
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
@@ -268,12 +205,7 @@ def _op(name: str):
 
 
 _FLOAT_BUFFER = {"fake": "weight", "int4pack": "scales_and_zeros", "int8pack": "scales", "dequant": "scales"}
-CHUNK_ELEMS = 1 << 19  # dequantize this many weights at a time (fastest of 2^14..2^22 on 4096^2)
-
-
-def free_workspace() -> None:
-    """Drop this thread's dequant scratch buffers (at most a few MB per dtype)."""
-    _WS.buffers.clear()
+CHUNK_ELEMS = 1 << 19  # dequantize this many weights at a time (the fastest chunk size, docs/kernels.md)
 
 
 # ---- the module --------------------------------------------------------------------------------------
@@ -318,6 +250,9 @@ class QuantLinear(nn.Module):
         q, G = self._permuted(qw, device)
         g = _int4_group(G)
         self.kgroup = g
+        # The kernels compute w = (q - 8) * scale + zero_f with a float zero, (K/g, N, 2) scales_and_zeros in
+        # the activation dtype: (q - z) * s is exactly zero_f = (8 - z) * s, computed in fp32, then cast.
+        # A group G coarser than g (a multiple of it) repeats its scales over the G // g sub-groups.
         # Codes of b < 4 bits are moved to the middle of the int4 range (q + c, z + c, same weight) so
         # that (q - 8) and the float zero stay small: in bf16 both are rounded, and a large offset that
         # cancels would cost precision.
@@ -336,6 +271,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("packed", packed)
 
     def _build_int8pack(self, qw, dtype, device):
+        # x @ (q8 * s).T with q8 = q - o, o a per-row integer offset into int8; the remainder (o - z) * s
+        # is added in forward as the rank-1 term x.sum(-1) (x) ((o - z) * s), skipped when it is 0.
         q = qw.qweight.to(torch.int32)
         z, s = qw.zero[:, 0].double(), qw.scale[:, 0].double()
         maxq = qw.spec.maxq
@@ -380,7 +317,7 @@ class QuantLinear(nn.Module):
         z, s = self.zeros[r0:r1], self.scales[r0:r1]
         if self.G is None:  # unequal groups: per-column gathers
             return w.sub_(z[:, self.g_idx].to(dtype)).mul_(s[:, self.g_idx].to(dtype))
-        # (q - z) * s exactly as QuantizedWeight.dequantize (a fused c*s - z*s addcmul was 3x slower here)
+        # (q - z) * s exactly as QuantizedWeight.dequantize (also faster than a fused c*s - z*s addcmul)
         w.view(r, k // self.G, self.G).sub_(z.to(dtype)[:, :, None]).mul_(s.to(dtype)[:, :, None])
         return w
 
@@ -457,8 +394,8 @@ def auto_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype, w
 def _faster_than_dequant(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
     """AUTO_RULE's measured part: on CPU the aten int4/int8 kernels only pay off with bf16
     activations; with fp32 or fp16 activations they are 10-100x slower than dequant at prefill and
-    no faster at decode (MEASUREMENTS). On CUDA they are the standard fast path (unmeasured here: no
-    GPU; `deploy(verify=True)` still checks their results)."""
+    no faster at decode (docs/kernels.md). On CUDA they are the standard fast path (not measured yet;
+    `deploy(verify=True)` still checks their results)."""
     if device.type == "cpu":
         return dtype == torch.bfloat16
     return True

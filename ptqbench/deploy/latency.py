@@ -37,8 +37,9 @@ from collections import Counter
 
 import torch
 
-from ptqbench.errors import BadInput
 from ptqbench.deploy.kernels import QuantLinear, deploy, kernel_label, model_nbytes
+from ptqbench.engine.chat import generation_prompt, to_device
+from ptqbench.errors import BadInput
 
 ROW_FIELDS = ("model_bytes", "prefill_ms", "prefill_ms_spread", "decode_tok_s", "decode_tok_s_spread", "infer_peak_bytes", "kernel")
 DEFAULT_PROMPT = "Describe the picture in one sentence."
@@ -162,19 +163,71 @@ def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 def build_inputs(processor, image, prompt: str, batch_size: int, device, dtype) -> dict:
     """Processor batch of `batch_size` identical one-image chats ending in the generation prompt."""
-    from ptqbench.models.tiny import chat_messages
-
-    text = processor.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+    text = generation_prompt(processor, prompt, 1)
     enc = processor(text=[text] * batch_size, images=[[image] for _ in range(batch_size)], padding=True,
                     return_tensors="pt")
-    out = {}
-    for k, v in enc.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
+    return to_device(enc, device, float_dtype=dtype)
+
+
+def _target_device(model, device) -> tuple[torch.device, torch.device, torch.dtype]:
+    """(where the model is, where it is to run, its dtype); refuses int4pack layers packed for another device."""
+    here, dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else here
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    wrong = sorted({m.layout for m in model.modules() if isinstance(m, QuantLinear) and m.kernel == "int4pack"} - {device.type})
+    if wrong:
+        raise BadInput(f"the model's int4pack layers were packed for {', '.join(wrong)} but device is {device.type}; "
+                       "accepted: the device the model was deployed on")
+    return here, device, dtype
+
+
+def _prefill_kwargs(model) -> dict:
+    """What `generate` passes to the prefill forward: the KV cache, and only the last logits when supported."""
+    fwd_kw = {"use_cache": True}
+    try:
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            fwd_kw["logits_to_keep"] = 1
+    except (TypeError, ValueError):
+        pass
+    return fwd_kw
+
+
+def _timed_rounds(model, enc: dict, processor, device: torch.device, new_tokens: int, batch_size: int,
+                  warmup: int, repeats: int, seed: int) -> tuple[dict[str, list[float]], _PeakMemory]:
+    """The per-round timings (prefill, decode, ttft in ms / tok/s, and every single decode step) of the
+    `repeats` rounds after `warmup`, and the peak memory over all of them."""
+    from transformers import LogitsProcessorList
+
+    prompt_tokens = int(enc["input_ids"].shape[1])
+    fwd_kw = _prefill_kwargs(model)
+    tok = getattr(processor, "tokenizer", processor)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gen_kw = dict(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                  pad_token_id=pad)
+    t: dict[str, list[float]] = {"prefill": [], "decode": [], "ttft": [], "steps": []}
+    with _PeakMemory(device) as mem:
+        for i in range(warmup + repeats):
+            torch.manual_seed(seed)
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(**enc, **fwd_kw)
+            _sync(device)
+            t1 = time.perf_counter()
+            del out
+            clock = _StepClock(device)
+            t2 = time.perf_counter()
+            gen = model.generate(**enc, logits_processor=LogitsProcessorList([clock]), **gen_kw)
+            if gen.shape[1] - prompt_tokens != new_tokens or len(clock.stamps) != new_tokens:
+                raise RuntimeError(f"generate produced {gen.shape[1] - prompt_tokens} tokens in {len(clock.stamps)} "
+                                   f"steps; expected {new_tokens}")
+            if i < warmup:
+                continue
+            t["prefill"].append(1e3 * (t1 - t0))
+            t["ttft"].append(1e3 * (clock.stamps[0] - t2))
+            t["decode"].append(batch_size * (new_tokens - 1) / (clock.stamps[-1] - clock.stamps[0]))
+            t["steps"] += [1e3 * (b - a) for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return t, mem
 
 
 @torch.inference_mode()
@@ -201,56 +254,13 @@ def measure_inference(model, processor, *, image=None, prompt: str = DEFAULT_PRO
                                      batch_size=batch_size, warmup=warmup, repeats=repeats, device=device, seed=seed)
         finally:
             torch.set_num_threads(old_threads)
-    here, dtype = _model_device_dtype(model)
-    device = torch.device(device) if device is not None else here
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    wrong = sorted({m.layout for m in model.modules() if isinstance(m, QuantLinear) and m.kernel == "int4pack"} - {device.type})
-    if wrong:
-        raise BadInput(f"the model's int4pack layers were packed for {', '.join(wrong)} but device is {device.type}; "
-                       "accepted: the device the model was deployed on")
+    here, device, dtype = _target_device(model, device)
     if here != device:
         model.to(device)
     model.eval()
-    if image is None:
-        image = probe_image()
-    enc = build_inputs(processor, image, prompt, batch_size, device, dtype)
-    prompt_tokens = int(enc["input_ids"].shape[1])
-    fwd_kw = {"use_cache": True}
-    try:
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            fwd_kw["logits_to_keep"] = 1
-    except (TypeError, ValueError):
-        pass
-    tok = getattr(processor, "tokenizer", processor)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    gen_kw = dict(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
-                  pad_token_id=pad)
-
-    from transformers import LogitsProcessorList
-
-    prefill, decode, ttft, steps = [], [], [], []
-    with _PeakMemory(device) as mem:
-        for i in range(warmup + repeats):
-            torch.manual_seed(seed)
-            _sync(device)
-            t0 = time.perf_counter()
-            out = model(**enc, **fwd_kw)
-            _sync(device)
-            t1 = time.perf_counter()
-            del out
-            clock = _StepClock(device)
-            t2 = time.perf_counter()
-            gen = model.generate(**enc, logits_processor=LogitsProcessorList([clock]), **gen_kw)
-            if gen.shape[1] - prompt_tokens != new_tokens or len(clock.stamps) != new_tokens:
-                raise RuntimeError(f"generate produced {gen.shape[1] - prompt_tokens} tokens in {len(clock.stamps)} "
-                                   f"steps; expected {new_tokens}")
-            if i < warmup:
-                continue
-            prefill.append(1e3 * (t1 - t0))
-            ttft.append(1e3 * (clock.stamps[0] - t2))
-            decode.append(batch_size * (new_tokens - 1) / (clock.stamps[-1] - clock.stamps[0]))
-            steps += [1e3 * (b - a) for a, b in zip(clock.stamps, clock.stamps[1:])]
+    enc = build_inputs(processor, image if image is not None else probe_image(), prompt, batch_size, device, dtype)
+    t, mem = _timed_rounds(model, enc, processor, device, new_tokens, batch_size, warmup, repeats, seed)
+    prefill, decode = t["prefill"], t["decode"]
     kernels = Counter(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
     return dict(
         model_bytes=model_nbytes(model), prefill_ms=statistics.median(prefill), prefill_ms_spread=_spread(prefill),
@@ -259,9 +269,9 @@ def measure_inference(model, processor, *, image=None, prompt: str = DEFAULT_PRO
         spread="iqr", prefill_ms_all=prefill, decode_tok_s_all=decode,
         prefill_ms_min=min(prefill), prefill_ms_max=max(prefill),
         decode_tok_s_min=min(decode), decode_tok_s_max=max(decode),
-        first_token_ms=statistics.median(ttft),  # generate() call to first logits: set-up + prefill
-        decode_step_ms=statistics.median(steps),  # median single step over all timed rounds (robust to preemption)
-        memory_kind=mem.kind, prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch_size,
+        first_token_ms=statistics.median(t["ttft"]),  # generate() call to first logits: set-up + prefill
+        decode_step_ms=statistics.median(t["steps"]),  # median single step over all timed rounds (robust to preemption)
+        memory_kind=mem.kind, prompt_tokens=int(enc["input_ids"].shape[1]), new_tokens=new_tokens, batch_size=batch_size,
         warmup=warmup, repeats=repeats, device=str(device), dtype=str(dtype).removeprefix("torch."),
         threads=torch.get_num_threads(), kernels=dict(kernels),
     )

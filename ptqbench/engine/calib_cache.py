@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ptqbench.engine.calibration import (CACHE_VERSION, MASK_KEYS, CalibBatch, CalibSet, _hash_obj, _one_line, _short,
-                                         content_hash)
+from ptqbench.engine.calibset import CACHE_VERSION, MASK_KEYS, CalibBatch, CalibSet, hash_into, one_line, short_repr
 
 CACHE_FORMAT = "ptqbench-calibration"
 CACHE_SUFFIX = ".safetensors"
@@ -31,8 +30,6 @@ class CalibCacheError(Exception):
 
 class Uncachable(TypeError):
     """The set holds an object the cache format cannot represent (it is never pickled)."""
-
-
 
 
 class _Flattener:
@@ -100,9 +97,9 @@ _BATCH_FIELDS = ("hidden", "kwargs", "extras", "input_ids", "masks", "inputs")
 
 
 def _inputs_hash(batches: list[CalibBatch]) -> str:
-    """`content_hash` leaves the processor batches out; the cache checks them with this."""
+    """`CalibSet.compute_hash` leaves the processor batches out; the cache checks them with this."""
     h = hashlib.sha256()
-    _hash_obj(h, [b.inputs for b in batches])
+    hash_into(h, [b.inputs for b in batches])
     return h.hexdigest()[:16]
 
 
@@ -146,7 +143,7 @@ def read_calibration_cache(path: str | Path, key: str | None = None) -> CalibSet
     except CalibCacheError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the parsers raise means "damaged"
-        raise CalibCacheError(f"{type(e).__name__}: {_one_line(e)}") from None
+        raise CalibCacheError(f"{type(e).__name__}: {one_line(e)}") from None
 
 
 def _read_cache(path: Path, key: str | None) -> CalibSet:
@@ -155,7 +152,7 @@ def _read_cache(path: Path, key: str | None) -> CalibSet:
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001
-        raise CalibCacheError(f"not a safetensors file: {_one_line(e)}") from None
+        raise CalibCacheError(f"not a safetensors file: {one_line(e)}") from None
     with f:
         meta = f.metadata() or {}
         if meta.get("format") != CACHE_FORMAT:
@@ -168,7 +165,7 @@ def _read_cache(path: Path, key: str | None) -> CalibSet:
 
         def tensor(k) -> torch.Tensor:
             if type(k) is not str or k not in stored:
-                raise CalibCacheError(f"the skeleton names a tensor {_short(k)} the file does not hold")
+                raise CalibCacheError(f"the skeleton names a tensor {short_repr(k)} the file does not hold")
             if k not in loaded:
                 loaded[k] = f.get_tensor(k)
             return loaded[k]
@@ -181,12 +178,13 @@ def _read_cache(path: Path, key: str | None) -> CalibSet:
     if type(manifest) is not dict or not batches:
         raise CalibCacheError("no manifest or no batches")
     if key is not None and manifest.get("cache_key") != key:
-        raise CalibCacheError(f"cache key {_short(manifest.get('cache_key'))}, expected {key!r}")
-    if content_hash(batches + vision_batches) != manifest.get("content_hash"):
+        raise CalibCacheError(f"cache key {short_repr(manifest.get('cache_key'))}, expected {key!r}")
+    cs = CalibSet(batches, manifest, vision_batches)
+    if cs.compute_hash() != manifest.get("content_hash"):
         raise CalibCacheError("content hash mismatch")
     if _inputs_hash(batches + vision_batches) != skeleton.get("inputs_hash"):
         raise CalibCacheError("processor inputs hash mismatch")
-    return CalibSet(batches, manifest, vision_batches)
+    return cs
 
 
 def _rebuild(node, tensor: Callable[[str], torch.Tensor]):
@@ -201,7 +199,7 @@ def _rebuild(node, tensor: Callable[[str], torch.Tensor]):
             return items if tag == "l" else tuple(items)
         if tag == "d" and type(val) is list and all(type(p) is list and len(p) == 2 and type(p[0]) is str for p in val):
             return {k: _rebuild(v, tensor) for k, v in val}
-    raise CalibCacheError(f"unknown skeleton node {_short(node, 40)}")
+    raise CalibCacheError(f"unknown skeleton node {short_repr(node, 40)}")
 
 
 def _batch(node, tensor) -> CalibBatch:

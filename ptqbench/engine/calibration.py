@@ -26,17 +26,23 @@ import json
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ptqbench.engine.calib_cache import (CACHE_SUFFIX, CalibCacheError, Uncachable, read_calibration_cache,
+                                         write_calibration_cache)
+from ptqbench.engine.calibset import (CACHE_VERSION, MASK_KEYS, CalibBatch, CalibSet, content_hash, hash_into,
+                                      one_line, short_repr)
+from ptqbench.engine.chat import ProgressReporter, assistant_turn, chat_text, user_turn
 from ptqbench.errors import BadInput
 from ptqbench.models.adapters import Adapter, move
 
-CACHE_VERSION = 3  # 2: masks gained `reply`; 3: safetensors + JSON skeleton instead of a pickle
-MASK_KEYS = ("valid", "vision", "text", "answer", "reply")
+# Re-exported: other rooms and the tests import these from here.
+__all__ = ["CACHE_VERSION", "MASK_KEYS", "CalibBatch", "CalibSet", "Sample", "build_calibration", "check_source",
+           "content_hash", "load_samples", "model_fingerprint"]
 
 
 @dataclass
@@ -45,30 +51,6 @@ class Sample:
     question: str | None = None
     answer: str | None = None
     text: str | None = None  # text-only sample (no chat template)
-
-
-@dataclass
-class CalibBatch:
-    hidden: torch.Tensor  # (B, T, D) input of decoder layer 0
-    kwargs: dict  # replay kwargs for the decoder layers
-    extras: dict  # adapter-specific state (e.g. Qwen3-VL deepstack features)
-    input_ids: torch.Tensor  # (B, T)
-    masks: dict[str, torch.Tensor]  # valid / vision / text / answer / reply, bool (B, T)
-    inputs: dict | None = None  # the processor batch, kept when the vision tower is calibrated too
-
-
-@dataclass
-class CalibSet:
-    batches: list[CalibBatch]
-    manifest: dict = field(default_factory=dict)
-    vision_batches: list[CalibBatch] = field(default_factory=list)  # inputs of vision-tower block 0
-
-    @property
-    def hash(self) -> str:
-        return self.manifest["content_hash"]
-
-    def __len__(self) -> int:
-        return sum(b.hidden.shape[0] for b in self.batches)
 
 
 # ---- sources -------------------------------------------------------------------------------------
@@ -163,35 +145,30 @@ def _read_records(text: str, suffix: str, source: str) -> tuple[list, list[str]]
     return records, where
 
 
-def _short(value, limit: int = 60) -> str:
-    r = repr(value)
-    return r if len(r) <= limit else r[:limit] + "..."
-
-
 def _sharegpt_sample(rec, root: Path, source: str, where: str = "a record") -> Sample:
     from PIL import Image
 
     at = f"{where} of {source!r}"
     record = "accepted: a ShareGPT4V record, an object with 'conversations' (a list of {from, value} objects) and an optional 'image' path"
     if not isinstance(rec, dict):
-        raise BadInput(f"{at} is {_short(rec)}, not an object; {record}")
+        raise BadInput(f"{at} is {short_repr(rec)}, not an object; {record}")
     conv = rec.get("conversations")
     if not isinstance(conv, list):
-        raise BadInput(f"{at}: conversations {_short(conv)} is not a list; {record}")
+        raise BadInput(f"{at}: conversations {short_repr(conv)} is not a list; {record}")
     for j, c in enumerate(conv):
         if not isinstance(c, dict):
-            raise BadInput(f"{at}: conversations[{j}] is {_short(c)}, not an object; {record}")
+            raise BadInput(f"{at}: conversations[{j}] is {short_repr(c)}, not an object; {record}")
         if not isinstance(c.get("value"), str):
-            raise BadInput(f"{at}: conversations[{j}] value {_short(c.get('value'))} is not a string; {record}")
+            raise BadInput(f"{at}: conversations[{j}] value {short_repr(c.get('value'))} is not a string; {record}")
     human = next((c["value"] for c in conv if c.get("from") == "human"), None)
     gpt = next((c["value"] for c in conv if c.get("from") == "gpt"), None)
     if human is None or gpt is None:
-        raise BadInput(f"{at} (id {_short(rec.get('id', '?'))}) lacks a human or a gpt turn; {record}")
+        raise BadInput(f"{at} (id {short_repr(rec.get('id', '?'))}) lacks a human or a gpt turn; {record}")
     image = None
     name = rec.get("image")
     if name is not None and name != "":  # absent, null or "": a text-only conversation
         if not isinstance(name, str):
-            raise BadInput(f"{at}: image {_short(name)} is not accepted; accepted: an image file path (a string) "
+            raise BadInput(f"{at}: image {short_repr(name)} is not accepted; accepted: an image file path (a string) "
                            "relative to the image folder")
         ipath = root / name
         if not ipath.is_file():
@@ -208,10 +185,9 @@ def _sharegpt_sample(rec, root: Path, source: str, where: str = "a record") -> S
 
 # ---- encoding ------------------------------------------------------------------------------------
 def _messages(s: Sample, with_answer: bool) -> list[dict]:
-    content = ([{"type": "image"}] if s.image is not None else []) + [{"type": "text", "text": s.question}]
-    msgs = [{"role": "user", "content": content}]
+    msgs = [user_turn(s.question, 1 if s.image is not None else 0)]
     if with_answer:
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": s.answer}]})
+        msgs.append(assistant_turn(s.answer))
     return msgs
 
 
@@ -219,9 +195,9 @@ def _texts(processor, s: Sample) -> tuple[str, str | None, str | None]:
     """(full conversation, prompt with the generation prompt, prompt without it); text-only: (text, None, None)."""
     if s.text is not None:
         return s.text, None, None
-    full = processor.apply_chat_template(_messages(s, True), tokenize=False)
-    prompt = processor.apply_chat_template(_messages(s, False), tokenize=False, add_generation_prompt=True)
-    question = processor.apply_chat_template(_messages(s, False), tokenize=False, add_generation_prompt=False)
+    full = chat_text(processor, _messages(s, True))
+    prompt = chat_text(processor, _messages(s, False), add_generation_prompt=True)
+    question = chat_text(processor, _messages(s, False), add_generation_prompt=False)
     if not full.startswith(prompt):
         raise RuntimeError("the chat template's generation prompt is not a prefix of the full conversation")
     if not prompt.startswith(question):
@@ -230,6 +206,9 @@ def _texts(processor, s: Sample) -> tuple[str, str | None, str | None]:
 
 
 def _encode(processor, texts: list[str], images: list, padding_side: str = "left") -> dict:
+    """A processor batch on the CPU (captured there, moved by the caller). Unlike `chat.encode_left`,
+    each sample has its own image list (empty for a text-only sample in a mixed batch), and the side
+    is set on the tokenizer, as the sets cached so far were encoded."""
     kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
     if any(im is not None for im in images):
         kw["images"] = [[im] if im is not None else [] for im in images]
@@ -246,32 +225,10 @@ def _length(processor, text: str, image) -> int:
     return int(_encode(processor, [text], [image])["input_ids"].shape[1])
 
 
-# ---- capture -------------------------------------------------------------------------------------
-def build_calibration(model, adapter: Adapter, processor, source: str, n: int, seq_len: int, seed: int,
-                      batch_size: int = 4, image_root: str | None = None, cache_dir: str | Path | None = None,
-                      progress=None, vision: bool = False, warn: Callable[[str], None] | None = None) -> CalibSet:
-    """Capture (or load from `cache_dir`) the calibration set for this model and data.
-
-    `warn` gets one line when a cache entry is discarded (damaged, foreign, outdated) or cannot be
-    written; default: printed to stderr. The set is then captured as if there were no cache."""
-    if not isinstance(seq_len, int) or seq_len < 8:
-        raise BadInput(f"sequence length {seq_len!r} is not accepted; accepted: an integer >= 8")
-    from ptqbench.engine.calib_cache import CACHE_SUFFIX, CalibCacheError, Uncachable, read_calibration_cache, write_calibration_cache
-
-    warn = warn or _print_stderr
-    samples, desc = load_samples(source, n, seed, image_root)
-    fingerprint = model_fingerprint(model)
-    key = hashlib.sha256(json.dumps(dict(v=CACHE_VERSION, model=fingerprint, data=desc, n=n,
-                                         seq_len=seq_len, seed=seed, batch=batch_size, vision=vision,
-                                         dtype=str(next(model.parameters()).dtype)), sort_keys=True).encode()).hexdigest()[:20]
-    # Entries of earlier versions (`calib-*.pt`, pickles) have another name and are never opened.
-    cache = Path(cache_dir) / f"calib-{key}{CACHE_SUFFIX}" if cache_dir else None
-    if cache is not None and cache.is_file():
-        try:
-            return read_calibration_cache(cache, key)
-        except CalibCacheError as e:
-            warn(f"calibration cache {str(cache)!r} discarded ({e}); capturing the set again")
-
+def _fit_samples(processor, samples: list[Sample], seq_len: int) -> tuple[list[tuple], int]:
+    """(full text, image, answer tokens, reply tokens) of every sample that fits `seq_len` tokens, and
+    how many were dropped. A text-only sample is truncated; one with an image is dropped (never cut
+    an image: VLMQ's rule)."""
     encoded, dropped = [], 0
     for s in samples:
         full, prompt, question = _texts(processor, s)
@@ -281,7 +238,7 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
                 tok = getattr(processor, "tokenizer", processor)
                 full = tok.decode(tok(full)["input_ids"][:seq_len])
                 L = _length(processor, full, None)
-            else:  # never cut an image: drop the sample (VLMQ's rule)
+            else:
                 dropped += 1
                 continue
         if prompt is None:
@@ -292,84 +249,121 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
         encoded.append((full, s.image, ans, reply))
     if not encoded:
         raise BadInput(f"no calibration sample fits sequence length {seq_len} ({dropped} dropped); accepted: a larger --seq-len")
+    return encoded, dropped
 
+
+# ---- capture -------------------------------------------------------------------------------------
+def _cache_key(fingerprint: str, desc: dict, n: int, seq_len: int, seed: int, batch_size: int, vision: bool,
+               dtype: torch.dtype) -> str:
+    """Everything that decides the captured tensors, hashed: the name of the set's cache entry."""
+    return hashlib.sha256(json.dumps(dict(v=CACHE_VERSION, model=fingerprint, data=desc, n=n,
+                                          seq_len=seq_len, seed=seed, batch=batch_size, vision=vision,
+                                          dtype=str(dtype)), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _read_cache(cache: Path | None, key: str, warn: Callable[[str], None]) -> CalibSet | None:
+    """The cached set, or None when there is none or it was discarded (with one warning)."""
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        return read_calibration_cache(cache, key)
+    except CalibCacheError as e:
+        warn(f"calibration cache {str(cache)!r} discarded ({e}); capturing the set again")
+        return None
+
+
+def _write_cache(cs: CalibSet, cache: Path | None, warn: Callable[[str], None]) -> None:
+    if cache is None:
+        return
+    try:
+        write_calibration_cache(cs, cache)
+    except Uncachable as e:
+        warn(f"calibration cache not written: {e}; the set is captured again on every run")
+    except Exception as e:  # noqa: BLE001 - full disk, unwritable folder: costs a recapture next time, not this run
+        warn(f"calibration cache {str(cache)!r} not written ({type(e).__name__}: {one_line(e)})")
+
+
+def _text_masks(ids: torch.Tensor, valid: torch.Tensor, chunk: list[tuple], vision_ids: torch.Tensor) -> dict:
+    """The per-token masks (MASK_KEYS) of one left-padded batch."""
+    answer, reply = torch.zeros_like(valid), torch.zeros_like(valid)
+    T = ids.shape[1]
+    for i, (_, _, ans, n_reply) in enumerate(chunk):
+        answer[i, T - ans:] = True  # left padding: the answer is the last `ans` tokens
+        reply[i, T - n_reply:] = True  # the assistant turn (generation prompt + answer): the last `n_reply`
+    answer &= valid
+    reply &= valid
+    vis = torch.isin(ids, vision_ids) & valid
+    return {"valid": valid, "vision": vis, "text": valid & ~vis, "answer": answer, "reply": reply}
+
+
+def _vision_batch(adapter: Adapter, inputs: dict, device) -> CalibBatch:
+    """A second pass that records every vision block's own call arguments."""
+    vh, calls = adapter.capture_vision(move(inputs, device))
+    ones = torch.ones(vh.shape[:-1], dtype=torch.bool)
+    return CalibBatch(vh.detach().cpu(), {"vision_calls": move(calls, "cpu")}, {}, torch.zeros(0, dtype=torch.long),
+                      {"valid": ones, "vision": ones, "text": ~ones, "answer": ~ones, "reply": ~ones})
+
+
+def _capture(model, adapter: Adapter, processor, encoded: list[tuple], batch_size: int, vision: bool,
+             progress) -> tuple[list[CalibBatch], list[CalibBatch]]:
+    """Run the model up to decoder layer 0 (and, with `vision`, through the vision tower) batch by batch."""
     device = next(model.parameters()).device
     vision_ids = torch.tensor(adapter.vision_token_ids())
     batches: list[CalibBatch] = []
     vision_batches: list[CalibBatch] = []
     chunks = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
-    task = progress.add_task("capture calibration", total=len(chunks)) if progress else None
+    bar = ProgressReporter(progress, "capture calibration", len(chunks))
     for chunk in chunks:
         inputs = _encode(processor, [c[0] for c in chunk], [c[1] for c in chunk])
         ids = inputs["input_ids"]
         valid = inputs.get("attention_mask", torch.ones_like(ids)).bool()
-        answer, reply = torch.zeros_like(valid), torch.zeros_like(valid)
-        T = ids.shape[1]
-        for i, (_, _, ans, n_reply) in enumerate(chunk):
-            answer[i, T - ans:] = True  # left padding: the answer is the last `ans` tokens
-            reply[i, T - n_reply:] = True  # the assistant turn (generation prompt + answer): the last `n_reply`
-        answer &= valid
-        reply &= valid
-        vis = torch.isin(ids, vision_ids) & valid
+        masks = _text_masks(ids, valid, chunk, vision_ids)
         hidden, kwargs, extras = adapter.capture(move(inputs, device))
-        if vision:  # a second pass records every vision block's own call arguments
-            vh, calls = adapter.capture_vision(move(inputs, device))
-            ones = torch.ones(vh.shape[:-1], dtype=torch.bool)
-            vision_batches.append(CalibBatch(vh.detach().cpu(), {"vision_calls": move(calls, "cpu")}, {},
-                                             torch.zeros(0, dtype=torch.long),
-                                             {"valid": ones, "vision": ones, "text": ~ones, "answer": ~ones,
-                                              "reply": ~ones}))
-        batches.append(CalibBatch(hidden.cpu(), move(kwargs, "cpu"), move(extras, "cpu"), ids.cpu(),
-                                  {"valid": valid, "vision": vis, "text": valid & ~vis, "answer": answer,
-                                   "reply": reply},
+        if vision:
+            vision_batches.append(_vision_batch(adapter, inputs, device))
+        batches.append(CalibBatch(hidden.cpu(), move(kwargs, "cpu"), move(extras, "cpu"), ids.cpu(), masks,
                                   inputs=move(inputs, "cpu") if vision else None))
-        if progress:
-            progress.advance(task)
+        bar.advance(1)
+    return batches, vision_batches
 
-    counts = {k: int(sum(b.masks[k].sum() for b in batches)) for k in MASK_KEYS}
-    # How redundant the vision tokens are: the share of 14x14 image patches that are pure background.
+
+def _background_share(encoded: list[tuple]) -> float | None:
+    """How redundant the vision tokens are: the mean share of 14x14 image patches that are pure background."""
     from ptqbench.data.synthvqa import background_patch_share
 
     images = [c[1] for c in encoded if c[1] is not None]
-    bg = float(sum(background_patch_share(im) for im in images) / len(images)) if images else None
+    return float(sum(background_patch_share(im) for im in images) / len(images)) if images else None
+
+
+def build_calibration(model, adapter: Adapter, processor, source: str, n: int, seq_len: int, seed: int,
+                      batch_size: int = 4, image_root: str | None = None, cache_dir: str | Path | None = None,
+                      progress=None, vision: bool = False, warn: Callable[[str], None] | None = None) -> CalibSet:
+    """Capture (or load from `cache_dir`) the calibration set for this model and data.
+
+    `warn` gets one line when a cache entry is discarded (damaged, foreign, outdated) or cannot be
+    written; default: printed to stderr. The set is then captured as if there were no cache."""
+    if not isinstance(seq_len, int) or seq_len < 8:
+        raise BadInput(f"sequence length {seq_len!r} is not accepted; accepted: an integer >= 8")
+    warn = warn or _print_stderr
+    samples, desc = load_samples(source, n, seed, image_root)
+    fingerprint = model_fingerprint(model)
+    key = _cache_key(fingerprint, desc, n, seq_len, seed, batch_size, vision, next(model.parameters()).dtype)
+    # Entries of earlier versions (`calib-*.pt`, pickles) have another name and are never opened.
+    cache = Path(cache_dir) / f"calib-{key}{CACHE_SUFFIX}" if cache_dir else None
+    cached = _read_cache(cache, key, warn)
+    if cached is not None:
+        return cached
+
+    encoded, dropped = _fit_samples(processor, samples, seq_len)
+    batches, vision_batches = _capture(model, adapter, processor, encoded, batch_size, vision, progress)
+    counts = {k: int(sum(b.masks[k].sum() for b in batches)) for k in MASK_KEYS}
     manifest = dict(desc, n_requested=n, n_samples=len(encoded), n_dropped=dropped, seq_len=seq_len, seed=seed,
                     batch_size=batch_size, tokens=counts, model=fingerprint, cache_key=key,
-                    background_patch_share=bg)
-    manifest["content_hash"] = content_hash(batches + vision_batches)
+                    background_patch_share=_background_share(encoded))
     cs = CalibSet(batches, manifest, vision_batches)
-    if cache is not None:
-        try:
-            write_calibration_cache(cs, cache)
-        except Uncachable as e:
-            warn(f"calibration cache not written: {e}; the set is captured again on every run")
-        except Exception as e:  # noqa: BLE001 - full disk, unwritable folder: costs a recapture next time, not this run
-            warn(f"calibration cache {str(cache)!r} not written ({type(e).__name__}: {_one_line(e)})")
+    manifest["content_hash"] = cs.compute_hash()
+    _write_cache(cs, cache, warn)
     return cs
-
-
-def _hash_obj(h, obj) -> None:
-    if isinstance(obj, torch.Tensor) and obj.is_meta:  # a lazily built block: identified by its seed (fingerprint)
-        h.update(f"meta{obj.dtype}{tuple(obj.shape)}".encode())
-    elif isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(obj, dict):
-        for k in sorted(obj):
-            h.update(str(k).encode())
-            _hash_obj(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _hash_obj(h, v)
-    else:
-        h.update(repr(obj).encode())
-
-
-def content_hash(batches: list[CalibBatch]) -> str:
-    h = hashlib.sha256()
-    for b in batches:
-        _hash_obj(h, [b.hidden, b.input_ids, b.masks, b.kwargs, b.extras])
-    return h.hexdigest()[:16]
 
 
 def model_fingerprint(model) -> str:
@@ -381,18 +375,13 @@ def model_fingerprint(model) -> str:
     if n_params <= 50_000_000:
         for name, p in model.state_dict().items():
             h.update(name.encode())
-            _hash_obj(h, p)
+            hash_into(h, p)
     else:
         d = Path(str(getattr(model.config, "_name_or_path", "")))
         for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _print_stderr(msg: str) -> None:

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from ptqbench.eval.tasks import DEFAULT_N, EVAL_SEED, Task
+from ptqbench.engine.chat import ProgressReporter, encode_left, generation_prompt, stop_and_pad_ids
 from ptqbench.errors import BadInput
+from ptqbench.eval.tasks import DEFAULT_N, EVAL_SEED, Score, Task, answer_lengths, check_batch_size, check_n, teacher_forced
 
 MODEL_NAME = "ptqbench"
 CLASS_PATH = "ptqbench.eval.lmms.PtqbenchLMM"
@@ -77,25 +78,6 @@ def register() -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _progress(progress, label: str, total: int):
-    """``advance(k)`` for None, a callable ``(done, total)`` or a rich Progress; and a closer."""
-    state = {"done": 0}
-    if progress is None:
-        return (lambda k: None), (lambda: None)
-    if hasattr(progress, "add_task"):
-        tid = progress.add_task(label, total=total)
-        close = (lambda: progress.remove_task(tid)) if hasattr(progress, "remove_task") else (lambda: None)
-        return (lambda k: progress.advance(tid, k)), close
-    if not callable(progress):
-        raise BadInput(f"progress {progress!r} is not accepted; accepted: None, a callable (done, total), or a rich Progress")
-
-    def advance(k):
-        state["done"] += k
-        progress(state["done"], total)
-
-    return advance, (lambda: None)
-
-
 def _flatten_visuals(visuals) -> list:
     out = []
     for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
@@ -122,6 +104,39 @@ def _as_int(what: str, value, default: int) -> int:
     if isinstance(value, bool) or v < 1:
         raise BadInput(f"{what} {value!r} is not accepted; accepted: a positive integer")
     return v
+
+
+def _gen_settings(gen_kwargs: dict) -> tuple[tuple[str, ...], int]:
+    """(stop strings, max_new_tokens) of a task's ``generation_kwargs``."""
+    until = gen_kwargs.get("until")
+    if until is None:
+        until = []
+    elif isinstance(until, str):
+        until = [until]
+    elif not isinstance(until, (list, tuple)):
+        raise BadInput(f"generation_kwargs until {until!r} is not accepted; accepted: a string or a list of strings")
+    max_new = _as_int("max_new_tokens", gen_kwargs.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS)
+    return tuple(u for u in until if u), max_new
+
+
+def _chunks(requests, key: Callable, batch_size: int):
+    """Consecutive runs of requests (document order) with equal ``key``, at most batch_size long."""
+    chunk, k0 = [], None
+    for i, r in enumerate(requests):
+        k = key(r)
+        if chunk and (k != k0 or len(chunk) == batch_size):
+            yield chunk
+            chunk = []
+        chunk.append(i)
+        k0 = k
+    if chunk:
+        yield chunk
+
+
+def _cut_at_stops(text: str, until: tuple[str, ...]) -> str:
+    for stop in until:
+        text = text.split(stop)[0]
+    return text
 
 
 # ----------------------------------------------------------------------------- the lmms-eval model
@@ -160,189 +175,158 @@ def _loglikelihood_result_type():
     return LogLikelihood
 
 
+class _PtqbenchLMMCode:
+    """The code of :class:`PtqbenchLMM`: an in-memory Hugging Face VLM + processor as an lmms-eval
+    model (greedy, batched). `model_class` joins it with lmms-eval's ``lmms`` base class, which can
+    only be imported where lmms-eval is installed."""
+
+    is_simple = True
+    result_type: type = tuple  # set by model_class (see _loglikelihood_result_type)
+
+    def __init__(self, model=None, processor=None, pretrained: str | None = None, batch_size=16,
+                 device: str | None = None, dtype: str = "float32", progress=None,
+                 max_batch_size=None, **unknown) -> None:
+        super().__init__()
+        if unknown:
+            raise BadInput(f"model argument(s) {', '.join(sorted(unknown))} not accepted by the ptqbench lmms-eval model; "
+                           "accepted: pretrained, batch_size, device, dtype")
+        if model is None:  # from the lmms-eval CLI: --model ptqbench --model_args pretrained=testbed
+            model, processor = self._load(pretrained, device, dtype)
+        elif processor is None:
+            raise BadInput("the ptqbench lmms-eval model needs the processor of its model; accepted: processor=<processor>")
+        self._model = model
+        self.processor = processor
+        self.batch_size_per_gpu = _as_int("batch_size", batch_size, 16)
+        self.progress = progress
+        self.accelerator = None  # single process: keeps lmms-eval from building an Accelerator
+        # this bridge's stop ids: see stop_and_pad_ids
+        self._eos, self._pad = stop_and_pad_ids(processor.tokenizer, im_end_if_in_vocab=True)
+
+    @staticmethod
+    def _load(pretrained: str | None, device: str | None, dtype: str):
+        if pretrained is None:
+            raise BadInput("the ptqbench lmms-eval model needs a model; accepted: model=<nn.Module> and processor=, "
+                           "or pretrained=<testbed | tiny:<family> | checkpoint dir>")
+        from ptqbench.models.sources import load_model, resolve_device
+
+        dev = resolve_device(device or "auto")
+        loaded = load_model(pretrained, getattr(torch, dtype))
+        return loaded.model.to(dev), loaded.processor
+
+    # -- properties lmms-eval reads
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self._model.parameters()).device
+        except StopIteration:  # pragma: no cover
+            return torch.device("cpu")
+
+    def clean(self) -> None:
+        """lmms-eval's default drops every nn.Module attribute; the model is the caller's: keep it."""
+        gc.collect()
+
+    # -- requests
+    def _doc(self, task, split, doc_id):
+        return self.task_dict[task][split][doc_id]
+
+    def _visuals(self, doc_to_visual, doc) -> list:
+        return _flatten_visuals(doc_to_visual(doc)) if doc_to_visual else []
+
+    # -- generation
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        """Greedy decoding (sampling settings of the task are ignored: a benchmark must be deterministic)."""
+        self._model.eval()
+        args = [r.args for r in requests]
+        settings = [_gen_settings(a[1] or {}) for a in args]
+        out: list[str | None] = [None] * len(requests)
+        bar = ProgressReporter(self.progress, "lmms-eval generate", len(requests))
+        for idx in _chunks(args, lambda a: _gen_settings(a[1] or {}), self.batch_size):
+            until, max_new = settings[idx[0]]
+            texts, images = [], []
+            for i in idx:
+                ctx, _, doc_to_visual, doc_id, task, split = args[i]
+                vis = self._visuals(doc_to_visual, self._doc(task, split, doc_id)) if doc_to_visual else []
+                texts.append(generation_prompt(self.processor, ctx, len(vis)))
+                images += vis
+            enc = encode_left(self.processor, texts, images, self.device)
+            gen = self._model.generate(**enc, do_sample=False, max_new_tokens=max_new,
+                                       eos_token_id=self._eos, pad_token_id=self._pad)
+            decoded = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(idx, decoded):
+                out[i] = _cut_at_stops(text, until)
+            bar.advance(len(idx))
+        bar.close()
+        return out
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise BadInput("multi-round tasks are not accepted by the ptqbench lmms-eval model; "
+                       "accepted: generate_until, loglikelihood and multiple_choice tasks")
+
+    # -- teacher-forced log-likelihood
+    def _continuation(self, arg) -> tuple[str, str, list]:
+        """(prompt, prompt + continuation, images) of one loglikelihood request."""
+        ctx, cont, doc_to_visual, doc_id, task, split = arg
+        doc = self._doc(task, split, doc_id) if doc_to_visual or callable(cont) else None
+        cont = cont(doc) if callable(cont) else cont
+        if isinstance(cont, (list, tuple)):
+            cont = cont[0]
+        vis = self._visuals(doc_to_visual, doc)
+        prompt = generation_prompt(self.processor, ctx, len(vis))
+        return prompt, prompt + str(cont), vis
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(mean token negative log-likelihood of the continuation, whether greedy decoding yields it).
+
+        lmms-eval's convention, not the log-probability its abstract docstring describes: its own
+        models return the loss of ``model(..., labels=...)`` (the mean over continuation tokens), and
+        its ``multiple_choice`` scoring picks ``argmin`` accordingly (lmms-eval issue #370). A
+        log-probability here would make every multiple-choice task pick the least likely choice.
+        Each result unpacks as that pair (see :func:`_loglikelihood_result_type`)."""
+        self._model.eval()
+        args = [r.args for r in requests]
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = ProgressReporter(self.progress, "lmms-eval loglikelihood", len(requests))
+        for idx in _chunks(args, lambda a: None, self.batch_size):
+            prompts, fulls, images = [], [], []
+            for i in idx:
+                prompt, full, vis = self._continuation(args[i])
+                prompts.append(prompt)
+                fulls.append(full)
+                images += vis
+            n_cont = answer_lengths(self.tokenizer, prompts, fulls)
+            enc = encode_left(self.processor, fulls, images, self.device)
+            tok_lp, greedy = teacher_forced(self._model, enc, greedy=True)
+            T = enc["input_ids"].shape[1]
+            for b, i in enumerate(idx):
+                k = n_cont[b]
+                # left padding: the continuation is the last k tokens; token t is predicted at t-1.
+                out[i] = (float(-tok_lp[b, T - 1 - k:].mean()), bool(greedy[b, T - 1 - k:].all())) if k > 0 else (0.0, True)
+            bar.advance(len(idx))
+        bar.close()
+        return [self.result_type(r) for r in out]
+
+
 def _build_model_class():
     from lmms_eval.api.model import lmms
 
-    result_type = _loglikelihood_result_type()
-
-    class PtqbenchLMM(lmms):
+    class PtqbenchLMM(_PtqbenchLMMCode, lmms):
         """An in-memory Hugging Face VLM + processor as an lmms-eval model (greedy, batched)."""
 
-        is_simple = True
-
-        def __init__(self, model=None, processor=None, pretrained: str | None = None, batch_size=16,
-                     device: str | None = None, dtype: str = "float32", progress=None,
-                     max_batch_size=None, **unknown) -> None:
-            super().__init__()
-            if unknown:
-                raise BadInput(f"model argument(s) {', '.join(sorted(unknown))} not accepted by the ptqbench lmms-eval model; "
-                               "accepted: pretrained, batch_size, device, dtype")
-            if model is None:  # from the lmms-eval CLI: --model ptqbench --model_args pretrained=testbed
-                if pretrained is None:
-                    raise BadInput("the ptqbench lmms-eval model needs a model; accepted: model=<nn.Module> and processor=, "
-                                   "or pretrained=<testbed | tiny:<family> | checkpoint dir>")
-                from ptqbench.models.sources import load_model, resolve_device
-
-                dev = resolve_device(device or "auto")
-                loaded = load_model(pretrained, getattr(torch, dtype))
-                model, processor = loaded.model.to(dev), loaded.processor
-            elif processor is None:
-                raise BadInput("the ptqbench lmms-eval model needs the processor of its model; accepted: processor=<processor>")
-            self._model = model
-            self.processor = processor
-            self.batch_size_per_gpu = _as_int("batch_size", batch_size, 16)
-            self.progress = progress
-            self.accelerator = None  # single process: keeps lmms-eval from building an Accelerator
-            tok = processor.tokenizer
-            eos = [tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None, tok.eos_token_id]
-            self._eos = [e for e in dict.fromkeys(eos) if isinstance(e, int) and e >= 0]
-            self._pad = tok.pad_token_id if tok.pad_token_id is not None else (self._eos[0] if self._eos else 0)
-
-        # -- properties lmms-eval reads
-        @property
-        def model(self):
-            return self._model
-
-        @property
-        def tokenizer(self):
-            return self.processor.tokenizer
-
-        @property
-        def batch_size(self) -> int:
-            return self.batch_size_per_gpu
-
-        @property
-        def device(self) -> torch.device:
-            try:
-                return next(self._model.parameters()).device
-            except StopIteration:  # pragma: no cover
-                return torch.device("cpu")
-
-        def clean(self) -> None:
-            """lmms-eval's default drops every nn.Module attribute; the model is the caller's: keep it."""
-            gc.collect()
-
-        # -- prompt and encoding (those of ptqbench.eval.tasks)
-        def _prompt(self, context: str, n_images: int) -> str:
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
-
-        def _encode(self, texts: list[str], images: list):
-            enc = self.processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
-            dev = self.device
-            return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
-
-        def _doc(self, task, split, doc_id):
-            return self.task_dict[task][split][doc_id]
-
-        def _chunks(self, requests, key: Callable):
-            """Consecutive runs of requests (document order) with equal ``key``, at most batch_size long."""
-            chunk, k0 = [], None
-            for i, r in enumerate(requests):
-                k = key(r)
-                if chunk and (k != k0 or len(chunk) == self.batch_size):
-                    yield chunk
-                    chunk = []
-                chunk.append(i)
-                k0 = k
-            if chunk:
-                yield chunk
-
-        # -- generation
-        @staticmethod
-        def _gen_settings(gen_kwargs: dict) -> tuple[tuple[str, ...], int]:
-            until = gen_kwargs.get("until")
-            if until is None:
-                until = []
-            elif isinstance(until, str):
-                until = [until]
-            elif not isinstance(until, (list, tuple)):
-                raise BadInput(f"generation_kwargs until {until!r} is not accepted; accepted: a string or a list of strings")
-            max_new = _as_int("max_new_tokens", gen_kwargs.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS)
-            return tuple(u for u in until if u), max_new
-
-        @torch.no_grad()
-        def generate_until(self, requests) -> list[str]:
-            """Greedy decoding (sampling settings of the task are ignored: a benchmark must be deterministic)."""
-            self._model.eval()
-            args = [r.args for r in requests]
-            settings = [self._gen_settings(a[1] or {}) for a in args]
-            out: list[str | None] = [None] * len(requests)
-            advance, close = _progress(self.progress, "lmms-eval generate", len(requests))
-            tok = self.tokenizer
-            for idx in self._chunks(args, key=lambda a: self._gen_settings(a[1] or {})):
-                until, max_new = settings[idx[0]]
-                texts, images = [], []
-                for i in idx:
-                    ctx, _, doc_to_visual, doc_id, task, split = args[i]
-                    vis = _flatten_visuals(doc_to_visual(self._doc(task, split, doc_id))) if doc_to_visual else []
-                    texts.append(self._prompt(ctx, len(vis)))
-                    images += vis
-                enc = self._encode(texts, images)
-                gen = self._model.generate(**enc, do_sample=False, max_new_tokens=max_new,
-                                           eos_token_id=self._eos, pad_token_id=self._pad)
-                decoded = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for i, text in zip(idx, decoded):
-                    for stop in until:
-                        text = text.split(stop)[0]
-                    out[i] = text
-                advance(len(idx))
-            close()
-            return out
-
-        def generate_until_multi_round(self, requests) -> list[str]:
-            raise BadInput("multi-round tasks are not accepted by the ptqbench lmms-eval model; "
-                           "accepted: generate_until, loglikelihood and multiple_choice tasks")
-
-        # -- teacher-forced log-likelihood
-        @torch.no_grad()
-        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            """(mean token negative log-likelihood of the continuation, whether greedy decoding yields it).
-
-            lmms-eval's convention, not the log-probability its abstract docstring describes: its own
-            models return the loss of ``model(..., labels=...)`` (the mean over continuation tokens), and
-            its ``multiple_choice`` scoring picks ``argmin`` accordingly (lmms-eval issue #370). A
-            log-probability here would make every multiple-choice task pick the least likely choice.
-            Each result unpacks as that pair (see :func:`_loglikelihood_result_type`)."""
-            self._model.eval()
-            args = [r.args for r in requests]
-            out: list[tuple[float, bool] | None] = [None] * len(requests)
-            advance, close = _progress(self.progress, "lmms-eval loglikelihood", len(requests))
-            tok = self.tokenizer
-            for idx in self._chunks(args, key=lambda a: None):
-                prompts, fulls, images = [], [], []
-                for i in idx:
-                    ctx, cont, doc_to_visual, doc_id, task, split = args[i]
-                    doc = self._doc(task, split, doc_id) if doc_to_visual or callable(cont) else None
-                    cont = cont(doc) if callable(cont) else cont
-                    if isinstance(cont, (list, tuple)):
-                        cont = cont[0]
-                    vis = _flatten_visuals(doc_to_visual(doc)) if doc_to_visual else []
-                    prompt = self._prompt(ctx, len(vis))
-                    prompts.append(prompt)
-                    fulls.append(prompt + str(cont))
-                    images += vis
-                # answer length from the text alone (image placeholders unexpanded, equal in both)
-                p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-                f_ids = tok(fulls, add_special_tokens=False)["input_ids"]
-                enc = self._encode(fulls, images)
-                logits = self._model(**enc).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                tgt = enc["input_ids"][:, 1:]
-                tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-                greedy = logp.argmax(-1) == tgt
-                T = enc["input_ids"].shape[1]
-                for b, i in enumerate(idx):
-                    k = len(f_ids[b]) - len(p_ids[b])
-                    if k <= 0:
-                        out[i] = (0.0, True)
-                        continue
-                    # left padding: the continuation is the last k tokens; token t is predicted at t-1.
-                    out[i] = (float(-tok_lp[b, T - 1 - k:].mean()), bool(greedy[b, T - 1 - k:].all()))
-                advance(len(idx))
-            close()
-            return [result_type(r) for r in out]
+        result_type = _loglikelihood_result_type()
 
     PtqbenchLMM.__module__ = __name__
     PtqbenchLMM.__qualname__ = "PtqbenchLMM"
@@ -429,7 +413,7 @@ def _metrics(results: dict, name: str) -> dict[str, float]:
 class LmmsTask(Task):
     """An lmms-eval task, run through lmms-eval's evaluator on an in-memory model.
 
-    ``n``: for ``synthvqa_lmms`` the first ``n`` SynthVQA eval items (default 300, as ``synthvqa``);
+    ``n``: for ``synthvqa_lmms`` the first ``n`` SynthVQA eval items (default DEFAULT_N, as ``synthvqa``);
     for other tasks lmms-eval's ``limit`` (first ``n`` documents; None: the whole task).
     """
 
@@ -449,10 +433,9 @@ class LmmsTask(Task):
         """lmms-eval's full results dict (``results``, and ``samples`` when ``log_samples``)."""
         from lmms_eval.evaluator import simple_evaluate
 
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise BadInput(f"n {n!r} is not accepted; accepted: a positive integer")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise BadInput(f"batch_size {batch_size!r} is not accepted; accepted: a positive integer")
+        if n is not None:
+            check_n(n)
+        check_batch_size(batch_size)
         if self.name in LOCAL_TASKS:
             from lmms_eval.tasks import TaskManager
 
@@ -473,8 +456,6 @@ class LmmsTask(Task):
     def scores(self, model, processor, n=None, batch_size=16, progress=None) -> dict:
         """lmms-eval's aggregated metrics; their item count is lmms-eval's sample count (no per-item
         outcomes are taken from it, so these scores carry n but no interval)."""
-        from ptqbench.eval.tasks import Score
-
         results = self.run(model, processor, n, batch_size, progress)
         counts = results.get("n-samples", {}).get(self.name, {})
         n_items = int(counts.get("effective") or counts.get("original") or 0)

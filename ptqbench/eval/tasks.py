@@ -1,4 +1,4 @@
-"""Benchmark tasks: a small registry of things that score a VLM + processor.
+"""The built-in SynthVQA tasks, and what every task is (`Task`, `Score`).
 
 Each task takes any Hugging Face VLM and its processor (prompts go through the processor's chat
 template), so the same task scores the embedded testbed and a real checkpoint alike.
@@ -6,6 +6,8 @@ template), so the same task scores the embedded testbed and a real checkpoint al
 - ``synthvqa``: exact-match accuracy (greedy generation, batched, left padding) per family and
   overall on the held-out SynthVQA eval split.
 - ``synthvqa-nll``: mean answer-token negative log-likelihood (teacher forced) on the same items.
+
+Tasks are looked up by name through :func:`ptqbench.eval.registry.get_task`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import numpy as np
 import torch
 
 from ptqbench.data import synthvqa as sv
+from ptqbench.data.synthvqa import INSTRUCTION  # defined with the data; importable from here too
+from ptqbench.engine.chat import ProgressReporter, encode_left, generation_prompt, stop_and_pad_ids, user_turn
 from ptqbench.errors import BadInput
 
-# Appended to every question (LLaVA's short-answer instruction) so that real VLMs answer in one word.
-INSTRUCTION = "\nAnswer the question using a single word or phrase."
 DEFAULT_N = 200  # 33 per family; the default grid (19 cells x 2 tasks) must fit 10 minutes on 2 cores
 EVAL_SEED = sv.DEFAULT_SEED["eval"]
 
@@ -33,8 +35,7 @@ def user_text(question: str) -> str:
 
 
 def messages_for(question: str, with_image: bool = True) -> list[dict]:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": user_text(question)}]
-    return [{"role": "user", "content": content}]
+    return [user_turn(user_text(question), 1 if with_image else 0)]
 
 
 def normalize(text: str) -> str:
@@ -55,7 +56,7 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _check_n(n):
+def check_n(n):
     if n is None:
         return DEFAULT_N
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -63,43 +64,36 @@ def _check_n(n):
     return n
 
 
-def _check_batch(batch_size):
+def check_batch_size(batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadInput(f"batch_size {batch_size!r} is not accepted; accepted: a positive integer")
     return batch_size
 
 
 def _prompts(processor, items) -> list[str]:
-    return [processor.apply_chat_template(messages_for(it.question), add_generation_prompt=True, tokenize=False)
-            for it in items]
+    return [generation_prompt(processor, user_text(it.question), 1) for it in items]
 
 
 def _encode(processor, texts, images, device):
-    enc = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+    return encode_left(processor, texts, images, device)
 
 
-class _Progress:
-    """Adapts ``progress``: a callable ``(done, total)``, a rich ``Progress`` (add_task/advance), or None."""
+def answer_lengths(tokenizer, prompts: list[str], fulls: list[str]) -> list[int]:
+    """Tokens each full text adds to its prompt, counted on the text alone (image placeholders are
+    unexpanded there, and equal in both)."""
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    f_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    return [len(f) - len(p) for p, f in zip(p_ids, f_ids)]
 
-    def __init__(self, progress, label: str, total: int):
-        self.p, self.total, self.done, self.task = progress, total, 0, None
-        if progress is not None and hasattr(progress, "add_task"):
-            self.task = progress.add_task(label, total=total)
-        elif progress is not None and not callable(progress):
-            raise BadInput(f"progress {progress!r} is not accepted; accepted: None, a callable (done, total), "
-                           "or a rich Progress")
 
-    def advance(self, k: int) -> None:
-        self.done += k
-        if self.task is not None:
-            self.p.advance(self.task, k)
-        elif self.p is not None:
-            self.p(self.done, self.total)
-
-    def close(self) -> None:
-        if self.task is not None and hasattr(self.p, "remove_task"):
-            self.p.remove_task(self.task)
+def teacher_forced(model, enc: dict, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p of every next token given the ones before, (B, T-1); with `greedy`, whether each is also
+    the most likely one). Left padding puts a continuation of k tokens at [:, T-1-k:]."""
+    logits = model(**enc).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    tgt = enc["input_ids"][:, 1:]
+    tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return tok_lp, (logp.argmax(-1) == tgt) if greedy else None
 
 
 @dataclass
@@ -133,7 +127,7 @@ class Task:
 
     def identity(self, n: int | None = None) -> dict:
         """Everything besides the model that decides this task's numbers: a stored score is keyed by it."""
-        return dict(task=self.name, n=_check_n(n), seed=self.seed)
+        return dict(task=self.name, n=check_n(n), seed=self.seed)
 
 
 class SynthVQAAccuracy(Task):
@@ -152,11 +146,9 @@ class SynthVQAAccuracy(Task):
         seed_everything(self.seed)
         device = _model_device(model)
         tok = processor.tokenizer
-        eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-        eos = [e for e in dict.fromkeys(eos) if isinstance(e, int) and e >= 0]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        eos, pad = stop_and_pad_ids(tok, im_end_if_in_vocab=False)  # this task's stop ids: see stop_and_pad_ids
         preds: list[str] = []
-        bar = _Progress(progress, self.name, len(items))
+        bar = ProgressReporter(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             enc = _encode(processor, _prompts(processor, chunk), [it.image for it in chunk], device)
@@ -169,7 +161,7 @@ class SynthVQAAccuracy(Task):
         return preds
 
     def scores(self, model, processor, n=None, batch_size=16, progress=None):
-        n, batch_size = _check_n(n), _check_batch(batch_size)
+        n, batch_size = check_n(n), check_batch_size(batch_size)
         model.eval()
         items = sv.generate("eval", n, seed=self.seed)
         preds = self.predict(model, processor, items, batch_size, progress)
@@ -191,14 +183,14 @@ class SynthVQANLL(Task):
 
     @torch.no_grad()
     def scores(self, model, processor, n=None, batch_size=16, progress=None):
-        n, batch_size = _check_n(n), _check_batch(batch_size)
+        n, batch_size = check_n(n), check_batch_size(batch_size)
         seed_everything(self.seed)
         model.eval()
         device = _model_device(model)
         items = sv.generate("eval", n, seed=self.seed)
         end = processor.tokenizer.eos_token or ""
         nll, tokens = [], []  # per item: the answer's summed -log p and its token count
-        bar = _Progress(progress, self.name, len(items))
+        bar = ProgressReporter(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             prompts = _prompts(processor, chunk)
@@ -206,14 +198,9 @@ class SynthVQANLL(Task):
             # the answer turn as the model must produce it: the word and the end-of-turn token that stops
             # generation (a model that answers right but cannot stop fails exact match, so it counts here)
             full = [p + it.answer + end for p, it in zip(prompts, chunk)]
-            p_enc = processor.tokenizer(prompts, add_special_tokens=False)  # lengths only (image unexpanded)
-            f_enc = processor.tokenizer(full, add_special_tokens=False)
-            n_ans = [len(f) - len(p) for p, f in zip(p_enc["input_ids"], f_enc["input_ids"])]
+            n_ans = answer_lengths(processor.tokenizer, prompts, full)
             enc = _encode(processor, full, images, device)
-            logits = model(**enc).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = enc["input_ids"][:, 1:]
-            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            tok_lp, _ = teacher_forced(model, enc)  # (B, T-1)
             T = enc["input_ids"].shape[1]
             for b, it in enumerate(chunk):
                 k = max(n_ans[b], 0)
@@ -242,18 +229,3 @@ def _ratio(values: list[float], weights: list[float]) -> Score:
     """A token-weighted mean (sum over items / their tokens), n = the items with tokens."""
     total = sum(weights)
     return Score(sum(values) / total if total else math.nan, sum(1 for w in weights if w), "mean", values, weights)
-
-
-TASKS: dict[str, type] = {
-    SynthVQAAccuracy.name: SynthVQAAccuracy,
-    SynthVQANLL.name: SynthVQANLL,
-}
-
-
-def get_task(name: str, **kwargs) -> Task:
-    """A built-in task, else an lmms-eval task (optional extra; BadInput with the install hint)."""
-    if name in TASKS:
-        return TASKS[name](**kwargs)
-    from ptqbench.eval.lmms import LmmsTask  # lazy: optional and slow to import
-
-    return LmmsTask(name, builtin=TASKS, **kwargs)

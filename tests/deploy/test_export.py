@@ -16,10 +16,10 @@ from ptqbench.deploy.export import (
     load_gptq,
     load_gptq_weights,
     pack_gptq_layer,
-    resolve_cell,
     unpack_gptq_layer,
 )
 from ptqbench.deploy.packing import load_quantized, save_quantized
+from ptqbench.grid.resolve import resolve_cell
 from ptqbench.methods.quant import QuantizedWeight, QuantSpec, quantize_rtn
 
 MODEL = "tiny:qwen2-vl"
