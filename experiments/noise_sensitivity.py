@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptqbench.eval import tasks as T  # noqa: E402
+from ptqbench.eval.registry import get_task  # noqa: E402
 from ptqbench.models import testbed as tb  # noqa: E402
 from ptqbench.methods.quant import QuantSpec, quantize_rtn  # noqa: E402
 
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     orig = [lin.weight.data.clone() for lin in lins]
 
     def score(tag: str) -> None:
-        acc = T.get_task("synthvqa").evaluate(model, proc, n=args.n, batch_size=32)
-        nll = T.get_task("synthvqa-nll").evaluate(model, proc, n=args.n, batch_size=32)
+        acc = get_task("synthvqa").evaluate(model, proc, n=args.n, batch_size=32)
+        nll = get_task("synthvqa-nll").evaluate(model, proc, n=args.n, batch_size=32)
         fams = " ".join(f"{f} {acc[f'acc/{f}']:.2f}" for f in ("count", "spatial"))
         print(f"{tag}: acc {acc['acc']:.3f} ({fams}) nll {nll['nll']:.4f}", flush=True)
 

@@ -185,7 +185,8 @@ def export(
     overwrite: bool = typer.Option(False, help="replace a non-empty OUT"),
 ):
     """Export a quantized cell as a GPTQ checkpoint (transformers/optimum/GPTQModel layout)."""
-    from ptqbench.deploy.export import export_gptq, resolve_cell
+    from ptqbench.deploy.export import export_gptq
+    from ptqbench.grid.resolve import resolve_cell
 
     s = export_gptq(resolve_cell(cell, runs), out, model, checkpoint_format=format, shift_zero=shift_zero, overwrite=overwrite)
     console.print(f"wrote {s.out_dir}: {s.method} w{s.bits} g{s.group_size} desc_act={s.desc_act} sym={s.sym}, "

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptqbench.data import synthvqa as sv  # noqa: E402
 from ptqbench.eval import tasks as T  # noqa: E402
+from ptqbench.eval.registry import get_task  # noqa: E402
 from ptqbench.models import testbed as tb  # noqa: E402
 from testbed.card import model_card  # noqa: E402
 from testbed.loop import QATraining, spectral_flatness_penalty  # noqa: E402
@@ -199,9 +200,9 @@ def score(ckpt: Path, device, eval_n: int) -> dict:
     m2, p2 = tb.load_testbed(ckpt, dtype=torch.float32)
     m2.to(device)
     t_eval = time.time()
-    acc = T.get_task("synthvqa").evaluate(m2, p2, n=eval_n, batch_size=32)
+    acc = get_task("synthvqa").evaluate(m2, p2, n=eval_n, batch_size=32)
     eval_s = time.time() - t_eval
-    nll = T.get_task("synthvqa-nll").evaluate(m2, p2, n=eval_n, batch_size=32)
+    nll = get_task("synthvqa-nll").evaluate(m2, p2, n=eval_n, batch_size=32)
     log("eval " + " ".join(f"{k}={v:.3f}" for k, v in {**acc, **nll}.items()))
     bg = float(np.mean([sv.background_patch_share(it.image) for it in sv.generate("eval", eval_n)]))
     return {"acc": acc, "nll": nll, "eval_s": eval_s, "bg": bg}

@@ -15,7 +15,8 @@ from ptqbench.deploy.measure import measure
 from ptqbench.deploy.packing import load_quantized, pack, packed_nbytes, save_quantized
 from ptqbench.engine.blockwise import EngineResult, quantize_model
 from ptqbench.errors import one_line
-from ptqbench.grid.plan import EVAL_BATCH, FP_METHOD, Cell, Grid, seed_everything
+from ptqbench.eval.tasks import seed_everything
+from ptqbench.grid.plan import EVAL_BATCH, FP_METHOD, Cell, Grid
 from ptqbench.models.adapters import adapter_for
 
 CELL_FILE = "model.safetensors"
@@ -76,7 +77,7 @@ def _save(grid: Grid, cell: Cell, quantized: dict, other: dict) -> str:
     # fp32 scales: a later task evaluated on the reloaded weights sees exactly these weights
     save_quantized(out, quantized, other,
                    dict(model=cfg.model.source, method=cell.method, bits=cell.bits, options=cell.key["method_options"],
-                        group_size=grid.group_size, sym=cfg.quant.sym, calib_hash=grid.manifest["content_hash"]),
+                        group_size=grid.group_size, sym=cfg.quant.sym, calib_hash=grid.calib.hash),
                    scale_dtype=torch.float32)
     return str(out.relative_to(Path(cfg.grid.runs)))
 

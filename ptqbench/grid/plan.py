@@ -4,7 +4,6 @@ then its cells, each keyed by everything that produced it, with the units (task 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import yaml
 from ptqbench.config import RunConfig
 from ptqbench.engine.calibration import CalibSet, build_calibration
 from ptqbench.errors import BadInput
+from ptqbench.eval.tasks import seed_everything
 from ptqbench.grid.preflight import make_run_dir, validate_inputs, write_atomic
 from ptqbench.grid.store import ResultsStore, current_environment
 from ptqbench.methods import Method, QuantSpec, get_method
@@ -81,14 +81,6 @@ class Grid:
     @property
     def manifest(self) -> dict:
         return self.calib.manifest
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
 
 
 def place_outside_decoder(model: torch.nn.Module, decoder_path: str, device: torch.device) -> None:
@@ -171,7 +163,7 @@ def _write_run_dir(cfg: RunConfig, calib: CalibSet, log) -> Path:
 def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) -> Grid:
     """Validate the whole grid before any expensive work, load the model, capture (or load) calibration.
     Nothing is written before every input has been checked."""
-    from ptqbench.eval.tasks import get_task
+    from ptqbench.eval.registry import get_task
 
     seed_everything(cfg.calib.seed)
     if new_run_dir:
@@ -226,6 +218,6 @@ def plan(grid: Grid) -> list[Cell]:
         if cfg.quant.max_blocks is not None:
             options["max_blocks"] = cfg.quant.max_blocks  # a partial (cost) cell is never mistaken for a whole one
         key = dict(shared, method=method, method_options=options, bits=bits, group_size=grid.group_size,
-                   sym=cfg.quant.sym, grid=cfg.quant.rounding, seed=cfg.calib.seed, calib_hash=grid.manifest["content_hash"])
+                   sym=cfg.quant.sym, grid=cfg.quant.rounding, seed=cfg.calib.seed, calib_hash=grid.calib.hash)
         cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key), list(todo)))
     return cells

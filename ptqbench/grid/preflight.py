@@ -37,7 +37,7 @@ def probe_writable(folder: Path, what: str) -> None:
 def validate_inputs(cfg: RunConfig) -> dict:
     """Check every input that can be checked without the model; returns the method classes.
     Writes nothing (a probe file in the runs folder is created and removed at once)."""
-    from ptqbench.eval.tasks import get_task
+    from ptqbench.eval.registry import get_task
     from ptqbench.engine.calibration import check_source
     from ptqbench.grid.store import DB_NAME, ResultsStore
 

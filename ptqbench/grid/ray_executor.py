@@ -65,7 +65,7 @@ def _worker_grid(cfg_json: str, calib_hash: str):
     if grid is None:
         _GRIDS.clear()
         grid = prepare(RunConfig.from_flat(**json.loads(cfg_json)), progress=None, log=lambda *a, **k: None, new_run_dir=False)
-        got = grid.manifest["content_hash"]
+        got = grid.calib.hash
         if got != calib_hash:
             raise RuntimeError(f"the worker's calibration set {got} differs from the driver's {calib_hash}; "
                                "the runs folder must be shared by the driver and the workers")
@@ -125,7 +125,7 @@ class RayExecutor:
         ray = _import_ray()
         if not cells:
             return
-        cfg_json, calib_hash = worker_config(grid), grid.manifest["content_hash"]
+        cfg_json, calib_hash = worker_config(grid), grid.calib.hash
         resources = dict(num_gpus=1) if grid.device.type == "cuda" else dict(num_cpus=1)
 
         we_started = self._connect(ray)

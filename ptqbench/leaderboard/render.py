@@ -222,7 +222,28 @@ def _tables(entries: list[Entry]) -> list[Table]:
     lead_cols = ["method", "format"] + (["config"] if show_config else [])
     lead = lambda e: [Cell(e.method, e.method, note=e.note), Cell(e.fmt, e.fmt)] + ([Cell(e.config, e.config)] if show_config else [])  # noqa: E731
 
-    # (a) accuracy: headline metrics with n and interval, change against full precision
+    tables = [_accuracy_table(entries, head, avg_keys, fp, show_config, lead_cols, lead)]
+    spread = _seed_spread(entries, head)
+    if spread is not None:
+        tables.append(spread)
+    if family:  # (b) per family
+        fam = Table("Accuracy per family", lead_cols + [f"{t} {m}" for t, m in family],
+                    [lead(e) + [_score_cell(e, k, True) for k in family] for e in entries])
+        fam.notes.append("Per question family: value [95% interval] n = items of that family.")
+        tables.append(fam)
+    if recon:  # (c) diagnostics
+        rec = Table("Reconstruction diagnostics", lead_cols + [m.replace("/", " ") for _, m in recon],
+                    [lead(e) + [_num(e.metrics[k]["value"]) if k in e.metrics else Cell(note=e.note or "not run")
+                                for k in recon] for e in entries if not e.is_fp])
+        rec.notes.append("Relative output error of the quantized layers (linear_rel_err, mean over layers) and of the last "
+                         "block's output (final_rel_err) on the calibration set, split by vision, text and answer tokens.")
+        tables.append(rec)
+
+    return tables + _cost_tables(entries, lead_cols, lead)
+
+
+def _accuracy_table(entries, head, avg_keys, fp, show_config, lead_cols, lead) -> Table:
+    """Headline metrics with n and interval, and the change against full precision."""
     columns, rows = list(lead_cols), [lead(e) for e in entries]
     for key in head:
         ns = {e.metrics[key].get("n") for e in entries if key in e.metrics}
@@ -262,23 +283,11 @@ def _tables(entries: list[Entry]) -> list[Table]:
     if len(avg_keys) > 1:
         acc.notes.append("avg: mean of " + ", ".join(f"{t} {m}" for t, m in avg_keys) + " (only when all are present).")
 
-    tables = [acc]
-    spread = _seed_spread(entries, head)
-    if spread is not None:
-        tables.append(spread)
-    if family:  # (b) per family
-        fam = Table("Accuracy per family", lead_cols + [f"{t} {m}" for t, m in family],
-                    [lead(e) + [_score_cell(e, k, True) for k in family] for e in entries])
-        fam.notes.append("Per question family: value [95% interval] n = items of that family.")
-        tables.append(fam)
-    if recon:  # (c) diagnostics
-        rec = Table("Reconstruction diagnostics", lead_cols + [m.replace("/", " ") for _, m in recon],
-                    [lead(e) + [_num(e.metrics[k]["value"]) if k in e.metrics else Cell(note=e.note or "not run")
-                                for k in recon] for e in entries if not e.is_fp])
-        rec.notes.append("Relative output error of the quantized layers (linear_rel_err, mean over layers) and of the last "
-                         "block's output (final_rel_err) on the calibration set, split by vision, text and answer tokens.")
-        tables.append(rec)
+    return acc
 
+
+def _cost_tables(entries, lead_cols, lead) -> list[Table]:
+    """Calibration cost per quantized row; deployment size, latency and memory per row."""
     def mb(e, name):
         v = _stat(e, name)
         return _num(v, None if v is None else fmt_mb(v), note=e.note)
@@ -314,7 +323,7 @@ def _tables(entries: list[Entry]) -> list[Table]:
     deploy.notes.append(f"(noisy): the coefficient of variation over the timed repeats is above {NOISY:.0%} (or, for figures "
                         f"stored without it, the IQR is above {NOISY:.0%} of the median). Compare latency only between rows "
                         "of the same kernel and device.")
-    return tables + [cost, deploy]
+    return [cost, deploy]
 
 
 def _seed_spread(entries: list[Entry], head: list) -> Table | None:

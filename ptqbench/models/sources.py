@@ -114,7 +114,7 @@ def _check_source(name: str, allow_pickle: bool):
 
         if not TESTBED_DIR.is_dir():
             raise BadInput(f"testbed directory {str(TESTBED_DIR)!r} is missing; accepted: a directory written by "
-                           "scripts/train_testbed.py")
+                           "testbed/train.py")
         verify_sha256sums(TESTBED_DIR)
         return None
     if name.startswith("tiny:"):

@@ -1,7 +1,7 @@
 """The embedded default testbed: a tiny, trained, real-architecture VLM (Qwen2-VL).
 
 ``TESTBED_DIR`` holds a ``Qwen2VLForConditionalGeneration`` checkpoint trained from scratch on the
-SynthVQA generator by ``scripts/train_testbed.py``, with its processor (a byte-level BPE tokenizer
+SynthVQA generator by ``testbed/train.py``, with its processor (a byte-level BPE tokenizer
 built here with the ``tokenizers`` library, Qwen special tokens and a Qwen-style chat template)
 and ``SHA256SUMS``. It loads offline with the ordinary ``AutoModelForImageTextToText`` /
 ``AutoProcessor`` classes, so every quantization method meets the same module types
@@ -61,7 +61,7 @@ CHAT_TEMPLATE = (
 def _tokenizer_corpus() -> list[str]:
     """Every string the generator and the tasks can produce, plus chat scaffolding."""
     from ptqbench.data import synthvqa as sv
-    from ptqbench.eval.tasks import INSTRUCTION
+    from ptqbench.data.synthvqa import INSTRUCTION
 
     lines = ["system\n", "user\n", "assistant\n", "describe the image.", "you are a helpful assistant."] * 50
     words = list(sv.COLORS) + list(sv.SHAPES) + list(sv.BACKGROUNDS) + list(sv.WORDS) + list(sv.DIGITS)
@@ -186,7 +186,7 @@ def verify_sha256sums(directory) -> None:
     from ptqbench.models.checkpoints import verify_checkpoint_sums
 
     verify_checkpoint_sums(directory, what="testbed file", required=True,
-                           fix="re-run scripts/train_testbed.py to rebuild")
+                           fix="re-run testbed/train.py to rebuild")
 
 
 def load_testbed(path=TESTBED_DIR, dtype=torch.float32):
@@ -196,7 +196,7 @@ def load_testbed(path=TESTBED_DIR, dtype=torch.float32):
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"testbed directory {str(path)!r} is missing; accepted: a directory written by "
-                       "scripts/train_testbed.py")
+                       "testbed/train.py")
     verify_sha256sums(path)
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=False)
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

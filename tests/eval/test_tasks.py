@@ -12,7 +12,7 @@ from ptqbench.errors import BadInput
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HAVE_CKPT = (tb.TESTBED_DIR / "model.safetensors").is_file()
-needs_ckpt = pytest.mark.skipif(not HAVE_CKPT, reason="testbed checkpoint not built yet (scripts/train_testbed.py)")
+needs_ckpt = pytest.mark.skipif(not HAVE_CKPT, reason="testbed checkpoint not built yet (testbed/train.py)")
 
 
 def test_registry(monkeypatch):

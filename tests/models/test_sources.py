@@ -121,7 +121,7 @@ def test_testbed_helper_keeps_its_messages(ckpt):
     tb.write_sha256sums(ckpt)
     tb.verify_sha256sums(ckpt)
     flip(ckpt / "model.safetensors")
-    with pytest.raises(BadInput, match=r"testbed file .*\(re-run scripts/train_testbed\.py"):
+    with pytest.raises(BadInput, match=r"testbed file .*\(re-run testbed/train\.py"):
         tb.verify_sha256sums(ckpt)
 
 

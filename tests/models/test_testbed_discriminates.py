@@ -10,7 +10,7 @@ import torch
 from ptqbench.models import testbed as tb
 
 HAVE_CKPT = (tb.TESTBED_DIR / "model.safetensors").is_file()
-pytestmark = pytest.mark.skipif(not HAVE_CKPT, reason="testbed checkpoint not built yet (scripts/train_testbed.py)")
+pytestmark = pytest.mark.skipif(not HAVE_CKPT, reason="testbed checkpoint not built yet (testbed/train.py)")
 
 
 @pytest.fixture(scope="module")
