@@ -51,7 +51,7 @@ def fmt_mb(nbytes) -> str:
 
 
 @dataclass
-class Cell:
+class TableCell:
     text: str = MISSING
     value: float | str | None = None  # raw value, for sorting and for JSON; None = missing
     best: bool = False
@@ -64,7 +64,7 @@ class Cell:
 class Table:
     title: str
     columns: list[str]
-    rows: list[list[Cell]]
+    rows: list[list[TableCell]]
     notes: list[str] = field(default_factory=list)
 
 
@@ -84,10 +84,10 @@ class Entry:
     note: str = ""  # cell-level failure
 
 
-def _num(v, text=None, note="") -> Cell:
+def _num(v, text=None, note="") -> TableCell:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return Cell(note=note)  # the note (why it is missing) only matters when there is no value
-    return Cell(text if text is not None else fmt_num(v), float(v))
+        return TableCell(note=note)  # the note (why it is missing) only matters when there is no value
+    return TableCell(text if text is not None else fmt_num(v), float(v))
 
 
 def _opts(o) -> dict:
@@ -183,20 +183,20 @@ def _p_value(a: Entry, b: Entry, key) -> float | None:
     return compare(x["kind"], x["items"], y["items"], **kw)
 
 
-def _score_cell(e: Entry, key, show_n: bool) -> Cell:
+def _score_cell(e: Entry, key, show_n: bool) -> TableCell:
     r = e.metrics.get(key)
     if r is None:
-        return Cell(note=e.note or "not run")
+        return TableCell(note=e.note or "not run")
     if r["status"] != "ok":
-        return Cell(note=_failure(r.get("error")))
+        return TableCell(note=_failure(r.get("error")))
     v, lo, hi, n = r["value"], r.get("ci_low"), r.get("ci_high"), r.get("n")
     text = fmt_num(v) + ("" if lo is None or hi is None else f" [{fmt_num(lo)}, {fmt_num(hi)}]") + (f" n={n}" if show_n and n else "")
-    return Cell(text, float(v), n=n, ci=None if lo is None or hi is None else (lo, hi))
+    return TableCell(text, float(v), n=n, ci=None if lo is None or hi is None else (lo, hi))
 
 
-def _mark_best(cells_by_entry: list[tuple[Entry, Cell]], key, higher: bool) -> None:
+def _mark_best(cells_by_entry: list[tuple[Entry, TableCell]], key, higher: bool) -> None:
     """Bold the best quantized value of a bit width only where a paired test puts it above the runner-up."""
-    by_bits: dict[int, list[tuple[Entry, Cell]]] = {}
+    by_bits: dict[int, list[tuple[Entry, TableCell]]] = {}
     for e, c in cells_by_entry:
         if not e.is_fp and c.value is not None:
             by_bits.setdefault(e.bits, []).append((e, c))
@@ -220,7 +220,7 @@ def _tables(entries: list[Entry]) -> list[Table]:
     fp = next((e for e in entries if e.is_fp), None)
     show_config = any(e.config for e in entries)
     lead_cols = ["method", "format"] + (["config"] if show_config else [])
-    lead = lambda e: [Cell(e.method, e.method, note=e.note), Cell(e.fmt, e.fmt)] + ([Cell(e.config, e.config)] if show_config else [])  # noqa: E731
+    lead = lambda e: [TableCell(e.method, e.method, note=e.note), TableCell(e.fmt, e.fmt)] + ([TableCell(e.config, e.config)] if show_config else [])  # noqa: E731
 
     tables = [_accuracy_table(entries, head, avg_keys, fp, show_config, lead_cols, lead)]
     spread = _seed_spread(entries, head)
@@ -233,7 +233,7 @@ def _tables(entries: list[Entry]) -> list[Table]:
         tables.append(fam)
     if recon:  # (c) diagnostics
         rec = Table("Reconstruction diagnostics", lead_cols + [m.replace("/", " ") for _, m in recon],
-                    [lead(e) + [_num(e.metrics[k]["value"]) if k in e.metrics else Cell(note=e.note or "not run")
+                    [lead(e) + [_num(e.metrics[k]["value"]) if k in e.metrics else TableCell(note=e.note or "not run")
                                 for k in recon] for e in entries if not e.is_fp])
         rec.notes.append("Relative output error of the quantized layers (linear_rel_err, mean over layers) and of the last "
                          "block's output (final_rel_err) on the calibration set, split by vision, text and answer tokens.")
@@ -258,10 +258,10 @@ def _accuracy_table(entries, head, avg_keys, fp, show_config, lead_cols, lead) -
             base = fp.metrics[key]["value"]
             for e, row, c in zip(entries, rows, col):
                 if c.value is None or e.is_fp:
-                    row.append(Cell(note=c.note) if not e.is_fp else Cell("", None))
+                    row.append(TableCell(note=c.note) if not e.is_fp else TableCell("", None))
                     continue
                 p = _p_value(e, fp, key)
-                row.append(Cell(f"{c.value - base:+.4f}" + ("*" if p is not None and p < ALPHA else ""), c.value - base))
+                row.append(TableCell(f"{c.value - base:+.4f}" + ("*" if p is not None and p < ALPHA else ""), c.value - base))
     if len(avg_keys) > 1:
         columns.append("avg")
         col = []
@@ -298,12 +298,12 @@ def _cost_tables(entries, lead_cols, lead) -> list[Table]:
             return _num(None, note=e.note)
         cv = e.metrics.get(("deploy", f"{name}_cv"), {}).get("value")
         noisy = cv > NOISY if cv is not None else (s is not None and v and s / abs(v) > NOISY)
-        return Cell(fmt_num(v) + ("" if s is None else f" ± {fmt_num(s)}") + (f" (noisy, CV {cv:.0%})" if noisy and cv is not None
+        return TableCell(fmt_num(v) + ("" if s is None else f" ± {fmt_num(s)}") + (f" (noisy, CV {cv:.0%})" if noisy and cv is not None
                                                                              else " (noisy)" if noisy else ""), float(v))
 
     def text(e, name):
         v = _stat(e, name)
-        return Cell(MISSING, None, note=e.note) if v is None else Cell(str(v), str(v))
+        return TableCell(MISSING, None, note=e.note) if v is None else TableCell(str(v), str(v))
 
     quant = [e for e in entries if not e.is_fp]
     cost = Table("Calibration cost", lead_cols + ["calibration time (s)", "calibration peak memory (MB)"],
@@ -340,11 +340,11 @@ def _seed_spread(entries: list[Entry], head: list) -> Table | None:
         return None
     rows = []
     for (method, fmt, _), es in multi.items():
-        row = [Cell(method, method), Cell(fmt, fmt)]
+        row = [TableCell(method, method), TableCell(fmt, fmt)]
         for key in head:
             vals = [e.metrics[key]["value"] for e in es if e.metrics.get(key, {}).get("status") == "ok"]
             row.append(_num(statistics.fmean(vals), f"{fmt_num(statistics.fmean(vals))} ± {fmt_num(statistics.stdev(vals))} "
-                                                    f"({len(vals)} sets)") if len(vals) > 1 else Cell(note="fewer than 2 sets"))
+                                                    f"({len(vals)} sets)") if len(vals) > 1 else TableCell(note="fewer than 2 sets"))
         rows.append(row)
     t = Table("Spread across calibration sets", ["method", "format"] + [f"{k[0]} {k[1]}" for k in head], rows)
     t.notes.append("Mean ± standard deviation over the calibration sets (bench run --seeds) of rows that differ only in "
@@ -407,7 +407,7 @@ def _md_text(s: str) -> str:
     return escape(str(s), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
-def _row_texts(row: list[Cell], notes: list[str], esc, bold, footnote) -> list[str]:
+def _row_texts(row: list[TableCell], notes: list[str], esc, bold, footnote) -> list[str]:
     """A row's cells as text in one markup: escaped, best in bold, a missing value's footnote number."""
     out = []
     for c in row:
@@ -610,7 +610,7 @@ def _clean(v):
 
 
 def _render_json(header, boards, rows, cells) -> str:
-    def cell(x: Cell) -> dict:
+    def cell(x: TableCell) -> dict:
         d = {"value": x.value, "text": x.text, "best": x.best}
         if x.n is not None:
             d["n"] = x.n
@@ -636,10 +636,10 @@ def _summary(entries_by_model: dict[str, list[Entry]]) -> Table:
                   key=lambda k: (not k[1].startswith("FP"), k[1], k[0]))
     rows = []
     for method, fmt in keys:
-        row = [Cell(method, method), Cell(fmt, fmt)]
+        row = [TableCell(method, method), TableCell(fmt, fmt)]
         for m in models:
             e = next((e for e in entries_by_model[m] if (e.method, e.fmt) == (method, fmt)), None)
-            row.append(_score_cell(e, heads[m], True) if e is not None and heads[m] else Cell(note="not run"))
+            row.append(_score_cell(e, heads[m], True) if e is not None and heads[m] else TableCell(note="not run"))
         rows.append(row)
     cols = ["method", "format"] + [f"{m}: {' '.join(heads[m]) if heads[m] else 'no task'}" for m in models]
     return Table(SUMMARY, cols, rows, ["Each model's first task metric, value [95% interval] n = items; the model's own "
