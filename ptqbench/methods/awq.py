@@ -78,7 +78,6 @@ def sample_tokens(xs: list[torch.Tensor], masks: list[torch.Tensor], n_tokens: i
     return x[:: max(1, x.shape[0] // n_tokens)]
 
 
-
 # ---- the method -------------------------------------------------------------------------------------
 @dataclass
 class AWQOptions:

@@ -60,6 +60,7 @@ class TokenLoss:
 
 MSE_ALL = TokenLoss()
 
+
 # ---- scale search ---------------------------------------------------------------------------------
 @dataclass
 class ScaleResult:
@@ -274,7 +275,6 @@ def scaled_inputs(results: list[ScaleResult], inputs: dict, rep: dict[str, str],
             s = r.scales.to(xs[0].device)
             return [x.float() / s for x in xs]
     return [x.float() for x in xs]
-
 
 
 class ScaleSearchMethod(Method):
