@@ -2,32 +2,32 @@
 
 For every decoder block, in order:
   1. the block moves to the compute device and a frozen full-precision copy is made;
-  2. the method quantizes it through a `BlockContext` (statistics on request, one `commit` per linear);
+  2. the method quantizes it through a `BlockContext` (inputs on request, one `commit` per linear);
   3. diagnostics: each linear's and the block's output error on the full-precision stream, split by
      token type (vision / text / answer);
-  4. both streams advance: fp <- FP block(fp), quant <- quantized block(quant); statistics are freed
-     and the block returns to storage.
+  4. both streams advance: fp <- FP block(fp), quant <- quantized block(quant); the block returns to
+     storage.
 
-Two streams are kept for every method, so GPTQ-style methods see quantized inputs (`stream="quant"`),
-AWQ/MBQ see full-precision ones (`"fp"`) and GPTAQ/VLMQ get both (`"both"`). Statistics are accumulated
-in fp32 over valid (non-padding) tokens only, with TF32 off.
+Two streams are kept for every method: GPTQ-style methods read quantized-stream inputs, AWQ/MBQ
+full-precision ones, GPTAQ/VLMQ both. The engine knows no method by name and holds no method's
+statistics: methods read inputs through the views of `ptqbench.methods.base` and keep their own.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ptqbench.models.adapters import Adapter, move
 from ptqbench.engine.calibration import CalibSet
+from ptqbench.errors import BadInput
+from ptqbench.methods.base import BlockView, Method, RunBatch, RunView
+from ptqbench.methods.quant import QuantizedWeight
+from ptqbench.models.adapters import Adapter, move
 from ptqbench.models.lazy import block_seed, is_lazy, materialize_block
-from ptqbench.methods.base import Method
-from ptqbench.methods.quant import QuantizedWeight, QuantSpec
 
 TOKEN_TYPES = ("vision", "text", "answer")
 
@@ -36,65 +36,67 @@ class _Stop(Exception):
     pass
 
 
-@dataclass
-class InputStats:
-    H: torch.Tensor  # 2/N * sum_t w_t x_t x_t^T  (fp32, over valid tokens)
-    dXXT: torch.Tensor | None  # 2/N * sum_t w_t (x_fp - x_q)_t x_q,t^T  (GPTAQ's cross term)
-    n_tokens: int
+class RunContext(RunView):
+    """What `Method.on_start/on_end` see: the decoder through its adapter, and the calibration set."""
 
+    def __init__(self, model: nn.Module, adapter: Adapter, calib: CalibSet, device: torch.device):
+        self.model, self._adapter, self._calib, self.device = model, adapter, calib, device
+        self.layout = adapter.decoder_layout
+        self.n_samples = len(calib)
+        self.n_batches = len(calib.batches)
 
-@dataclass
-class RunContext:
-    """What `Method.on_start/on_end` may use: the model through its adapter, and the calibration set."""
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._adapter.decoder_layers()
 
-    model: nn.Module
-    adapter: Adapter
-    calib: CalibSet
-    device: torch.device
-    linear_names: list[str] = field(default_factory=list)  # fully qualified names to be quantized
-
-    def batch(self, b: int) -> tuple[torch.Tensor, dict, dict, dict, torch.Tensor]:
-        cb = self.calib.batches[b]
+    def batch(self, b: int) -> RunBatch:
+        cb = self._calib.batches[b]
         dtype = next(self.model.parameters()).dtype
-        return (cb.hidden.to(self.device, dtype), move(cb.kwargs, self.device, dtype), move(cb.extras, self.device, dtype),
-                move(cb.masks, self.device), cb.input_ids.to(self.device))
+        return RunBatch(cb.hidden.to(self.device, dtype), move(cb.kwargs, self.device, dtype),
+                        move(cb.extras, self.device, dtype), move(cb.masks, self.device), cb.input_ids.to(self.device))
+
+    def batch_masks(self, b: int) -> dict[str, torch.Tensor]:
+        return self._calib.batches[b].masks
+
+    def decoder_step(self, i: int, layer: nn.Module, hidden: torch.Tensor, batch: RunBatch) -> torch.Tensor:
+        return self._adapter.after_layer(i, self._adapter.run_layer(layer, hidden, batch.kwargs), batch.extras)
+
+    def final_norm(self) -> nn.Module:
+        return self._adapter.final_norm()
+
+    def lm_head(self) -> nn.Module:
+        return self._adapter.lm_head()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._adapter.logits(hidden)
 
 
-class BlockContext:
+class BlockContext(BlockView):
+    """One block of a stack, as the method sees it (see `BlockView`). `batches` hold the per-batch
+    kwargs/masks: the calibration set's for decoder blocks, the vision captures for vision-tower blocks
+    (`is_vision`: every token is a valid vision token, no answer tokens, no layout)."""
+
     def __init__(self, index: int, prefix: str, block: nn.Module, fp_block: nn.Module, names: list[str],
-                 groups: list[list[str]], fp_in: list[torch.Tensor], q_in: list[torch.Tensor], calib: CalibSet,
-                 adapter: Adapter, spec: QuantSpec, device: torch.device, batches: list | None = None,
-                 is_vision: bool = False):
+                 groups: list[list[str]], fp_in: list[torch.Tensor], q_in: list[torch.Tensor], batches: list,
+                 adapter: Adapter, device: torch.device, is_vision: bool = False):
         self.index, self.prefix, self.block, self.fp_block = index, prefix, block, fp_block
-        # Per-batch kwargs/masks/extras: the calibration set's for decoder blocks, the vision captures
-        # for vision-tower blocks (is_vision: every token is a valid vision token, no answer tokens).
-        self.batches = batches if batches is not None else calib.batches
-        self.is_vision = is_vision
         self.linear_names, self.groups = names, groups
-        self.fp_in, self.q_in, self.calib, self.adapter, self.spec, self.device = fp_in, q_in, calib, adapter, spec, device
+        self.layout = None if is_vision else adapter.decoder_layout
+        self.batches, self.is_vision = batches, is_vision
+        self.fp_in, self.q_in, self._adapter, self.device = fp_in, q_in, adapter, device
         self.dtype = next(block.parameters()).dtype
         self.committed: dict[str, QuantizedWeight] = {}
-        self.out_scales: dict[str, torch.Tensor] = {}
-
-    # ---- access --------------------------------------------------------------------------------
-    def module(self, name: str) -> nn.Linear:
-        return self.block.get_submodule(name)
-
-    def fp_module(self, name: str) -> nn.Linear:
-        return self.fp_block.get_submodule(name)
-
-    def weight(self, name: str) -> torch.Tensor:
-        return self.module(name).weight.data
 
     @property
     def n_batches(self) -> int:
         return len(self.fp_in)
 
-    def kwargs(self, b: int) -> dict:
+    def kwargs(self, b: int, dtype: torch.dtype | None = None) -> dict:
         kw = self.batches[b].kwargs
         if "vision_calls" in kw:  # vision blocks: each block has its own captured call arguments
-            return move(kw["vision_calls"][self.index][1], self.device, self.dtype)
-        return move(kw, self.device, self.dtype)
+            kw = move(kw["vision_calls"][self.index][1], self.device, self.dtype)
+        else:
+            kw = move(kw, self.device, self.dtype)
+        return kw if dtype is None else move(kw, self.device, dtype)
 
     def masks(self, b: int) -> dict[str, torch.Tensor]:
         return move(self.batches[b].masks, self.device)
@@ -109,11 +111,11 @@ class BlockContext:
             args, kwargs = move(kw["vision_calls"][self.index], self.device, self.dtype)
             out = module(x, *args, **kwargs)
             return out[0] if isinstance(out, tuple) else out
-        return self.adapter.run_layer(module, x, self.kwargs(b))
+        return self._adapter.run_layer(module, x, self.kwargs(b))
 
-    # ---- statistics ------------------------------------------------------------------------------
-    def _inputs(self, module: nn.Module, names: list[str], x: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
-        """Inputs of the named linears of `module` when it runs on x; stops as soon as all are seen."""
+    def linear_inputs(self, names: list[str], b: int, stream: str) -> dict[str, torch.Tensor]:
+        """Inputs of the named linears; the forward stops as soon as all are seen."""
+        module = {"fp": self.fp_block, "quant": self.block}[stream]
         got: dict[str, torch.Tensor] = {}
         hooks = []
         for n in names:
@@ -124,7 +126,7 @@ class BlockContext:
             hooks.append(module.get_submodule(n).register_forward_pre_hook(hook))
         try:
             with torch.no_grad():
-                self.run(module, x, b)
+                self.run(module, self.stream(stream, b), b)
         except _Stop:
             pass
         finally:
@@ -132,81 +134,12 @@ class BlockContext:
                 h.remove()
         return got
 
-    def _shared_input(self, names: list[str]) -> dict[str, str]:
-        """name -> representative: linears in one true-sequential group read the same input."""
-        rep = {}
-        for n in names:
-            grp = next((g for g in self.groups if n in g), [n])
-            rep[n] = next(m for m in grp if m in names)
-        return rep
-
-    def input_stats(self, names: list[str], stream: str = "quant",
-                    weight_fn: Callable[[str, int], torch.Tensor | None] | None = None) -> dict[str, InputStats]:
-        """Masked fp32 Hessians H (and, for stream="both", GPTAQ's cross term) of the named linears.
-
-        stream: "quant" (inputs on the quantized stream through the current, partly quantized block),
-        "fp" (full-precision stream through the frozen FP block), or "both" (H from the quantized
-        inputs, dXXT from the difference of the two). weight_fn(name, batch) gives per-token weights
-        (B, T) (VLMQ's importance factors); they multiply each token in H and dXXT alike.
-        """
-        if stream not in ("quant", "fp", "both"):
-            raise ValueError(f"stream {stream!r}")
-        rep = self._shared_input(names) if weight_fn is None else {n: n for n in names}
-        keys = sorted(set(rep.values()), key=names.index)
-        acc: dict[str, list] = {}
-        n_tok = 0
-        torch.backends.cuda.matmul.allow_tf32 = False
-        for b in range(self.n_batches):
-            valid = self.masks(b)["valid"]
-            if stream == "fp":
-                xq = self._inputs(self.fp_block, keys, self.stream("fp", b), b)
-            else:
-                xq = self._inputs(self.block, keys, self.stream("quant", b), b)
-            xf = self._inputs(self.fp_block, keys, self.stream("fp", b), b) if stream == "both" else None
-            n_tok += int(valid.sum())
-            for k in keys:
-                x = xq[k][valid].float()
-                w = weight_fn(k, b) if weight_fn else None
-                xw = x if w is None else x * w[valid].float()[:, None]
-                if k not in acc:
-                    d = x.shape[-1]
-                    acc[k] = [torch.zeros(d, d, device=x.device), None if xf is None else torch.zeros(d, d, device=x.device)]
-                acc[k][0] += xw.T @ x
-                if xf is not None:
-                    dx = xf[k][valid].float() - x
-                    dxw = dx if w is None else dx * w[valid].float()[:, None]
-                    acc[k][1] += dxw.T @ x
-        scale = 2.0 / max(n_tok, 1)
-        out: dict[str, InputStats] = {}
-        for k, (H, D) in acc.items():
-            H *= scale
-            if D is not None:
-                D *= scale
-            out[k] = InputStats(H, D, n_tok)
-        return {n: out[rep[n]] for n in names}
-
-    def capture_inputs(self, names: list[str], stream: str = "fp") -> dict[str, list[torch.Tensor]]:
-        """Full-shape inputs (B, T, d) of the named linears for every batch (kept on the compute device)."""
-        module = self.fp_block if stream == "fp" else self.block
-        out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        for b in range(self.n_batches):
-            got = self._inputs(module, names, self.stream(stream, b), b)
-            for n in names:
-                out[n].append(got[n])
-        return out
-
-    # ---- results ---------------------------------------------------------------------------------
     def commit(self, name: str, qw: QuantizedWeight) -> None:
         lin = self.module(name)
         if tuple(qw.qweight.shape) != tuple(lin.weight.shape):
             raise ValueError(f"{name}: quantized shape {tuple(qw.qweight.shape)} != weight {tuple(lin.weight.shape)}")
         lin.weight.data = qw.dequantize().to(lin.weight.device, lin.weight.dtype)
         self.committed[name] = qw
-
-    def set_output_scale(self, name: str, scale: torch.Tensor) -> None:
-        """A method that divides a linear's outputs by `scale` (AWQ's v->o, up->down folding) says so,
-        so diagnostics compare like with like."""
-        self.out_scales[name] = scale
 
 
 @dataclass
@@ -232,75 +165,110 @@ def _err_final(acc: dict) -> dict:
     return {k: {t: (v[0] / v[1] if v[2] and v[1] > 0 else None) for t, v in e.items()} for k, e in acc.items()}
 
 
-def _quantize_stack(layers: nn.ModuleList, prefix: str, batches: list, q_start: list[torch.Tensor] | None,
-                    method: Method, adapter: Adapter, calib: CalibSet, device: torch.device, dtype: torch.dtype,
-                    quantized: dict, diag: dict, is_vision: bool, progress=None, max_blocks: int | None = None) -> None:
-    """Quantize one stack of blocks in place. `batches` hold the stack's FP inputs (`hidden`) with
-    their kwargs/masks/extras; `q_start` the quantized stream's inputs (None: same as FP)."""
-    fp = [b.hidden.to(dtype) for b in batches]
+@dataclass
+class _Stack:
+    """One stack of blocks and what quantizing it needs: the decoder, or the vision tower first."""
+
+    layers: nn.ModuleList
+    prefix: str
+    batches: list  # per batch: the stack's FP input (`hidden`) with its kwargs/masks/extras
+    is_vision: bool
+    n_blocks: int
+
+
+def _load_block(stack: _Stack, i: int, adapter: Adapter, device: torch.device) -> tuple[nn.Module, torch.device]:
+    """Block i on the compute device, and where it is stored. A random-weight block on meta is
+    materialized on the device and kept on the CPU afterwards."""
+    layer = stack.layers[i]
+    if is_lazy(layer):
+        return materialize_block(layer, adapter.model, device, block_seed(adapter.model, i)), torch.device("cpu")
+    storage = next(layer.parameters()).device
+    return layer.to(device), storage
+
+
+@torch.no_grad()
+def _measure_and_advance(ctx: BlockContext, method: Method, stack: _Stack, adapter: Adapter, dtype: torch.dtype,
+                         fp: list[torch.Tensor], q: list[torch.Tensor]) -> tuple[list, list, dict, dict]:
+    """Per-linear and block errors on the FP stream, then both streams through the block. Returns the
+    next streams and the two error accumulators."""
+    block, fp_block, names, i = ctx.block, ctx.fp_block, ctx.linear_names, ctx.index
+    after = (lambda i, h, e: h) if stack.is_vision else adapter.after_layer
+    lin_acc: dict = {}
+    blk_acc: dict = {}
+    new_fp, new_q = [], []
+    for b in range(len(fp)):
+        masks = ctx.masks(b)
+        extras = move(stack.batches[b].extras, ctx.device, dtype)
+        ys_fp, ys_q = {}, {}
+        hooks = [fp_block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_fp.__setitem__(n, y)) for n in names]
+        hooks += [block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_q.__setitem__(n, y)) for n in names]
+        out_fp = ctx.run(fp_block, ctx.stream("fp", b), b)
+        out_qfp = ctx.run(block, ctx.stream("fp", b), b)
+        for h in hooks:
+            h.remove()
+        for n in names:
+            _err_update(lin_acc, n, method.comparable_output(ctx, n, ys_q[n]), ys_fp[n], masks)
+        _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, masks)
+        out_q = ctx.run(block, ctx.stream("quant", b), b)
+        out_fp = after(i, out_fp, extras)
+        out_q = after(i, out_q, extras)
+        _err_update(blk_acc, "stream", out_q, out_fp, masks)
+        new_fp.append(out_fp.to(fp[b].device))
+        new_q.append(out_q.to(q[b].device))
+    return new_fp, new_q, lin_acc, blk_acc
+
+
+def _quantize_stack(stack: _Stack, q_start: list[torch.Tensor] | None, method: Method, adapter: Adapter,
+                    device: torch.device, dtype: torch.dtype, quantized: dict, diag: dict, progress=None) -> None:
+    """Quantize one stack of blocks in place; `q_start` holds the quantized stream's inputs (None: the
+    same as the FP stream's)."""
+    fp = [b.hidden.to(dtype) for b in stack.batches]
     q = [h.to(dtype) for h in q_start] if q_start is not None else [h.clone() for h in fp]
-    after = (lambda i, h, e: h) if is_vision else adapter.after_layer
-    label = "vision" if is_vision else "blocks"
-    n_blocks = len(layers) if max_blocks is None else min(max_blocks, len(layers))
-    task = progress.add_task(f"{method.name} w{method.spec.bits} {label}", total=n_blocks) if progress else None
-    for i, layer in enumerate(layers):
-        if i >= n_blocks:
-            break
+    label = "vision" if stack.is_vision else "blocks"
+    task = progress.add_task(f"{method.name} w{method.spec.bits} {label}", total=stack.n_blocks) if progress else None
+    for i in range(stack.n_blocks):
         t0 = time.perf_counter()
-        if is_lazy(layer):  # a random-weight block on meta: materialize it on the device, keep the result on CPU
-            storage = torch.device("cpu")
-            block = materialize_block(layer, adapter.model, device, block_seed(adapter.model, i))
-        else:
-            storage = next(layer.parameters()).device
-            block = layer.to(device)
+        block, storage = _load_block(stack, i, adapter, device)
         fp_block = copy.deepcopy(block).requires_grad_(False)
         names = list(adapter.block_linears(block))
-        ctx = BlockContext(i, f"{prefix}.{i}", block, fp_block, names, adapter.sequential_groups(names), fp, q,
-                           calib, adapter, method.spec, device, batches=batches, is_vision=is_vision)
+        ctx = BlockContext(i, f"{stack.prefix}.{i}", block, fp_block, names, adapter.sequential_groups(names), fp, q,
+                           stack.batches, adapter, device, is_vision=stack.is_vision)
         method.quantize_block(ctx)
         missing = [n for n in names if n not in ctx.committed]
         if missing:
-            raise RuntimeError(f"method {method.name!r} left linears of {prefix}.{i} unquantized: {missing}")
-
-        lin_acc: dict = {}
-        blk_acc: dict = {}
-        new_fp, new_q = [], []
-        with torch.no_grad():
-            for b in range(len(fp)):
-                masks = ctx.masks(b)
-                extras = move(batches[b].extras, device, dtype)
-                ys_fp, ys_q = {}, {}
-                hooks = [fp_block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_fp.__setitem__(n, y)) for n in names]
-                hooks += [block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_q.__setitem__(n, y)) for n in names]
-                out_fp = ctx.run(fp_block, ctx.stream("fp", b), b)
-                out_qfp = ctx.run(block, ctx.stream("fp", b), b)
-                for h in hooks:
-                    h.remove()
-                for n in names:
-                    y = ys_q[n] * ctx.out_scales[n].to(ys_q[n]) if n in ctx.out_scales else ys_q[n]
-                    _err_update(lin_acc, n, y, ys_fp[n], masks)
-                _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, masks)
-                out_q = ctx.run(block, ctx.stream("quant", b), b)
-                out_fp = after(i, out_fp, extras)
-                out_q = after(i, out_q, extras)
-                _err_update(blk_acc, "stream", out_q, out_fp, masks)
-                new_fp.append(out_fp.to(fp[b].device))
-                new_q.append(out_q.to(q[b].device))
-        fp, q = new_fp, new_q
+            raise RuntimeError(f"method {method.name!r} left linears of {stack.prefix}.{i} unquantized: {missing}")
+        fp, q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, fp, q)
         for n, e in _err_final(lin_acc).items():
-            diag["linears"][f"{prefix}.{i}.{n}"] = e
-        diag["vision_blocks" if is_vision else "blocks"][i] = _err_final(blk_acc)
+            diag["linears"][f"{stack.prefix}.{i}.{n}"] = e
+        diag["vision_blocks" if stack.is_vision else "blocks"][i] = _err_final(blk_acc)
         for n, qw in ctx.committed.items():
-            quantized[f"{prefix}.{i}.{n}"] = QuantizedWeight(qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.g_idx.cpu(), qw.spec, qw.extras)
-        layers[i] = block.to(storage)
+            quantized[f"{stack.prefix}.{i}.{n}"] = QuantizedWeight(qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(),
+                                                                   qw.g_idx.cpu(), qw.spec, qw.extras)
+        stack.layers[i] = block.to(storage)
         del fp_block, ctx
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
         # Wall seconds per block (materialize, quantize, both streams): cost runs read these.
-        diag.setdefault("vision_block_seconds" if is_vision else "block_seconds", {})[i] = round(time.perf_counter() - t0, 3)
+        diag.setdefault("vision_block_seconds" if stack.is_vision else "block_seconds", {})[i] = round(time.perf_counter() - t0, 3)
         if progress:
             progress.advance(task)
+
+
+def _stacks(adapter: Adapter, calib: CalibSet, method: Method, include_vision: bool,
+            max_blocks: int | None) -> list[_Stack]:
+    """The stacks to quantize, in order: the vision tower (when asked for), then the decoder."""
+    layers = adapter.decoder_layers()
+    n_dec = len(layers) if max_blocks is None else min(max_blocks, len(layers))
+    stacks = [_Stack(layers, adapter.decoder_path, calib.batches, False, n_dec)]
+    if include_vision:
+        if not method.supports_vision:
+            raise BadInput(f"method {method.name!r} cannot quantize the vision tower (it needs the decoder's block structure); accepted: quantize-vision false")
+        if not calib.vision_batches:
+            raise RuntimeError("the calibration set holds no vision-tower captures (capture it with vision=True)")
+        vblocks = adapter.vision_blocks()
+        stacks.insert(0, _Stack(vblocks, adapter.vision_blocks_path, calib.vision_batches, True, len(vblocks)))
+    return stacks
 
 
 def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: Method,
@@ -309,35 +277,20 @@ def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: 
     """Quantize the language-model decoder in place, block by block (and first the vision tower when
     `include_vision`: its quantized output then feeds the decoder's quantized stream)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    layers = adapter.decoder_layers()
-    prefix = adapter.decoder_path
     dtype = next(model.parameters()).dtype
-    n_dec = len(layers) if max_blocks is None else min(max_blocks, len(layers))
-    linear_names = [f"{prefix}.{i}.{n}" for i, blk in enumerate(layers) if i < n_dec for n in adapter.block_linears(blk)]
-    if include_vision:
-        if not method.supports_vision:
-            from ptqbench.errors import BadInput
-
-            raise BadInput(f"method {method.name!r} cannot quantize the vision tower (it needs the decoder's block structure); accepted: quantize-vision false")
-        if not calib.vision_batches:
-            raise RuntimeError("the calibration set holds no vision-tower captures (capture it with vision=True)")
-        vblocks = adapter.vision_blocks()
-        linear_names = [f"{adapter.vision_blocks_path}.{i}.{n}" for i, blk in enumerate(vblocks)
-                        for n in adapter.block_linears(blk)] + linear_names
-    for name in linear_names:
-        method.spec.groups_for(model.get_submodule(name).in_features)  # fail before any work is done
-    run = RunContext(model, adapter, calib, device, linear_names)
+    stacks = _stacks(adapter, calib, method, include_vision, max_blocks)
+    # fail before any work is done: the group size must divide every quantized layer's input width
+    method.spec.check_widths(lin.in_features for st in stacks for blk in list(st.layers)[:st.n_blocks]
+                             for lin in adapter.block_linears(blk).values())
+    run = RunContext(model, adapter, calib, device)
     method.on_start(run)
 
     quantized: dict[str, QuantizedWeight] = {}
     diag: dict = {"linears": {}, "blocks": {}, "vision_blocks": {}}
     q_start = None
-    if include_vision:
-        _quantize_stack(vblocks, adapter.vision_blocks_path, calib.vision_batches, None, method, adapter, calib,
-                        device, dtype, quantized, diag, True, progress)
-        # The decoder's quantized stream starts from what the quantized vision tower produces.
-        q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
-    _quantize_stack(layers, prefix, calib.batches, q_start, method, adapter, calib, device, dtype, quantized, diag,
-                    False, progress, max_blocks=max_blocks)
+    for stack in stacks:
+        _quantize_stack(stack, q_start, method, adapter, device, dtype, quantized, diag, progress)
+        if stack.is_vision:  # the decoder's quantized stream starts from what the quantized vision tower produces
+            q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
     info = method.on_end(run)
     return EngineResult(quantized, diag, info)

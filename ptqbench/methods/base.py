@@ -1,32 +1,225 @@
-"""The `Method` interface every PTQ method implements, built-in or plugin.
+"""The contract between the engine and every PTQ method, built-in or plugin.
 
 Lifecycle (driven by the engine, which never knows a method by name):
 
     m = MethodClass(spec, **options)      # options validated against MethodClass.Options
     m.on_start(run)                       # once, before block 0 (e.g. MBQ's whole-model gradient pass)
     for every block:                      # block by block, two activation streams kept by the engine
-        m.quantize_block(block)           # ask `block` for statistics, commit a QuantizedWeight per linear
+        m.quantize_block(block)           # read inputs, own statistics, commit a QuantizedWeight per linear
+        m.comparable_output(block, name, y)   # per-linear diagnostics (identity unless outputs were rescaled)
     info = m.on_end(run)                  # method-level facts stored with the result
 
-What a block context offers (see `ptqbench.engine.blockwise.BlockContext`): the block and a frozen
-full-precision copy, the linears to quantize and their true-sequential groups, the full-precision and
-quantized input streams with their per-token masks (valid / vision / text / answer / reply) and replay kwargs,
-`input_stats(...)` for masked fp32 Hessians (and GPTAQ's cross term, optionally token-weighted),
-`capture_inputs(...)`, and `commit(name, quantized_weight)`.
-
-Methods never load models or data: everything arrives through these contexts.
+A method sees a block through a `BlockView` and the run through a `RunView` (both defined here and
+implemented by the engine), reads a decoder block's parts by role through its `BlockLayout`, and keeps
+its own statistics in accumulators such as `Hessian` and `CrossTerm`. Methods never load models or data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from torch import nn
 
 from ptqbench.errors import BadInput
-from ptqbench.methods.quant import QuantSpec
+from ptqbench.methods.quant import QuantizedWeight, QuantSpec
+
+Stream = Literal["fp", "quant"]
 
 
-@dataclasses.dataclass
+# ---- block layout ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a pre-norm decoder block keeps its parts, by role: module paths relative to the block.
+
+    Model adapters declare one per family; methods that need a block's structure (AWQ/MBQ scale groups,
+    VLMQ's attention sub-block) read the roles instead of module names."""
+
+    attn_norm: str  # norm whose output feeds q, k, v
+    attn: str  # attention module, called as attn(hidden_states=..., **layer kwargs)
+    q: str
+    k: str
+    v: str
+    o: str
+    mlp_norm: str  # norm whose output feeds gate and up
+    mlp: str  # MLP module, called as mlp(x)
+    gate: str
+    up: str
+    down: str
+
+    @property
+    def attention_projections(self) -> tuple[str, str, str, str]:
+        return (self.q, self.k, self.v, self.o)
+
+    @property
+    def sequential(self) -> tuple[tuple[str, ...], ...]:
+        """True-sequential groups in execution order: q,k,v -> o -> gate,up -> down."""
+        return ((self.q, self.k, self.v), (self.o,), (self.gate, self.up), (self.down,))
+
+    def attention_residual(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Attn(X) = X + attn(attn_norm(X)): the attention sub-block with its residual."""
+        attn = block.get_submodule(self.attn)
+        out = attn(hidden_states=block.get_submodule(self.attn_norm)(hidden), **kwargs)
+        return hidden + (out[0] if isinstance(out, tuple) else out)
+
+
+def require_layout(layout: BlockLayout | None, method: str) -> BlockLayout:
+    if layout is None:
+        raise RuntimeError(f"method {method!r} needs a decoder block layout (roles -> module names); this block has none")
+    return layout
+
+
+# ---- what a method sees ---------------------------------------------------------------------------
+class BlockView:
+    """One block being quantized, as a method sees it (implemented by the engine).
+
+    Attributes: `index` (position in its stack), `prefix` (the block's module path), `block` (the
+    module being quantized, on the compute device; methods may fold scales into it), `fp_block` (a
+    frozen full-precision copy), `linear_names` (the linears to commit), `groups` (their true-sequential
+    groups, each sharing one input), `layout` (roles -> names; None for vision-tower blocks), `device`
+    and `dtype`. The streams: "fp" is the full-precision input of the block, "quant" the input produced
+    by the already quantized blocks before it."""
+
+    index: int
+    prefix: str
+    block: nn.Module
+    fp_block: nn.Module
+    linear_names: list[str]
+    groups: list[list[str]]
+    layout: BlockLayout | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_batches(self) -> int:
+        raise NotImplementedError
+
+    def module(self, name: str) -> nn.Linear:
+        return self.block.get_submodule(name)
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.module(name).weight.data
+
+    def masks(self, b: int) -> dict[str, torch.Tensor]:
+        """Per-token bool masks (B, T) of batch b: valid / vision / text / answer / reply."""
+        raise NotImplementedError
+
+    def kwargs(self, b: int, dtype: torch.dtype | None = None) -> dict:
+        """The block's call kwargs for batch b (on the device, in the block's dtype, then in `dtype`)."""
+        raise NotImplementedError
+
+    def stream(self, which: Stream, b: int) -> torch.Tensor:
+        """Block input (B, T, d) of batch b on one stream."""
+        raise NotImplementedError
+
+    def run(self, module: nn.Module, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Output of a whole block (`block`, `fp_block` or a copy) on input x with batch b's kwargs."""
+        raise NotImplementedError
+
+    def linear_inputs(self, names: list[str], b: int, stream: Stream) -> dict[str, torch.Tensor]:
+        """Inputs (B, T, d) of the named linears for batch b: on the "quant" stream through the partly
+        quantized `block`, on the "fp" stream through `fp_block`."""
+        raise NotImplementedError
+
+    def commit(self, name: str, qw: QuantizedWeight) -> None:
+        """Put the quantized weight into the block (every linear must be committed exactly once)."""
+        raise NotImplementedError
+
+
+class RunBatch(NamedTuple):
+    hidden: torch.Tensor  # (B, T, d) input of decoder layer 0
+    kwargs: dict  # decoder-layer call kwargs
+    extras: dict  # what the family needs between layers
+    masks: dict[str, torch.Tensor]
+    input_ids: torch.Tensor
+
+
+class RunView:
+    """The whole run, as `on_start`/`on_end` see it (implemented by the engine): the decoder, its head,
+    the calibration batches and the compute device. Modules stay where they are stored; a method that
+    runs them moves them to `device` and back."""
+
+    device: torch.device
+    layout: BlockLayout | None  # the decoder blocks' layout
+    n_samples: int
+    n_batches: int
+
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def batch(self, b: int) -> RunBatch:
+        """Calibration batch b on the compute device (floating tensors in the model's dtype)."""
+        raise NotImplementedError
+
+    def batch_masks(self, b: int) -> dict[str, torch.Tensor]:
+        """Masks of calibration batch b where they are stored (cheap checks)."""
+        raise NotImplementedError
+
+    def decoder_step(self, i: int, layer: nn.Module, hidden: torch.Tensor, batch: RunBatch) -> torch.Tensor:
+        """Decoder layer i on `hidden`, including whatever the family does between layers."""
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def lm_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head()(self.final_norm()(hidden))
+
+
+# ---- statistics accumulators ------------------------------------------------------------------------
+class Hessian:
+    """H = 2/N sum_t w_t x_t x_t^T over the masked tokens, accumulated in fp32 (w_t = 1 by default)."""
+
+    def __init__(self):
+        self.sum: torch.Tensor | None = None
+        self.n_tokens = 0
+
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """x: (B, T, d) inputs, mask: (B, T) bool, weight: (B, T) per-token weights or None."""
+        x = x[mask].float()
+        xw = x if weight is None else x * weight[mask].float()[:, None]
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        self.sum += xw.T @ x
+        self.n_tokens += int(mask.sum())
+
+    def value(self) -> torch.Tensor:
+        """The statistic; call it once, after the last batch (it scales the sum in place)."""
+        self.sum *= 2.0 / max(self.n_tokens, 1)
+        return self.sum
+
+
+class CrossTerm:
+    """GPTAQ's cross statistic dXXT = 2/N sum_t w_t (x_fp - x)_t x_t^T over the masked tokens (fp32), x
+    the input on the quantized path and x_fp the full-precision one."""
+
+    def __init__(self):
+        self.sum: torch.Tensor | None = None
+        self.n_tokens = 0
+
+    def add_batch(self, x: torch.Tensor, x_fp: torch.Tensor, mask: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> None:
+        x = x[mask].float()
+        dx = x_fp[mask].float() - x
+        dxw = dx if weight is None else dx * weight[mask].float()[:, None]
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        self.sum += dxw.T @ x
+        self.n_tokens += int(mask.sum())
+
+    def value(self) -> torch.Tensor:
+        """The statistic; call it once, after the last batch (it scales the sum in place)."""
+        self.sum *= 2.0 / max(self.n_tokens, 1)
+        return self.sum
+
+
+# ---- the method interface --------------------------------------------------------------------------
+@dataclass
 class NoOptions:
     pass
 
@@ -40,9 +233,10 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    # Which streams feed this method's statistics: "fp" (AWQ/MBQ), "quant" (GPTQ), "both" (GPTAQ/VLMQ).
+    # The method's data flow, shown by `bench methods`: which stream feeds its statistics ("fp": AWQ/MBQ,
+    # "quant": GPTQ, "both": GPTAQ/VLMQ, "none": RTN). The engine keeps both streams for every method.
     streams: ClassVar[str] = "quant"
-    # Whether the method can quantize vision-tower blocks (it needs no Llama-style block structure).
+    # Whether the method can quantize vision-tower blocks (it needs no decoder block layout).
     supports_vision: ClassVar[bool] = True
     # Whether on_start runs the whole decoder (MBQ's gradient pass): not possible on lazily built models.
     needs_whole_model: ClassVar[bool] = False
@@ -51,13 +245,18 @@ class Method:
         self.spec = spec
         self.opts = parse_options(self.Options, options, self.name)
 
-    def on_start(self, run) -> None:
+    def on_start(self, run: RunView) -> None:
         pass
 
-    def quantize_block(self, block) -> None:
+    def quantize_block(self, block: BlockView) -> None:
         raise NotImplementedError
 
-    def on_end(self, run) -> dict:
+    def comparable_output(self, block: BlockView, name: str, y: torch.Tensor) -> torch.Tensor:
+        """Linear `name`'s output in the quantized block, brought to the scale of the FP block's for the
+        per-linear diagnostics. Identity unless the method folded a scale into the linear's outputs."""
+        return y
+
+    def on_end(self, run: RunView) -> dict:
         return {}
 
     def options_dict(self) -> dict:

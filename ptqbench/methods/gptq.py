@@ -1,29 +1,21 @@
-"""GPTQ (Frantar et al., 2022) and the solver it shares with GPTAQ and VLMQ.
+"""GPTQ (Frantar et al., 2022), the column-wise solver it shares with GPTAQ and VLMQ, and the input
+statistics (Hessian H, GPTAQ's cross term dXXT, optionally token-weighted) those three methods own.
 
-`solve` follows IST-DASLab/gptq `GPTQ.fasterquant`: dead columns, relative damping, the
-chol -> cholesky_inverse -> chol(upper) chain, lazy batch updates, act-order and static groups.
-Given GPTAQ's cross term dXXT it also applies the asymmetric correction of
-Intelligent-Computing-Lab-Yale/GPTQv2 (`P = alpha * triu_1(dXXT R^T) R`, subtracted with the
-column *before* rounding inside a block and with the block's columns after it), so GPTAQ and VLMQ
-are this same loop with extra statistics.
-
-One deliberate difference from the reference: with dynamic groups, a group's grid is taken from the
-weights as updated so far (the reference reads the outer W, which misses in-block updates when the
-group size is smaller than the block size). With group size == block size (128) both are identical.
-A second, smaller one: per-row grids (group -1) are computed after dead columns are zeroed (the
-references compute them before), so a row whose extreme weight sits in a dead column gets a tighter
-grid. Otherwise `solve` reproduces IST-DASLab/gptq and GPTQv2 `fasterquant` bit-exactly (0 differing
-entries over 144 random cases each, groups -1/128 and static 32, act-order on/off, 2-4 bits).
+`solve` follows IST-DASLab/gptq `GPTQ.fasterquant` (dead columns, relative damping, the chol ->
+cholesky_inverse -> chol(upper) chain, lazy batch updates, act-order, static groups). Given a cross term
+it also applies GPTAQ's asymmetric correction P = alpha * triu_1(dXXT R^T) R, subtracted with each column
+*before* rounding, so GPTAQ and VLMQ are this loop with extra statistics. With dynamic groups a group's
+grid comes from the weights as updated so far; see docs/methods.md for this and the other deviations.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ptqbench.methods.base import Method, option
+from ptqbench.methods.base import BlockView, CrossTerm, Hessian, Method, option
 from ptqbench.methods.quant import QuantizedWeight, QuantSpec, fake_quant, grid_params
-from ptqbench.methods.registry import register
-from dataclasses import dataclass
 
 
 @torch.no_grad()
@@ -119,32 +111,85 @@ def solve(
     return QuantizedWeight.from_dequantized(Q, scale, zero, g_idx, spec)
 
 
+# ---- input statistics ---------------------------------------------------------------------------------
 @dataclass
-class GPTQOptions:
+class InputStats:
+    H: torch.Tensor  # 2/N * sum_t w_t x_t x_t^T  (fp32, over valid tokens)
+    dXXT: torch.Tensor | None  # 2/N * sum_t w_t (x_fp - x_q)_t x_q,t^T  (GPTAQ's cross term)
+    n_tokens: int
+
+
+def shared_inputs(groups: list[list[str]], names: list[str]) -> dict[str, str]:
+    """name -> representative: linears in one true-sequential group read the same input."""
+    rep = {}
+    for n in names:
+        grp = next((g for g in groups if n in g), [n])
+        rep[n] = next(m for m in grp if m in names)
+    return rep
+
+
+def input_stats(block: BlockView, names: list[str], stream: str = "quant",
+                weights: dict[str, list[torch.Tensor]] | None = None) -> dict[str, InputStats]:
+    """Masked fp32 Hessians H (and, for stream="both", GPTAQ's cross term) of the named linears.
+
+    stream: "quant" (inputs on the quantized stream through the current, partly quantized block),
+    "fp" (full-precision stream through the frozen FP block), or "both" (H from the quantized inputs,
+    dXXT from the difference of the two). weights[name][batch] are per-token weights (B, T) (VLMQ's
+    importance factors); they multiply each token in H and dXXT alike, and give every linear its own
+    statistics (no sharing within a group).
+    """
+    if stream not in ("quant", "fp", "both"):
+        raise ValueError(f"stream {stream!r}")
+    rep = shared_inputs(block.groups, names) if weights is None else {n: n for n in names}
+    keys = sorted(set(rep.values()), key=names.index)
+    hessians = {k: Hessian() for k in keys}
+    cross = {k: CrossTerm() for k in keys} if stream == "both" else None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for b in range(block.n_batches):
+        valid = block.masks(b)["valid"]
+        xq = block.linear_inputs(keys, b, "fp" if stream == "fp" else "quant")
+        xf = block.linear_inputs(keys, b, "fp") if cross is not None else None
+        for k in keys:
+            w = weights[k][b] if weights is not None else None
+            hessians[k].add_batch(xq[k], valid, w)
+            if cross is not None:
+                cross[k].add_batch(xq[k], xf[k], valid, w)
+    out = {k: InputStats(hessians[k].value(), None if cross is None else cross[k].value(), hessians[k].n_tokens)
+           for k in keys}
+    return {n: out[rep[n]] for n in names}
+
+
+# ---- the method -------------------------------------------------------------------------------------
+@dataclass
+class SolverOptions:
+    """The options of `solve`, declared once for GPTQ, GPTAQ and VLMQ."""
+
     blocksize: int = option(128, "lazy-batch block size B (columns updated together)")
     percdamp: float = option(0.01, "damping as a fraction of mean(diag H)")
-    act_order: bool = option(False, "quantize columns in order of decreasing diag(H)")
+    act_order: bool = option(False, "quantize columns in order of decreasing diag(H) (a cross term dXXT is permuted alike)")
     static_groups: bool = option(False, "precompute group grids from the original weights")
+
+    def solver_kwargs(self) -> dict:
+        return dict(blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
+                    static_groups=self.static_groups)
+
+
+@dataclass
+class GPTQOptions(SolverOptions):
     true_sequential: bool = option(True, "q,k,v -> o -> gate,up -> down, each on inputs from the partly quantized block")
 
 
-@register
 class GPTQ(Method):
     name = "gptq"
     summary = "GPTQ: Hessian-based column-wise error compensation on quantized-stream inputs"
     Options = GPTQOptions
     streams = "quant"
 
-    def solver_kwargs(self) -> dict:
-        o = self.opts
-        return dict(blocksize=o.blocksize, percdamp=o.percdamp, act_order=o.act_order, static_groups=o.static_groups)
-
-    def quantize_block(self, block) -> None:
-        groups = block.groups
+    def quantize_block(self, block: BlockView) -> None:
         if not self.opts.true_sequential:  # every statistic from one pass before anything changes
-            stats = block.input_stats(block.linear_names, stream="quant")
-        for group in groups:
+            stats = input_stats(block, block.linear_names, stream="quant")
+        for group in block.groups:
             if self.opts.true_sequential:
-                stats = block.input_stats(group, stream="quant")
+                stats = input_stats(block, group, stream="quant")
             for name in group:
-                block.commit(name, solve(block.weight(name), stats[name].H, self.spec, **self.solver_kwargs()))
+                block.commit(name, solve(block.weight(name), stats[name].H, self.spec, **self.opts.solver_kwargs()))

@@ -1,50 +1,13 @@
 """MBQ (Li et al., CVPR 2025): modality-balanced AWQ-style scale search for VLMs.
 
-Follows thu-nics/MBQ @a4d460d (`qmllm/methods/mbq/quantize/pre_quant.py: run_mbq, GradCacheHook`,
-`auto_scale.py: auto_scale_block`), weight-only path (`wa_quant=False`, `distort=False`):
-
-"Answer" tokens below are the reference's caption set, labels != -100: its labels are -100 up to the last
-`<|im_start|>` (`qmllm/models/qwen2_vl/qwen2_vl.py`), so the set is the whole assistant turn from its
-opening `<|im_start|>`: the header `<|im_start|>assistant\n`, the answer and the closing `<|im_end|>\n`.
-That is the calibration set's `reply` mask (not its `answer` mask, which starts after the header). The
-stats keep the reference's name ("answer": grad_answer_*, n_samples_answer_*).
-
-1. Modality weights (`on_start`, when `reweight`): the answer-token cross-entropy (logits at position t
-   predict token t+1; targets are the answer tokens, so the first target is the turn's `<|im_start|>`,
-   predicted from the token before it; mean per sample, as the HF loss with labels) is
-   back-propagated through all decoder layers, the final norm and the lm_head. Per sample and per layer,
-   g_v = mean |dL/dY| over vision positions x channels and g_a the same over answer positions, at the
-   outputs Y of o_proj (attention) and down_proj (MLP); both are averaged over samples; r_l = g_v / g_a;
-   rho_l = max(r_l, median_l r), separately for attention and MLP.
-2. Per block, the AWQ grid search (shared with `ptqbench.methods.awq`) with MBQ's loss:
-   MAE (default): (sum_answer |dY| + rho * sum_vision |dY|) / (K_answer + K_vision);
-   MSE: mean_answer(dY^2) + rho * mean_vision(dY^2); tokens in neither set are ignored (so the header's
-   positions, including the one that predicts the first answer token, are in the loss). rho_attn is used
-   for the q,k,v and o groups, rho_mlp for gate,up and down. No clipping search. Then RTN.
-
-How the gradients are computed: the reference runs one forward+backward per sample (batch 1). Here each
-calibration batch runs once, with loss = sum over its samples of each sample's mean answer CE. Batch rows
-never interact in a decoder, so dL/dY of row i is exactly the gradient of sample i's own loss; the
-per-sample statistics are then taken row by row, which reproduces the batch-1 numbers (checked in the
-tests). The backward runs layer by layer with recomputation (only one layer's graph is alive at a time),
-so a model whose layers live on the CPU can still be processed on the accelerator one layer at a time.
-
-Checked against thu-nics/MBQ: `auto_scale_block` (MAE and MSE, rho 0.37/2.5) picks the same alphas
-with bit-identical scales as the shared search with `mbq_loss`; the loss values agree with the
-reference expressions to ~1e-7 (fp64 vs fp32 sums); the ratios, medians and rho from `GradCacheHook`
-(batch 1, full HF model with labels) agree to <2e-7 relative on the tiny Qwen2-VL and Qwen3-VL. Those
-checks fed both sides the same token sets; which tokens those are (labels from the last `<|im_start|>`)
-is checked in the tests against labels built the reference's way from the token ids.
-
-Options beyond the reference: `token_weights="uniform"` treats all valid tokens as one set with weight 1
-(no gradient pass). The reference's `reweight: false` path (plain mean loss over the whole sequence) is
-`token_weights="uniform"` here (padding excluded); `reweight=False` with modality masks keeps the
-answer/vision sets and uses rho = 1. Differences: padding is masked out of every statistic; the Qwen2-VL
-replay uses the captured M-RoPE position embeddings (the reference falls back to 1-D positions); a sample
-without vision (or answer) tokens is skipped for that modality (the reference would produce NaN). The
-answer set is the `reply` mask, measured from the chat template's generation prompt (its token count per
-sample) rather than found by searching for the last `<|im_start|>` id; for Qwen-style templates the two
-are the same tokens. Text-only samples (no template) have every token in the set, as before.
+Follows thu-nics/MBQ (`qmllm/methods/mbq/quantize`), weight-only path. Vision tokens are weighted against
+answer tokens in the scale-search loss by rho = max(r_l, median_l r), r_l the layer's ratio of mean
+|dL/dY| over vision and answer positions (answer-token cross-entropy, at the outputs of o and down),
+separately for attention and MLP. Then RTN, no clipping. "Answer" is the reference's caption set
+(labels != -100), i.e. the calibration `reply` mask: the whole assistant turn from its `<|im_start|>`.
+The gradient pass runs each calibration batch once and backpropagates layer by layer with recomputation
+(one layer's graph alive at a time). Algorithm notes, options beyond the reference, deviations and how
+it was checked: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -57,16 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqbench.errors import BadInput
-from ptqbench.methods.awq import TokenLoss, alpha_grid, apply_scales, search_block_scales
-from ptqbench.methods.base import Method, option
+from ptqbench.methods.base import BlockView, RunView, option, require_layout
 from ptqbench.methods.quant import QuantSpec, quantize_rtn
-from ptqbench.methods.registry import register
+from ptqbench.methods.scale_search import ScaleSearchMethod, TokenLoss, alpha_grid, search_block_scales
 
-KINDS = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
 # MBQ's token sets -> calibration masks. "answer" is the reference's caption set (labels != -100): the
 # whole assistant turn from its `<|im_start|>`, i.e. the calibration `reply` mask, not `answer`.
 ANSWER_MASK = "reply"
 MODALITY_MASKS = {"vision": "vision", "answer": ANSWER_MASK}
+
+
+def gradient_taps(run: RunView) -> dict[str, str]:
+    """kind -> the linear whose output gradient is measured: attention's o, the MLP's down."""
+    layout = require_layout(run.layout, "mbq")
+    return {"attn": layout.o, "mlp": layout.down}
 
 
 class _OnDevice:
@@ -101,60 +68,68 @@ def answer_ce_per_sample(logits_fn, hidden: torch.Tensor, input_ids: torch.Tenso
     return (ce * per_token_weight.to(ce.device)).sum()
 
 
+def _record(stats: dict, kind: str, i: int, masks: dict):
+    """A tensor hook adding each sample's mean |dL/dY| over its vision and answer positions."""
+    def hook(g):
+        g = g.detach().float()
+        for r in range(g.shape[0]):
+            for mod, key in MODALITY_MASKS.items():
+                m = masks[key][r]
+                if m.any():
+                    stats[kind][mod][i].append(float(g[r][m].abs().mean()))
+    return hook
+
+
+def _backward_through_layers(run: RunView, batch, hs: list[torch.Tensor], grad: torch.Tensor, kinds: dict[str, str],
+                             stats: dict, masks: dict) -> None:
+    """Backward from the top layer to layer 0, recomputing each layer with a graph, recording dL/dY."""
+    layers = run.decoder_layers()
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        with torch.enable_grad(), _OnDevice(layer, run.device):
+            def tap(kind, i=i):
+                def fwd(mod, args, y):
+                    if y.requires_grad:
+                        y.register_hook(_record(stats, kind, i, masks))
+                return fwd
+
+            handles = [layer.get_submodule(path).register_forward_hook(tap(kind)) for kind, path in kinds.items()]
+            try:
+                x = hs[i].detach().requires_grad_(True)
+                y = run.decoder_step(i, layer, x, batch)
+                (gx,) = torch.autograd.grad(y, x, grad_outputs=grad.to(y.dtype))
+            finally:
+                for h in handles:
+                    h.remove()
+        grad = gx
+
+
 @torch.no_grad()
-def modality_gradients(run, kinds: dict[str, str] = KINDS) -> dict:
+def modality_gradients(run: RunView, kinds: dict[str, str] | None = None) -> dict:
     """Per layer and kind: lists of per-sample mean |dL/dY| over vision and over answer positions
     ("answer": the calibration `reply` mask, see the module docstring)."""
-    adapter, device = run.adapter, run.device
-    layers = adapter.decoder_layers()
+    kinds = gradient_taps(run) if kinds is None else kinds
+    device = run.device
+    layers = run.decoder_layers()
     stats = {k: {"vision": [[] for _ in layers], "answer": [[] for _ in layers]} for k in kinds}
-
-    def record(kind: str, i: int, masks: dict):
-        def hook(g):
-            g = g.detach().float()
-            for r in range(g.shape[0]):
-                for mod, key in MODALITY_MASKS.items():
-                    m = masks[key][r]
-                    if m.any():
-                        stats[kind][mod][i].append(float(g[r][m].abs().mean()))
-        return hook
-
-    n_samples = len(run.calib)
-    for b in range(len(run.calib.batches)):
-        hidden, kwargs, extras, masks, ids = run.batch(b)
-        masks = {k: v & masks["valid"] for k, v in masks.items()}
+    n_samples = run.n_samples
+    for b in range(run.n_batches):
+        batch = run.batch(b)
+        masks = {k: v & batch.masks["valid"] for k, v in batch.masks.items()}
         # forward without a graph, keeping each layer's input
-        hs = [hidden]
+        hs = [batch.hidden]
         for i, layer in enumerate(layers):
             with _OnDevice(layer, device):
-                hs.append(adapter.after_layer(i, adapter.run_layer(layer, hs[-1], kwargs), extras))
+                hs.append(run.decoder_step(i, layer, hs[-1], batch))
         # loss at the top
-        with torch.enable_grad(), _OnDevice(adapter.final_norm(), device), _OnDevice(adapter.lm_head(), device):
+        with torch.enable_grad(), _OnDevice(run.final_norm(), device), _OnDevice(run.lm_head(), device):
             top = hs[-1].detach().requires_grad_(True)
             # / n_samples as the reference (loss / accum_steps): cancels in rho, keeps |dL/dY| comparable
-            loss = answer_ce_per_sample(adapter.logits, top, ids, masks[ANSWER_MASK]) / n_samples
+            loss = answer_ce_per_sample(run.logits, top, batch.input_ids, masks[ANSWER_MASK]) / n_samples
             (grad,) = torch.autograd.grad(loss, top, allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(hs[-1])
-        # backward layer by layer, recomputing each layer with a graph
-        for i in reversed(range(len(layers))):
-            layer = layers[i]
-            with torch.enable_grad(), _OnDevice(layer, device):
-                def tap(kind, i=i):
-                    def fwd(mod, args, y):
-                        if y.requires_grad:
-                            y.register_hook(record(kind, i, masks))
-                    return fwd
-
-                handles = [layer.get_submodule(path).register_forward_hook(tap(kind)) for kind, path in kinds.items()]
-                try:
-                    x = hs[i].detach().requires_grad_(True)
-                    y = adapter.after_layer(i, adapter.run_layer(layer, x, kwargs), extras)
-                    (gx,) = torch.autograd.grad(y, x, grad_outputs=grad.to(y.dtype))
-                finally:
-                    for h in handles:
-                        h.remove()
-            grad = gx
+        _backward_through_layers(run, batch, hs, grad, kinds, stats, masks)
         del hs
     return stats
 
@@ -181,10 +156,6 @@ def modality_ratios(stats: dict, n_layers: int) -> dict:
     return out
 
 
-def group_kind(group: dict) -> str:
-    return "attn" if "attn" in group["linears"][0].split(".")[0] else "mlp"
-
-
 def mbq_loss(loss: str, rho: float) -> TokenLoss:
     """MBQ's scale-search loss: answer tokens (the `reply` mask) with weight 1, vision tokens with rho."""
     if loss == "mae":
@@ -203,13 +174,11 @@ class MBQOptions:
     alpha_max: float = option(1.0, "largest alpha tried")
 
 
-@register
-class MBQ(Method):
+class MBQ(ScaleSearchMethod):
     name = "mbq"
     summary = "MBQ: AWQ-style scale search with gradient-based vision/answer loss weights, then RTN"
     Options = MBQOptions
     streams = "fp"
-    supports_vision = False
     needs_whole_model = True  # the gradient pass runs every decoder layer before block 0 is quantized
 
     def __init__(self, spec: QuantSpec, **options):
@@ -217,17 +186,18 @@ class MBQ(Method):
         self.modality: dict | None = None
         self.alphas: dict = {}
 
-    def on_start(self, run) -> None:
+    def on_start(self, run: RunView) -> None:
         if self.opts.token_weights == "uniform":
             return
-        if not all(ANSWER_MASK in b.masks for b in run.calib.batches):
+        masks = [run.batch_masks(b) for b in range(run.n_batches)]
+        if not all(ANSWER_MASK in m for m in masks):
             raise BadInput(f"MBQ needs the calibration set's {ANSWER_MASK!r} mask (the assistant turn from its "
                            "<|im_start|>); this set lacks it (accepted: a set captured by build_calibration)")
-        if not any(bool(b.masks["vision"].any()) for b in run.calib.batches):
+        if not any(bool(m["vision"].any()) for m in masks):
             raise BadInput("MBQ needs image-text calibration: the calibration set has no vision tokens "
                            "(accepted: an image-text calibration set, e.g. synthvqa or ShareGPT4V with images)")
         if self.opts.reweight:
-            n = len(run.adapter.decoder_layers())
+            n = len(run.decoder_layers())
             self.modality = modality_ratios(modality_gradients(run), n)
 
     def rho(self, index: int, kind: str) -> float:
@@ -235,16 +205,16 @@ class MBQ(Method):
             return 1.0
         return self.modality[kind]["rho"][index]
 
-    def quantize_block(self, block) -> None:
+    def quantize_block(self, block: BlockView) -> None:
         o = self.opts
 
         def loss_for(group: dict) -> TokenLoss:
             if o.token_weights == "uniform":
                 return TokenLoss((("valid", 1.0),), power=1 if o.loss == "mae" else 2)
-            return mbq_loss(o.loss, self.rho(block.index, group_kind(group)))
+            return mbq_loss(o.loss, self.rho(block.index, group["kind"]))
 
         results, _ = search_block_scales(block, self.spec, alpha_grid(o.n_grid, o.alpha_max), loss_for)
-        apply_scales(block, results)
+        self.fold(block, results)
         self.alphas[str(block.index)] = {r.prev_name: r.alpha for r in results}
         for name in block.linear_names:
             block.commit(name, quantize_rtn(block.weight(name), self.spec))

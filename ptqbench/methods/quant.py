@@ -56,6 +56,11 @@ class QuantSpec:
             )
         return self.group_size
 
+    def check_widths(self, widths) -> None:
+        """Raise (as `groups_for`) for the first input width the group size does not divide."""
+        for w in widths:
+            self.groups_for(w)
+
     @property
     def label(self) -> str:
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"

@@ -1,23 +1,39 @@
-"""Method registry: built-ins register with `@register`; plugins arrive through the entry-point group
-`ptqbench.methods` (each entry point names a `Method` subclass) without touching the core."""
+"""Method registry: the built-ins are the table below; `register()` adds a method at runtime; plugins
+arrive through the entry-point group `ptqbench.methods` (each entry point names a `Method` subclass)
+without touching the core."""
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 
 from ptqbench.errors import BadInput
+from ptqbench.methods.awq import AWQ
 from ptqbench.methods.base import Method
+from ptqbench.methods.gptaq import GPTAQ
+from ptqbench.methods.gptq import GPTQ
+from ptqbench.methods.mbq import MBQ
+from ptqbench.methods.rtn import RTN
+from ptqbench.methods.vlmq import VLMQ
 
 ENTRY_POINT_GROUP = "ptqbench.methods"
-_BUILTIN: dict[str, type[Method]] = {}
+BUILTIN_METHODS: dict[str, type[Method]] = {
+    "rtn": RTN,
+    "gptq": GPTQ,
+    "gptaq": GPTAQ,
+    "awq": AWQ,
+    "mbq": MBQ,
+    "vlmq": VLMQ,
+}
+_REGISTERED: dict[str, type[Method]] = dict(BUILTIN_METHODS)  # the table plus runtime registrations
 _PLUGINS: dict[str, type[Method]] | None = None
 _PLUGIN_ERRORS: dict[str, str] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Register a method class under its `name` at runtime (listed with the built-ins)."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no name")
-    _BUILTIN[cls.name] = cls
+    _REGISTERED[cls.name] = cls
     return cls
 
 
@@ -38,9 +54,7 @@ def _plugins() -> dict[str, type[Method]]:
 
 def all_methods() -> dict[str, tuple[type[Method], str]]:
     """name -> (class, origin) where origin is 'builtin' or 'plugin'."""
-    import ptqbench.methods  # noqa: F401  (registers the built-ins)
-
-    out = {n: (c, "builtin") for n, c in _BUILTIN.items()}
+    out = {n: (c, "builtin") for n, c in _REGISTERED.items()}
     out.update({n: (c, "plugin") for n, c in _plugins().items() if n not in out})
     return out
 

@@ -9,6 +9,7 @@ from ptqbench.models.adapters import adapter_for
 from ptqbench.engine.blockwise import BlockContext, quantize_model
 from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods.base import Method
+from ptqbench.methods.gptq import input_stats
 
 from _helpers import tiny_samples, write_sharegpt
 
@@ -21,8 +22,8 @@ class _Probe(Method):
 
     def quantize_block(self, block: BlockContext):
         if block.index == 1:
-            _Probe.seen["quant"] = block.input_stats(block.groups[0], stream="quant")
-            _Probe.seen["both"] = block.input_stats(block.groups[0], stream="both")
+            _Probe.seen["quant"] = input_stats(block, block.groups[0], stream="quant")
+            _Probe.seen["both"] = input_stats(block, block.groups[0], stream="both")
         get_method("rtn").quantize_block(self, block)
 
 

@@ -11,18 +11,16 @@ import torch
 from torch import nn
 
 from ptqbench.models.adapters import adapter_for
-from ptqbench.models.adapters.base import Adapter
+from ptqbench.models.adapters.families import LLAMA_DECODER
 from ptqbench.engine.blockwise import quantize_model
 from ptqbench.methods import QuantSpec, get_method
-from ptqbench.methods.awq import (
-    AWQ,
+from ptqbench.methods.awq import AWQ, clamp_groups, clip_search, quantize_clipped
+from ptqbench.methods.scale_search import (
     TokenLoss,
     alpha_grid,
-    clamp_groups,
-    clip_search,
     fake_quant_weight,
     fold_scales,
-    quantize_clipped,
+    scale_groups,
     scales_for,
     search_block_scales,
 )
@@ -83,11 +81,6 @@ def test_alpha_grid_matches_reference():
     assert torch.equal(scales_for(x, 0.0), torch.ones(16))
 
 
-class _Ad(Adapter):
-    def __init__(self):  # only the structural methods are used
-        pass
-
-
 def _fold_all(block, groups, gen):
     for grp in groups:
         d = block.get_submodule(grp["linears"][0]).in_features
@@ -106,7 +99,7 @@ def test_folding_keeps_the_fp_block_output_with_v_to_o():
         for n in ("input_layernorm", "post_attention_layernorm"):
             layer.get_submodule(n).weight.uniform_(0.5, 2.0)
         layer.self_attn.v_proj.bias.normal_()  # Qwen2 has q/k/v biases: v's must be divided too
-    groups = _Ad().scale_groups(layer)
+    groups = scale_groups(LLAMA_DECODER, layer)
     assert [g["prev_name"] for g in groups] == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]
     x = torch.randn(2, 12, 64)
     pe = Qwen2RotaryEmbedding(cfg)(x, torch.arange(12)[None].expand(2, 12))
@@ -124,7 +117,7 @@ def test_folding_keeps_the_fp_block_output_on_tiny_gqa_block(tiny_qwen, tiny_cal
     model = tiny_qwen[0]
     ad = adapter_for(model)
     block = copy.deepcopy(ad.decoder_layers()[1])
-    groups = ad.scale_groups(block)
+    groups = scale_groups(ad.decoder_layout, block)
     assert "self_attn.v_proj" not in [g["prev_name"] for g in groups]  # GQA: v->o skipped
     b = tiny_calib.batches[0]
     with torch.no_grad():
@@ -256,7 +249,7 @@ class _AWQProbe(AWQ):
 
     def quantize_block(self, block):
         super().quantize_block(block)
-        _AWQProbe.out_scales[block.index] = dict(block.out_scales)
+        _AWQProbe.out_scales[block.index] = dict(self.folded_output_scales)
 
 
 def test_folded_output_scales_are_reported_to_the_diagnostics(tiny_qwen, tiny_calib):

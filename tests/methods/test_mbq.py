@@ -17,7 +17,7 @@ from ptqbench.models.adapters import adapter_for
 from ptqbench.engine.calibration import CalibBatch, CalibSet
 from ptqbench.engine.blockwise import RunContext, quantize_model
 from ptqbench.methods import QuantSpec, get_method
-from ptqbench.methods.awq import TokenLoss, alpha_grid, search_block_scales
+from ptqbench.methods.scale_search import TokenLoss, alpha_grid, search_block_scales
 from ptqbench.methods.base import Method
 from ptqbench.methods.mbq import mbq_loss, modality_gradients, modality_ratios
 from ptqbench.methods.quant import quantize_rtn

@@ -17,6 +17,7 @@ from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods import vlmq as V
 
 SPEC = QuantSpec(bits=3, group_size=32)
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")  # the tiny Qwen2-VL's attention projections
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,7 +101,7 @@ class Probe(V.VLMQ):
 
     def importance(self, block):
         factors, info = super().importance(block)
-        ref = {n: self._reference(block, n) for n in V._attn_projections(block.linear_names).values()}
+        ref = {n: self._reference(block, n) for n in V.attention_projections(block).values()}
         masks = [block.masks(b) for b in range(block.n_batches)]
         self.seen.append(dict(index=block.index, factors=factors, ref=ref, masks=masks, info=info))
         return factors, info
@@ -112,7 +113,7 @@ class Probe(V.VLMQ):
             valid, kw = block.masks(b)["valid"], block.kwargs(b)
             fpb = block.fp_block
             with torch.no_grad():
-                target = block.adapter.attention_residual(fpb, block.stream("fp", b), kw)
+                target = block.layout.attention_residual(fpb, block.stream("fp", b), kw)
             box = {}
 
             def hook(m, a, y):
@@ -122,7 +123,7 @@ class Probe(V.VLMQ):
             h = fpb.get_submodule(name).register_forward_hook(hook)
             try:
                 with torch.enable_grad():
-                    y = block.adapter.attention_residual(fpb, block.stream("quant", b), kw)
+                    y = block.layout.attention_residual(fpb, block.stream("quant", b), kw)
                     loss = (y - target)[valid].pow(2).sum()
                     (gd,) = torch.autograd.grad(loss, box["d"])
             finally:
@@ -162,17 +163,17 @@ def test_fallback_and_diagnostics_recorded(probe):
     info = result.method_info
     json.dumps(info)  # stored with the run
     blocks = info["blocks"]
-    assert blocks[0]["fallback"] is True and sorted(blocks[0]["fallback_projections"]) == sorted(V.ATTN_PROJ)
+    assert blocks[0]["fallback"] is True and sorted(blocks[0]["fallback_projections"]) == sorted(ATTN_PROJ)
     assert blocks[0]["attn_mse_per_token"] == 0.0
     assert info["fallback_blocks"] == [blocks[0]["block"]]
     for b in blocks[1:]:
         assert b["fallback"] is False and b["attn_mse_per_token"] > 0
-        for role in V.ATTN_PROJ:
+        for role in ATTN_PROJ:
             st = b["g"][role]
             assert st["raw_mean"] > 0 and st["mean_vision"] > 0 and st["mean_text"] > 0 and st["vision_over_text"] > 0
     # block 0 got uniform weights on the attention projections, nothing on the MLP
     f0 = p.seen[0]["factors"]
-    assert set(n.rsplit(".", 1)[-1] for n in f0) == set(V.ATTN_PROJ)
+    assert set(n.rsplit(".", 1)[-1] for n in f0) == set(ATTN_PROJ)
     for gs in f0.values():
         for g, m in zip(gs, p.seen[0]["masks"]):
             assert torch.equal(g, m["valid"].float())

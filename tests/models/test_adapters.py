@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ptqbench.errors import BadInput
+from ptqbench.methods.scale_search import scale_groups
 from ptqbench.models.adapters import ADAPTERS, adapter_for, supported_model_types
 from ptqbench.models.tiny import TINY_FAMILIES, build_tiny, tiny_batch, tiny_inputs
 
@@ -120,7 +121,7 @@ def test_attention_residual_matches_layer(tiny):
     hidden, kwargs, _ = ad.capture(_batch(processor, "left"))
     block = ad.decoder_layers()[0]
     with torch.no_grad():
-        attn = ad.attention_residual(block, hidden, kwargs)
+        attn = ad.decoder_layout.attention_residual(block, hidden, kwargs)
         full = attn + block.mlp(block.post_attention_layernorm(attn))
         _assert_close(full, ad.run_layer(block, hidden, kwargs), f"{family}: attention_residual + mlp")
 
@@ -198,7 +199,7 @@ def test_decoder_groups(tiny):
     order = _execution_order(block, lambda: ad.run_layer(block, hidden, kwargs))
     _check_groups_follow_execution(ad.sequential_groups(names), order, names)
 
-    groups = ad.scale_groups(block)
+    groups = scale_groups(ad.decoder_layout, block)
     for g in groups:
         assert modules[g["prev_name"]] is g["prev"]
         assert g["inspect"] in modules
@@ -219,7 +220,7 @@ def test_scale_groups_include_v_to_o_without_gqa():
     ad = adapter_for(model)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
     block = LlamaDecoderLayer(cfg, 0)
-    groups = ad.scale_groups(block)
+    groups = scale_groups(ad.decoder_layout, block)
     assert [g["prev_name"] for g in groups] == [
         "input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]
     assert groups[1]["linears"] == ["self_attn.o_proj"] and groups[1]["prev"] is block.self_attn.v_proj

@@ -6,7 +6,8 @@ the first decoder layer records the hidden states and every keyword argument the
 layers (attention mask, position ids, position embeddings incl. Qwen's 3-D M-RoPE cos/sin, cache
 position), then aborts the forward. Replaying `layer(hidden, **kwargs)` layer by layer is therefore
 exact whenever all layers receive the same kwargs; families that do something between layers
-(Qwen3-VL's deepstack) override `after_layer`.
+(Qwen3-VL's deepstack) override `after_layer`. Each family declares its decoder block layout (roles ->
+module names, `ptqbench.methods.base.BlockLayout`): the methods that need a block's structure read it.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-# True-sequential order inside a Llama-style decoder block (GPTQ `--true-sequential`).
-LM_SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-# The same four roles with the names vision blocks use (CLIP/SigLIP/Idefics3 `out_proj`/`fc1`/`fc2`,
-# Qwen-VL `attn.qkv`/`attn.proj`/`mlp.fc1`/`mlp.linear_fc1`, InternViT `projection_layer`), so that a
-# block whose names are only partly Llama-like (Qwen2.5-VL vision: qkv, proj, gate/up/down) still comes
-# out in execution order.
+from ptqbench.methods.base import BlockLayout
+
+# The four true-sequential roles (q,k,v -> o -> gate,up -> down) by leaf name, including the names
+# vision blocks use (CLIP/SigLIP/Idefics3 `out_proj`/`fc1`/`fc2`, Qwen-VL `attn.qkv`/`attn.proj`/`mlp.fc1`/
+# `mlp.linear_fc1`, InternViT `projection_layer`), so that a block whose names are only partly Llama-like
+# (Qwen2.5-VL vision: qkv, proj, gate/up/down) still comes out in execution order.
 SEQUENTIAL_ROLES = (
     ("q_proj", "k_proj", "v_proj", "qkv"),
     ("o_proj", "out_proj", "proj", "projection_layer"),
@@ -52,6 +53,7 @@ class Adapter:
     lm_head_path: str = "lm_head"
 
     extra_projector_paths: tuple[str, ...] = ()  # further vision->text projectors (Qwen3-VL deepstack)
+    decoder_layout: BlockLayout | None = None  # roles -> module names inside a decoder block
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -124,39 +126,18 @@ class Adapter:
 
     def sequential_groups(self, names: list[str]) -> list[list[str]]:
         """Split a block's linear names into true-sequential groups (each group shares one input):
-        q,k,v -> o -> gate,up -> down for decoder blocks, and the same roles for vision blocks
-        (qkv -> proj -> fc1 -> fc2)."""
+        q,k,v -> o -> gate,up -> down, by the decoder layout's names or by the leaf names of
+        `SEQUENTIAL_ROLES` (vision blocks: qkv -> proj -> fc1 -> fc2)."""
+        stages = self.decoder_layout.sequential if self.decoder_layout is not None else ((),) * len(SEQUENTIAL_ROLES)
         groups: list[list[str]] = []
         used: set[str] = set()
-        for pattern in SEQUENTIAL_ROLES:
-            g = [n for n in names if n.rsplit(".", 1)[-1] in pattern and n not in used]
+        for paths, leaves in zip(stages, SEQUENTIAL_ROLES):
+            g = [n for n in names if (n in paths or n.rsplit(".", 1)[-1] in leaves) and n not in used]
             if g:
                 groups.append(g)
                 used.update(g)
         # Anything unrecognised goes alone, in the order given, after the known roles.
         groups.extend([n] for n in names if n not in used)
-        return groups
-
-    # ---- sub-blocks used by AWQ/MBQ/VLMQ (Llama-style decoder layer) -------------------------
-    def attention_residual(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Attn(X) = X + self_attn(input_layernorm(X)) — the attention sub-block with its residual."""
-        out = block.self_attn(hidden_states=block.input_layernorm(hidden), **kwargs)
-        return hidden + (out[0] if isinstance(out, tuple) else out)
-
-    def scale_groups(self, block: nn.Module) -> list[dict[str, Any]]:
-        """AWQ scale groups: the op whose output feeds `linears`, the linears, and the module whose
-        output the search inspects. v->o only when shapes match (skipped under GQA)."""
-        attn, mlp = block.self_attn, block.mlp
-        groups = [
-            dict(prev=block.input_layernorm, prev_name="input_layernorm",
-                 linears=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], inspect="self_attn"),
-        ]
-        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            groups.append(dict(prev=attn.v_proj, prev_name="self_attn.v_proj",
-                               linears=["self_attn.o_proj"], inspect="self_attn.o_proj"))
-        groups.append(dict(prev=block.post_attention_layernorm, prev_name="post_attention_layernorm",
-                           linears=["mlp.gate_proj", "mlp.up_proj"], inspect="mlp"))
-        groups.append(dict(prev=mlp.up_proj, prev_name="mlp.up_proj", linears=["mlp.down_proj"], inspect="mlp.down_proj"))
         return groups
 
     # ---- inputs ------------------------------------------------------------------------------

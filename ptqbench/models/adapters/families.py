@@ -1,15 +1,28 @@
-"""One small adapter per supported VLM family: module paths and family quirks only."""
+"""One small adapter per supported VLM family: module paths, the decoder block layout, family quirks.
+
+Adding a family is one class here: where its decoder, vision tower and projector live, and its decoder
+block's layout (which module plays which role)."""
 
 from __future__ import annotations
 
 import torch
 
+from ptqbench.methods.base import BlockLayout
 from ptqbench.models.adapters.base import Adapter
+
+# Llama-style decoder block (Llama, Qwen2/2.5/3, the text side of every family below).
+LLAMA_DECODER = BlockLayout(
+    attn_norm="input_layernorm", attn="self_attn",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+    mlp_norm="post_attention_layernorm", mlp="mlp",
+    gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+)
 
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2-vl"
     model_types = ("qwen2_vl",)
+    decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.visual.blocks"
     projector_path = "model.visual.merger"
 
@@ -30,11 +43,13 @@ class Qwen2VLAdapter(Adapter):
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2.5-vl"
     model_types = ("qwen2_5_vl",)
+    decoder_layout = LLAMA_DECODER
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3-vl"
     model_types = ("qwen3_vl",)
+    decoder_layout = LLAMA_DECODER
     # Vision blocks listed in `vision_config.deepstack_visual_indexes` also feed their own mergers,
     # whose outputs are added to the hidden states of the image tokens after decoder layers 0, 1, ...
     extra_projector_paths = ("model.visual.deepstack_merger_list",)
@@ -70,6 +85,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
+    decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
 
@@ -77,6 +93,7 @@ class LlavaAdapter(Adapter):
 class LlavaOnevisionAdapter(Adapter):
     family = "llava-onevision"
     model_types = ("llava_onevision",)
+    decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
 
@@ -85,6 +102,7 @@ class LlavaOnevisionAdapter(Adapter):
 class Idefics3Adapter(Adapter):
     family = "idefics3"
     model_types = ("idefics3", "smolvlm")
+    decoder_layout = LLAMA_DECODER
     decoder_path = "model.text_model.layers"
     final_norm_path = "model.text_model.norm"
     vision_blocks_path = "model.vision_model.encoder.layers"
@@ -95,6 +113,7 @@ class Idefics3Adapter(Adapter):
 class InternVLAdapter(Adapter):
     family = "internvl"
     model_types = ("internvl",)
+    decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.vision_tower.encoder.layer"
     projector_path = "model.multi_modal_projector"
 
