@@ -35,3 +35,23 @@ def store_writer(runs_dir, worker, n):
         cid = ResultsStore.cell_id(**k)
         store.start_cell(cid, k)
         store.finish_cell(cid, [{"task": "synthvqa", "metric": m, "value": float(i)} for m in ("acc", "nll")])
+
+
+def outlier_model(model):
+    """The tiny model with heavy-tailed norm weights: activation outlier channels, as in real LLMs (the
+    random tiny model has none, and outliers are what AWQ's scaling is for). Layer-0 inputs (the
+    calibration set) do not depend on the norms, so the shared calibration set still applies."""
+    import copy
+
+    import torch
+
+    from ptqbench.models.adapters import adapter_for
+
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for blk in adapter_for(m).decoder_layers():
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                w = blk.get_submodule(n).weight
+                w.mul_(torch.exp(torch.randn(w.shape, generator=g)))
+    return m

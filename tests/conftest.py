@@ -29,3 +29,13 @@ def tiny_calib(tiny_qwen, tmp_path_factory):
     d = tmp_path_factory.mktemp("calib")
     path = write_sharegpt(d, tiny_samples(processor, n=8))
     return C.build_calibration(model, adapter_for(model), processor, str(path), 8, 512, 1, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matrices gain nothing from threads, and on a shared, loaded 2-core CPU they lose a lot to contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

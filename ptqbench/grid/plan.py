@@ -130,8 +130,7 @@ def _quantized_widths(cfg: RunConfig, lm: LoadedModel, methods: dict) -> set[int
 def _instances(cfg: RunConfig, lm: LoadedModel, methods: dict, group_size: int) -> dict:
     q = cfg.quant
     specs = {b: QuantSpec(bits=b, group_size=group_size, sym=q.sym, grid=q.rounding) for b in q.bits}
-    for w in sorted(_quantized_widths(cfg, lm, methods)):
-        specs[q.bits[0]].groups_for(w)
+    specs[q.bits[0]].check_widths(sorted(_quantized_widths(cfg, lm, methods)))
     return {(m, b): cls(specs[b], **q.options.get(m, {})) for m, cls in methods.items() for b in q.bits}
 
 

@@ -25,12 +25,7 @@ from ptqbench.methods.quant import QuantizedWeight, QuantSpec, quantize_rtn
 MODEL = "tiny:qwen2-vl"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a loaded 2-core machine: multi-threaded torch is many times slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---- helpers ---------------------------------------------------------------------------------------

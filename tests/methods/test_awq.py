@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+
+from _helpers import outlier_model  # noqa: E402
 from torch import nn
 
 from ptqbench.models.adapters import adapter_for
@@ -28,27 +30,9 @@ from ptqbench.methods.base import Method
 from ptqbench.methods.quant import quantize_rtn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices gain nothing from threads; on a shared CPU they lose a lot to contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def outlier_model(model):
-    """The tiny model with heavy-tailed norm weights: activation outlier channels, as in real LLMs (the
-    random tiny model has none, and outliers are what AWQ's scaling is for). Layer-0 inputs (the
-    calibration set) do not depend on the norms, so the shared calibration set still applies."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for blk in adapter_for(m).decoder_layers():
-            for n in ("input_layernorm", "post_attention_layernorm"):
-                w = blk.get_submodule(n).weight
-                w.mul_(torch.exp(torch.randn(w.shape, generator=g)))
-    return m
 
 
 def _quantize(model, calib, name, bits=3, **opts):

@@ -15,13 +15,7 @@ from ptqbench.methods.gptq import solve
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is ~10x faster than two on a shared, loaded CPU. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def _problem(seed=0, rows=16, cols=64, n=512):
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,8 @@ import statistics
 
 import pytest
 import torch
+
+from _helpers import outlier_model  # noqa: E402
 import torch.nn.functional as F
 
 from ptqbench.errors import BadInput
@@ -24,24 +26,9 @@ from ptqbench.methods.quant import quantize_rtn
 
 
 
-def outlier_model(model):
-    """The tiny model with heavy-tailed norm weights (activation outlier channels; see test_awq.py)."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for blk in adapter_for(m).decoder_layers():
-            for n in ("input_layernorm", "post_attention_layernorm"):
-                w = blk.get_submodule(n).weight
-                w.mul_(torch.exp(torch.randn(w.shape, generator=g)))
-    return m
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _quantize(model, calib, name, bits=3, **opts):

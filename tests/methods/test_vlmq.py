@@ -20,13 +20,7 @@ SPEC = QuantSpec(bits=3, group_size=32)
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")  # the tiny Qwen2-VL's attention projections
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is ~10x faster than two on a shared, loaded CPU. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 

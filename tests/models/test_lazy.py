@@ -15,12 +15,7 @@ from ptqbench.methods import QuantSpec, get_method
 from _helpers import tiny_samples, write_sharegpt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
