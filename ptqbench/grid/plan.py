@@ -15,12 +15,10 @@ from ptqbench.engine.calibration import CalibSet, build_calibration
 from ptqbench.errors import BadInput
 from ptqbench.eval.tasks import seed_everything
 from ptqbench.grid.preflight import make_run_dir, validate_inputs, write_atomic
-from ptqbench.grid.store import ResultsStore, current_environment
+from ptqbench.grid.store import FORMAT_METHOD, FP_METHOD, ResultsStore, current_environment  # noqa: F401 (re-exported)
 from ptqbench.methods import Method, QuantSpec, get_method
 from ptqbench.models.sources import LoadedModel, load_model, resolve_device, resolve_dtype
 
-FP_METHOD = "fp"
-FORMAT_METHOD = "format"  # a deployment format's own cell: its latency, measured once per model (grid/formats.py)
 EVAL_BATCH = 16  # items per evaluation batch (part of a task unit's identity: padding can move a logit)
 
 

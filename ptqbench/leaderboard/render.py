@@ -24,6 +24,7 @@ import jinja2
 from markupsafe import Markup
 
 from ptqbench.errors import one_of
+from ptqbench.grid.store import FORMAT_METHOD  # a format's own cell: its latency, shown on every row of that format
 
 FORMATS = ("md", "html", "json", "latex", "csv")
 ALPHA = 0.05  # significance level of every mark (best, change against full precision)
@@ -108,7 +109,6 @@ def _format_label(bits: int, group_size: int, sym: bool) -> str:
     return f"W{bits} " + ("per-channel" if group_size == -1 else f"g{group_size}") + (" sym" if sym else "")
 
 
-FORMAT_METHOD = "format"  # a deployment format's own cell (runner.plan_formats): its latency, shown on every row of it
 
 
 def _format_of(r) -> tuple:

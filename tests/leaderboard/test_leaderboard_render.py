@@ -259,7 +259,7 @@ def test_leaderboard_on_empty_runs(tmp_path):
 
 
 def test_a_format_latency_shows_on_every_row_of_that_format(tmp_path):
-    """Latency is stored once per format (runner.plan_formats' 'format' cells) and shown on each method's row."""
+    """Latency is stored once per format (grid/formats.py's 'format' cells) and shown on each method's row."""
     s = ResultsStore(tmp_path)
     acc = ("synthvqa", "acc")
     for method in ("rtn", "gptq", "awq"):
