@@ -366,17 +366,24 @@ def build_calibration(model, adapter: Adapter, processor, source: str, n: int, s
     return cs
 
 
+def _without_paths(config: dict) -> dict:
+    """A config without the folder it was loaded from (transformers records it as `_name_or_path`)."""
+    return {k: _without_paths(v) if isinstance(v, dict) else v for k, v in config.items() if k != "_name_or_path"}
+
+
 def model_fingerprint(model) -> str:
     """Identity of a model for cache keys: every parameter for small models, config + files for big ones."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    h.update(str(getattr(model.config, "_name_or_path", "")).encode())
-    h.update(f"{getattr(model, 'name_or_path', '')}:{getattr(model, '_ptq_random_seed', '')}".encode())
+    h = hashlib.sha256(json.dumps(_without_paths(json.loads(model.config.to_json_string(use_diff=False))),
+                                  sort_keys=True).encode())
+    h.update(f":{getattr(model, '_ptq_random_seed', '')}".encode())
     n_params = sum(p.numel() for p in model.parameters())
-    if n_params <= 50_000_000:
+    if n_params <= 50_000_000:  # the content is the identity: a moved or freshly cloned checkout keeps its cells
         for name, p in model.state_dict().items():
             h.update(name.encode())
             hash_into(h, p)
-    else:
+    else:  # too big to hash each run: where its files are, their sizes and times
+        h.update(str(getattr(model.config, "_name_or_path", "")).encode())
+        h.update(f"{getattr(model, 'name_or_path', '')}".encode())
         d = Path(str(getattr(model.config, "_name_or_path", "")))
         for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
             st = f.stat()

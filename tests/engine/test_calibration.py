@@ -258,3 +258,20 @@ def test_record_order_is_the_seeded_shuffle(tmp_path):
     random.Random(3).shuffle(expected)
     got, _ = C.load_samples(str(p), 4, 3)
     assert [s.answer for s in got] == [r["conversations"][1]["value"] for r in expected[:4]]
+
+
+def test_a_models_fingerprint_is_its_content_not_its_folder(tmp_path, tiny_qwen):
+    """A moved or freshly cloned checkout keeps its cells: the folder a small model was loaded from is not
+    part of its identity; its weights are."""
+    from transformers import AutoModelForImageTextToText
+
+    model, _ = tiny_qwen
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "b", dtype=torch.float32)
+    assert a.config._name_or_path != b.config._name_or_path
+    assert C.model_fingerprint(a) == C.model_fingerprint(b)
+    with torch.no_grad():
+        next(b.parameters()).add_(1e-3)
+    assert C.model_fingerprint(a) != C.model_fingerprint(b)
