@@ -104,7 +104,7 @@ def run(**given):
     if failed:
         err_console.print(f"[red]{len(failed)} cell(s) failed[/red]:", soft_wrap=True)
         for c in failed:
-            err_console.print(f"  {c.method} w{c.bits}: {c.error}", soft_wrap=True, markup=False)
+            err_console.print(f"  {c.method} {c.fmt}: {c.error}", soft_wrap=True, markup=False)
         raise typer.Exit(1)
 
 
@@ -134,7 +134,8 @@ def _print_summary(summary) -> None:
     for c in summary.cells:
         vals = [("—" if c.metrics.get(m) is None else f"{c.metrics[m]:.4g}") for m in shown]
         status = {"failed": "[red]failed[/red]", "cached": "cached", "busy": "other run"}.get(c.status, f"{c.seconds:.1f}s")
-        table.add_row(c.method, str(c.bits), status, *vals)
+        bits = str(c.bits) if c.act_bits >= 16 else f"{c.bits} a{c.act_bits}"  # weights only as always; W4A8: "4 a8"
+        table.add_row(c.method, bits, status, *vals)
     out.print(table)
     if len(shown) < len(metrics):
         out.print(f"{len(metrics) - len(shown)} more metrics in the store: bench leaderboard --runs {summary.run_dir.parent}")

@@ -62,6 +62,15 @@ def _check_bits(value, flag):
         QuantSpec(bits=b)  # the one definition of the accepted widths
 
 
+def _check_act_bits(value, flag):
+    if not value:
+        raise BadInput("act-bits is empty; accepted: one or more of 4..8, or 16 (weights only)")
+    if len(set(value)) != len(value):
+        raise BadInput(f"act-bits {','.join(map(str, value))!r} name a width twice; accepted: each of 4..8 and 16 once")
+    for a in value:
+        QuantSpec(act_bits=a)  # the one definition of the accepted activation widths
+
+
 def _check_seeds(value, flag):
     if value is not None and (not value or any(v < 1 for v in value) or len(set(value)) != len(value)):
         raise BadInput(f"seeds {','.join(map(str, value))!r} is not accepted; accepted: distinct integers >= 1, e.g. 1,2,3")
@@ -83,6 +92,8 @@ class ModelConfig:
 class QuantConfig:
     methods: list[str] | None = setting(None, "comma-separated methods (default: all registered)")
     bits: list[int] = setting([2, 3, 4], "comma-separated weight bits, 2-8 (default 2,3,4)", check=_check_bits)
+    act_bits: list[int] = setting([16], "comma-separated activation bits, 4-8, or 16 (weights only, the default)",
+                                  check=_check_act_bits)
     group_size: int | None = setting(None, "-1 per-channel; default: the model's natural size (models/sources.py)")
     sym: bool = setting(False, "symmetric grid (default asymmetric)", flags=("--sym/--asym",))
     rounding: str = setting("minmax", "rounding grid: minmax (AWQ/MBQ convention, default) or gptq", key="grid",

@@ -9,7 +9,10 @@ For every decoder block, in order:
      storage.
 
 Two streams are kept for every method: GPTQ-style methods read quantized-stream inputs, AWQ/MBQ
-full-precision ones, GPTAQ/VLMQ both. The engine knows no method by name and holds no method's
+full-precision ones, GPTAQ/VLMQ both. In a weight-activation format (spec.act_bits < 16) the quantized
+block runs as deployed: the activation quantizer sits at the input of each of its linears while the block
+is quantized, measured and advanced, so quantized-stream statistics see quantized inputs; the
+full-precision copy never has it. The engine knows no method by name and holds no method's
 statistics: methods read inputs through the views of `ptqbench.methods.base` and keep their own.
 """
 
@@ -25,7 +28,7 @@ from torch import nn
 from ptqbench.engine.calibration import CalibSet
 from ptqbench.errors import BadInput
 from ptqbench.methods.base import BlockView, Method, RunBatch, RunView
-from ptqbench.methods.quant import QuantizedWeight
+from ptqbench.methods.quant import QuantizedWeight, install_activation_quantizers
 from ptqbench.models.adapters import Adapter, move
 from ptqbench.models.lazy import block_seed, is_lazy, materialize_block
 
@@ -225,12 +228,16 @@ def _quantize_stack(stack: _Stack, q_start: list[torch.Tensor] | None, method: M
     fp = [b.hidden.to(dtype) for b in stack.batches]
     q = [h.to(dtype) for h in q_start] if q_start is not None else [h.clone() for h in fp]
     label = "vision" if stack.is_vision else "blocks"
-    task = progress.add_task(f"{method.name} w{method.spec.bits} {label}", total=stack.n_blocks) if progress else None
+    spec = method.spec
+    fmt = f"w{spec.bits}" + (f"a{spec.act_bits}" if spec.quantizes_activations else "")
+    task = progress.add_task(f"{method.name} {fmt} {label}", total=stack.n_blocks) if progress else None
     for i in range(stack.n_blocks):
         t0 = time.perf_counter()
         block, storage = _load_block(stack, i, adapter, device)
         fp_block = copy.deepcopy(block).requires_grad_(False)
         names = list(adapter.block_linears(block))
+        act_hooks = (install_activation_quantizers([block.get_submodule(n) for n in names], spec.act_bits)
+                     if spec.quantizes_activations else [])
         ctx = BlockContext(i, f"{stack.prefix}.{i}", block, fp_block, names, adapter.sequential_groups(names), fp, q,
                            stack.batches, adapter, device, is_vision=stack.is_vision)
         method.quantize_block(ctx)
@@ -238,6 +245,8 @@ def _quantize_stack(stack: _Stack, q_start: list[torch.Tensor] | None, method: M
         if missing:
             raise RuntimeError(f"method {method.name!r} left linears of {stack.prefix}.{i} unquantized: {missing}")
         fp, q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, fp, q)
+        for h in act_hooks:  # the stored model holds weights only; evaluation installs its own quantizers
+            h.remove()
         for n, e in _err_final(lin_acc).items():
             diag["linears"][f"{stack.prefix}.{i}.{n}"] = e
         diag["vision_blocks" if stack.is_vision else "blocks"][i] = _err_final(blk_acc)
@@ -291,6 +300,10 @@ def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: 
     for stack in stacks:
         _quantize_stack(stack, q_start, method, adapter, device, dtype, quantized, diag, progress)
         if stack.is_vision:  # the decoder's quantized stream starts from what the quantized vision tower produces
+            hooks = (install_activation_quantizers([blk.get_submodule(n) for blk in stack.layers for n in adapter.block_linears(blk)],
+                                                   method.spec.act_bits) if method.spec.quantizes_activations else [])
             q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
+            for h in hooks:
+                h.remove()
     info = method.on_end(run)
     return EngineResult(quantized, diag, info)

@@ -17,6 +17,7 @@ from ptqbench.engine.blockwise import EngineResult, quantize_model
 from ptqbench.errors import one_line
 from ptqbench.eval.tasks import seed_everything
 from ptqbench.grid.plan import EVAL_BATCH, FP_METHOD, Cell, Grid
+from ptqbench.methods.quant import install_activation_quantizers
 from ptqbench.models.adapters import adapter_for
 
 CELL_FILE = "model.safetensors"
@@ -85,7 +86,7 @@ def _save(grid: Grid, cell: Cell, quantized: dict, other: dict) -> str:
 def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict]:
     """Quantize `model` in place with the cell's method: (recon rows, artifacts)."""
     cfg, device = grid.cfg, grid.device
-    inst = grid.instances[(cell.method, cell.bits)]
+    inst = grid.instances[cell.instance_key]
     with measure(device) as cost:
         result = quantize_model(model, adapter_for(model), grid.calib, inst, device=device, progress=progress,
                                 include_vision=cfg.quant.quantize_vision, max_blocks=cfg.quant.max_blocks)
@@ -118,6 +119,25 @@ def reload(model, path: Path) -> None:
         lin.weight.data = qw.dequantize().to(lin.weight.device, lin.weight.dtype)
 
 
+def quantized_linears(grid: Grid, model) -> list[str]:
+    """The names of the linears the grid quantizes in `model` (the engine's names: <stack>.<i>.<linear>)."""
+    adapter, q = adapter_for(model), grid.cfg.quant
+    layers = list(adapter.decoder_layers())
+    stacks = [(adapter.decoder_path, layers if q.max_blocks is None else layers[: q.max_blocks])]
+    if q.quantize_vision:
+        stacks.append((adapter.vision_blocks_path, list(adapter.vision_blocks())))
+    return [f"{prefix}.{i}.{n}" for prefix, blocks in stacks for i, blk in enumerate(blocks)
+            for n in adapter.block_linears(blk)]
+
+
+def install_cell_activations(grid: Grid, cell: Cell, model) -> list:
+    """A weight-activation cell is evaluated as deployed: its activation quantizer (fake-quant, per token) at
+    the input of every quantized linear. Returns the hook handles (none for a weight-only cell)."""
+    if cell.act_bits >= 16:
+        return []
+    return install_activation_quantizers([model.get_submodule(n) for n in quantized_linears(grid, model)], cell.act_bits)
+
+
 def _score(grid: Grid, model, unit, progress) -> tuple[list[dict], dict]:
     """A task unit on the fake-quant weights (the method's exact output): (rows, per-item scores)."""
     task = grid.tasks[unit.name]
@@ -144,6 +164,7 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
             out["quant"] = dict(rows=rows, artifacts=artifacts)
         else:
             reload(model, stored_file)
+        install_cell_activations(grid, cell, model)  # the model is this cell's copy: the hooks go with it
     if cell.units:
         model.to(grid.device)
     for unit in cell.units:

@@ -104,7 +104,12 @@ def _record(store, label: str, cell: Cell, r) -> CellOutcome:
 
 
 def run_formats(grid: Grid, store, owner: str, log) -> list[CellOutcome]:
-    """Time every format whose latency the store lacks, all in one interleaved measurement."""
+    """Time every format whose latency the store lacks, all in one interleaved measurement. Weight-activation
+    formats are fake-quantized only (no integer-activation kernel yet), so their latency is not measured."""
+    acts = [a for a in grid.cfg.quant.act_bits if a < 16]
+    if grid.cfg.deploy.latency and acts:
+        log("[latency] NOT MEASURED for weight-activation formats (" + ", ".join(f"A{a}" for a in acts) + "): they run as "
+            "fake-quant only, with no integer-activation kernel yet; only the weight-only formats are timed")
     todo = _claim_formats(grid, store, owner, log)
     if not todo:
         return []

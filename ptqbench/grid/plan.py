@@ -22,6 +22,11 @@ from ptqbench.models.sources import LoadedModel, load_model, resolve_device, res
 EVAL_BATCH = 16  # items per evaluation batch (part of a task unit's identity: padding can move a logit)
 
 
+def format_name(bits: int, act_bits: int = 16) -> str:
+    """A cell's format in log lines and summaries: w4 (weights only, as always), w4a8 (weights and activations)."""
+    return f"w{bits}" + (f"a{act_bits}" if act_bits < 16 else "")
+
+
 @dataclass
 class CellOutcome:
     method: str
@@ -30,6 +35,11 @@ class CellOutcome:
     metrics: dict = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    act_bits: int = 16
+
+    @property
+    def fmt(self) -> str:
+        return format_name(self.bits, self.act_bits)
 
 
 @dataclass
@@ -59,6 +69,16 @@ class Cell:
     cell_id: str
     units: list[Unit] = field(default_factory=list)
     quantize: bool = True  # False: the quantization is stored, only units are missing
+    act_bits: int = 16  # activation bits (16: weights only)
+
+    @property
+    def fmt(self) -> str:
+        return format_name(self.bits, self.act_bits)
+
+    @property
+    def instance_key(self) -> tuple[str, int, int]:
+        """The key of the cell's method instance in `Grid.instances`."""
+        return (self.method, self.bits, self.act_bits)
 
 
 @dataclass
@@ -68,7 +88,7 @@ class Grid:
     cfg: RunConfig
     lm: LoadedModel
     calib: CalibSet
-    instances: dict[tuple[str, int], Method]
+    instances: dict[tuple[str, int, int], Method]  # (method, bits, act_bits) -> its instance
     tasks: dict
     group_size: int
     device: torch.device
@@ -127,9 +147,10 @@ def _quantized_widths(cfg: RunConfig, lm: LoadedModel, methods: dict) -> set[int
 
 def _instances(cfg: RunConfig, lm: LoadedModel, methods: dict, group_size: int) -> dict:
     q = cfg.quant
-    specs = {b: QuantSpec(bits=b, group_size=group_size, sym=q.sym, grid=q.rounding) for b in q.bits}
-    specs[q.bits[0]].check_widths(sorted(_quantized_widths(cfg, lm, methods)))
-    return {(m, b): cls(specs[b], **q.options.get(m, {})) for m, cls in methods.items() for b in q.bits}
+    specs = {(b, a): QuantSpec(bits=b, group_size=group_size, sym=q.sym, grid=q.rounding, act_bits=a)
+             for b in q.bits for a in q.act_bits}
+    specs[(q.bits[0], q.act_bits[0])].check_widths(sorted(_quantized_widths(cfg, lm, methods)))
+    return {(m, b, a): cls(spec, **q.options.get(m, {})) for m, cls in methods.items() for (b, a), spec in specs.items()}
 
 
 def _capture(cfg: RunConfig, lm: LoadedModel, device: torch.device, progress, log) -> CalibSet:
@@ -202,19 +223,22 @@ def fp_key(grid: Grid) -> dict:
 
 
 def plan(grid: Grid) -> list[Cell]:
-    """Full precision first (when there is a task to score), then every (method, bits)."""
+    """Full precision first (when there is a task to score), then every (method, bits, act_bits). A weight-only
+    cell's key is what it always was; a weight-activation cell's options gain `act_bits` (a new identity)."""
     cfg, shared, todo = grid.cfg, identity(grid), units(grid)
     cells = []
     if todo:  # full precision: the accuracy baseline
         key = fp_key(grid)
         cells.append(Cell(FP_METHOD, 16, key, ResultsStore.cell_id(**key), list(todo), quantize=False))
-    for (method, bits), inst in grid.instances.items():
+    for (method, bits, act_bits), inst in grid.instances.items():
         options = inst.options_dict()
+        if act_bits < 16:
+            options["act_bits"] = act_bits
         if cfg.quant.quantize_vision:
             options["quantize_vision"] = True  # part of the cell's identity
         if cfg.quant.max_blocks is not None:
             options["max_blocks"] = cfg.quant.max_blocks  # a partial (cost) cell is never mistaken for a whole one
         key = dict(shared, method=method, method_options=options, bits=bits, group_size=grid.group_size,
                    sym=cfg.quant.sym, grid=cfg.quant.rounding, seed=cfg.calib.seed, calib_hash=grid.calib.hash)
-        cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key), list(todo)))
+        cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key), list(todo), act_bits=act_bits))
     return cells

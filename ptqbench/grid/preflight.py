@@ -52,10 +52,11 @@ def validate_inputs(cfg: RunConfig) -> dict:
         ResultsStore(runs, create=False).check_writable()  # refuses a foreign, damaged or read-only store
     methods = {m: get_method(m) for m in cfg.method_list()}
     q, c = cfg.quant, cfg.calib
-    for m, cls in methods.items():  # options of every named method, at every bit width
+    for m, cls in methods.items():  # options of every named method, at every format (a method may refuse one)
         for b in q.bits:
-            cls(QuantSpec(bits=b, group_size=q.group_size if q.group_size is not None else 128, sym=q.sym,
-                          grid=q.rounding), **q.options.get(m, {}))
+            for a in q.act_bits:
+                cls(QuantSpec(bits=b, group_size=q.group_size if q.group_size is not None else 128, sym=q.sym,
+                              grid=q.rounding, act_bits=a), **q.options.get(m, {}))
     device = resolve_device(cfg.model.device)
     check_model_source(cfg.model.source, allow_pickle=cfg.model.allow_pickle)
     check_source(c.source, c.n, c.seed, c.image_root)

@@ -140,7 +140,7 @@ class RayExecutor:
                         if bar is not None:
                             progress.advance(bar)
                         continue
-                    ref = task.options(name=f"ptqbench {todo.method} w{todo.bits}").remote(cfg_json, calib_hash, todo, stored_file(todo))
+                    ref = task.options(name=f"ptqbench {todo.method} {todo.fmt}").remote(cfg_json, calib_hash, todo, stored_file(todo))
                     pending[ref] = (todo, time.perf_counter())
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

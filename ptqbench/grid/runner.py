@@ -1,4 +1,4 @@
-"""The grid runner: one calibration set, every (method, bits) cell, results into the store.
+"""The grid runner: one calibration set, every (method, bits, act_bits) cell, results into the store.
 
 A cell is the quantized model, keyed by everything that produced it; its task scores and deployment
 figures are units keyed by their own settings too (grid/store.py). A rerun computes exactly what is
@@ -10,6 +10,7 @@ grid goes on. Cells are claimed in the store, so concurrent runs never compute o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def missing(store, cell: Cell, force: bool) -> Cell | None:
     quantize = cell.method != FP_METHOD and status != "done"
     if not quantize and not units:
         return None
-    return Cell(cell.method, cell.bits, cell.key, cell.cell_id, units, quantize)
+    return dataclasses.replace(cell, units=units, quantize=quantize)
 
 
 def _stored_file(grid: Grid, store, cell: Cell) -> Path | None:
@@ -86,8 +87,9 @@ class Bookkeeper:
 
     def _cached(self, cell: Cell, why: str) -> None:
         rows = self.store.rows(cell_id=cell.cell_id, status="ok")
-        self.outcomes.append(CellOutcome(cell.method, cell.bits, "cached", _metrics(rows, self.planned[cell.cell_id])))
-        self.log(f"{cell.method} w{cell.bits}: {why} (cell {cell.cell_id}), skipped"
+        self.outcomes.append(CellOutcome(cell.method, cell.bits, "cached", _metrics(rows, self.planned[cell.cell_id]),
+                                         act_bits=cell.act_bits))
+        self.log(f"{cell.method} {cell.fmt}: {why} (cell {cell.cell_id}), skipped"
                  + ("; use --force to recompute" if why == "already done" else ""))
 
     def started(self, cell: Cell) -> Cell | None:
@@ -95,8 +97,9 @@ class Bookkeeper:
         store = self.store
         busy = store.claim(cell.cell_id, self._record_of(cell), self.owner)
         if busy:
-            self.outcomes.append(CellOutcome(cell.method, cell.bits, "busy", error=f"claimed by {busy}"))
-            self.log(f"[BUSY] {cell.method} w{cell.bits}: cell {cell.cell_id} is being computed by {busy}; left to it")
+            self.outcomes.append(CellOutcome(cell.method, cell.bits, "busy", error=f"claimed by {busy}",
+                                             act_bits=cell.act_bits))
+            self.log(f"[BUSY] {cell.method} {cell.fmt}: cell {cell.cell_id} is being computed by {busy}; left to it")
             return None
         todo = missing(store, cell, self.grid.cfg.grid.force)
         if todo is None:
@@ -105,14 +108,14 @@ class Bookkeeper:
             return None
         self.stored[cell.cell_id] = _stored_file(self.grid, store, todo)
         if todo.method != FP_METHOD and not todo.quantize and self.stored[cell.cell_id] is None:
-            self.log(f"{cell.method} w{cell.bits}: its saved weights are gone, so it is quantized again for "
+            self.log(f"{cell.method} {cell.fmt}: its saved weights are gone, so it is quantized again for "
                      f"{', '.join(u.name for u in todo.units)}")
             todo.quantize = True
         if todo.quantize:
             store.start_cell(cell.cell_id, self._record_of(cell))
         i = self.pending.index(cell) + 1 if cell in self.pending else 0
         what = (["quantize"] if todo.quantize else []) + [u.name for u in todo.units]
-        self.log(f"[{i}/{len(self.pending)}] {cell.method} w{cell.bits}: start ({', '.join(what)})")
+        self.log(f"[{i}/{len(self.pending)}] {cell.method} {cell.fmt}: start ({', '.join(what)})")
         return todo
 
     def _write(self, cell: Cell, result: dict) -> list[str]:
@@ -139,17 +142,18 @@ class Bookkeeper:
         rows = self.store.rows(cell_id=cell.cell_id, status="ok")
         status = "failed" if errors else "done"
         self.outcomes.append(CellOutcome(cell.method, cell.bits, status, _metrics(rows, self.planned[cell.cell_id]),
-                                         "; ".join(errors) or None, seconds))
+                                         "; ".join(errors) or None, seconds, cell.act_bits))
         for e in errors:
-            self.log(f"[FAILED] {cell.method} w{cell.bits}: {e}")
+            self.log(f"[FAILED] {cell.method} {cell.fmt}: {e}")
         self._progress_line(cell, seconds, status)
 
     def failed(self, cell: Cell, error: str, detail: str, seconds: float) -> None:
         if self.store.cell_status(cell.cell_id) == "running":
             self.store.fail_cell(cell.cell_id, error + "\n" + detail)
         self.store.release(cell.cell_id, self.owner)
-        self.outcomes.append(CellOutcome(cell.method, cell.bits, "failed", error=error, seconds=seconds))
-        self.log(f"[FAILED] {cell.method} w{cell.bits}: {error}")
+        self.outcomes.append(CellOutcome(cell.method, cell.bits, "failed", error=error, seconds=seconds,
+                                         act_bits=cell.act_bits))
+        self.log(f"[FAILED] {cell.method} {cell.fmt}: {error}")
         self._progress_line(cell, seconds, "failed")
 
     def _progress_line(self, cell: Cell, seconds: float, status: str) -> None:
@@ -157,7 +161,7 @@ class Bookkeeper:
         self.spent += seconds
         left = len(self.pending) - self.done
         eta = self.spent / self.done * left
-        self.log(f"[{self.done}/{len(self.pending)}] {cell.method} w{cell.bits}: {status} in {fmt_s(seconds)}; "
+        self.log(f"[{self.done}/{len(self.pending)}] {cell.method} {cell.fmt}: {status} in {fmt_s(seconds)}; "
                  f"elapsed {fmt_s(time.perf_counter() - self.t0)}, about {fmt_s(eta)} left for {left} cell(s)")
 
 
@@ -176,6 +180,6 @@ def _run_one(cfg: RunConfig, progress=None, log=print) -> RunSummary:
         grid, book.pending, book.started, book.finished, book.failed, progress,
         stored_file=lambda c: book.stored.get(c.cell_id))
     outcomes = book.outcomes + run_formats(grid, store, book.owner, log)  # latency: here, after the cells, all at once
-    order = {(c.method, c.bits): i for i, c in enumerate(cells)}
-    outcomes.sort(key=lambda o: order.get((o.method, o.bits), 0))
+    order = {(c.method, c.bits, c.act_bits): i for i, c in enumerate(cells)}
+    outcomes.sort(key=lambda o: order.get((o.method, o.bits, o.act_bits), 0))
     return RunSummary(grid.run_dir, cfg.model.source, grid.group_size, grid.manifest, outcomes)

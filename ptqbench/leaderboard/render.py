@@ -78,11 +78,12 @@ class Entry:
     config: str
     series: str  # label without the bit width: one line in the accuracy-vs-bits plot
     is_fp: bool
-    fmt: str = ""  # the format: "W4 g64", "W3 per-channel sym", "FP (float32)"
+    fmt: str = ""  # the format: "W4 g64", "W3 per-channel sym", "W4A8 g64", "FP (float32)"
     opts_key: str = ""  # the method options as JSON: rows that differ only in calibration set share it
     metrics: dict = field(default_factory=dict)  # (task, metric) -> store row
     items: dict = field(default_factory=dict)  # (task, metric) -> {"kind", "items", "weights"} of that row
     note: str = ""  # cell-level failure
+    act_bits: int = 16  # activation bits of a weight-activation format (16: weights only)
 
 
 def _num(v, text=None, note="") -> TableCell:
@@ -105,14 +106,20 @@ def _failure(error) -> str:
     return "failed: " + (first if len(first) <= 300 else first[:299] + "…")
 
 
-def _format_label(bits: int, group_size: int, sym: bool) -> str:
-    return f"W{bits} " + ("per-channel" if group_size == -1 else f"g{group_size}") + (" sym" if sym else "")
+def _format_label(bits: int, group_size: int, sym: bool, act_bits: int = 16) -> str:
+    return f"W{bits}" + (f"A{act_bits}" if act_bits < 16 else "") + " " + ("per-channel" if group_size == -1 else f"g{group_size}") + (" sym" if sym else "")
 
 
+
+
+def _act_bits(opts: dict) -> int:
+    """A weight-activation cell keeps its activation bits in its options (weight-only cells have none)."""
+    return int(opts.get("act_bits", 16))
 
 
 def _format_of(r) -> tuple:
-    return int(r["bits"]), int(r.get("group_size") or 0), bool(r.get("sym")), bool(_opts(r.get("method_options")).get("quantize_vision"))
+    opts = _opts(r.get("method_options"))
+    return int(r["bits"]), int(r.get("group_size") or 0), bool(r.get("sym")), bool(opts.get("quantize_vision")), _act_bits(opts)
 
 
 def _entries(rows: list[dict], cells: list[dict], units: list[dict]) -> list[Entry]:
@@ -140,11 +147,14 @@ def _entries(rows: list[dict], cells: list[dict], units: list[dict]) -> list[Ent
         gs, sym, calib = int(r.get("group_size") or 0), bool(r.get("sym")), r.get("calib_hash") or ""
         key = (r["method"], int(r["bits"])) if fp else (r["method"], json.dumps(opts, sort_keys=True), int(r["bits"]), gs, sym, calib)
         if key not in entries:
-            parts = [f"{k}={v}" for k, v in sorted(opts.items()) if k in varying.get(r["method"], ())]
+            act = _act_bits(opts)  # shown in the format, not as an option
+            parts = [f"{k}={v}" for k, v in sorted(opts.items()) if k in varying.get(r["method"], ()) and k != "act_bits"]
             parts += [f"calib {calib[:8]}"] if several_calibs and not fp else []
-            label = f"FP ({dtypes.get(r['cell_id']) or 'dtype not recorded'})" if fp else _format_label(int(r["bits"]), gs, sym)
-            series = " ".join([r["method"], *parts] + ([] if fp else [label.split(" ", 1)[1]]))
-            entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp, label, json.dumps(opts, sort_keys=True))
+            label = f"FP ({dtypes.get(r['cell_id']) or 'dtype not recorded'})" if fp else _format_label(int(r["bits"]), gs, sym, act)
+            acts = [f"A{act}"] if act < 16 else []
+            series = " ".join([r["method"], *parts] + ([] if fp else acts + [label.split(" ", 1)[1]]))
+            entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp, label, json.dumps(opts, sort_keys=True),
+                                 act_bits=act)
         return entries[key]
 
     for r in rows:  # by id: a later unit of the same task (another eval n) is the one shown
@@ -161,8 +171,8 @@ def _entries(rows: list[dict], cells: list[dict], units: list[dict]) -> list[Ent
             entry(c).note = _failure(c.get("error"))
         elif c["status"] == "running" and not entry(c).metrics:
             entry(c).note = f"not finished (started {c.get('started_at')}, attempt {c.get('attempts')})"
-    # Full precision first, then widest bits first, then by method name.
-    return sorted(entries.values(), key=lambda e: (not e.is_fp, -e.bits, e.method, e.config))
+    # Full precision first, then widest bits first (weight-only before weight-activation), then by method name.
+    return sorted(entries.values(), key=lambda e: (not e.is_fp, -e.bits, -e.act_bits, e.method, e.config))
 
 
 def _stat(e: Entry, name: str):
@@ -195,11 +205,11 @@ def _score_cell(e: Entry, key, show_n: bool) -> TableCell:
 
 
 def _mark_best(cells_by_entry: list[tuple[Entry, TableCell]], key, higher: bool) -> None:
-    """Bold the best quantized value of a bit width only where a paired test puts it above the runner-up."""
-    by_bits: dict[int, list[tuple[Entry, TableCell]]] = {}
+    """Bold the best quantized value of a format's bit widths only where a paired test puts it above the runner-up."""
+    by_bits: dict[tuple[int, int], list[tuple[Entry, TableCell]]] = {}
     for e, c in cells_by_entry:
         if not e.is_fp and c.value is not None:
-            by_bits.setdefault(e.bits, []).append((e, c))
+            by_bits.setdefault((e.bits, e.act_bits), []).append((e, c))
     for group in by_bits.values():
         if len(group) < 2:
             continue  # a lone method at a bit width is not "best" of anything

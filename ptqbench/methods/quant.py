@@ -24,6 +24,7 @@ import torch
 from ptqbench.errors import BadInput, one_of
 
 GRIDS = ("minmax", "gptq")
+ACT_BITS = (4, 5, 6, 7, 8, 16)  # 16: weights only, activations stay in the compute dtype
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class QuantSpec:
     group_size: int = 128  # -1 = one group per output row (per-channel)
     sym: bool = False
     grid: str = "minmax"
+    act_bits: int = 16  # activation bits at every quantized linear's input; 16 = weights only
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -40,6 +42,8 @@ class QuantSpec:
             raise BadInput(f"group size {self.group_size!r} is not accepted; accepted: -1 (per-channel) or a positive integer")
         if self.grid not in GRIDS:
             raise one_of("grid", self.grid, GRIDS)
+        if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS:
+            raise BadInput(f"act-bits {self.act_bits!r} is not accepted; accepted: 4..8, or 16 (weights only)")
 
     @property
     def maxq(self) -> int:
@@ -64,7 +68,12 @@ class QuantSpec:
     @property
     def label(self) -> str:
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        return f"w{self.bits}{g}{'s' if self.sym else ''}"
+        a = f"a{self.act_bits}" if self.quantizes_activations else ""
+        return f"w{self.bits}{g}{'s' if self.sym else ''}{a}"
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits < 16
 
 
 def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,3 +159,28 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     return QuantizedWeight(
         q.to(torch.uint8), scale.reshape(rows, -1), zero.reshape(rows, -1), g_idx.int(), spec
     )
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token dynamic symmetric fake quantization over the last (channel) dim: scale = max(absmax, 1e-5) /
+    (2^(b-1)-1) per token (the absmax clamped before the division, as SmoothQuant and MBQ's WALinear do), codes
+    clamped to [-2^(b-1), 2^(b-1)-1]. Computed in fp32 and returned in x's dtype."""
+    q_max = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / q_max
+    return (torch.clamp(torch.round(xf / scale), -q_max - 1, q_max) * scale).to(x.dtype)
+
+
+class ActivationQuantizer:
+    """A forward pre-hook that fake-quantizes a linear's input per token (`quantize_activation`)."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def __call__(self, module, args):
+        return (quantize_activation(args[0], self.bits),) + tuple(args[1:])
+
+
+def install_activation_quantizers(modules, bits: int) -> list:
+    """Hook the activation quantizer onto each linear of `modules`; returns the hook handles (remove() them)."""
+    return [m.register_forward_pre_hook(ActivationQuantizer(bits)) for m in modules]

@@ -13,6 +13,7 @@ from ptqbench.methods.gptaq import GPTAQ
 from ptqbench.methods.gptq import GPTQ
 from ptqbench.methods.mbq import MBQ
 from ptqbench.methods.rtn import RTN
+from ptqbench.methods.smoothquant import SmoothQuant
 from ptqbench.methods.vlmq import VLMQ
 
 ENTRY_POINT_GROUP = "ptqbench.methods"
@@ -23,6 +24,7 @@ BUILTIN_METHODS: dict[str, type[Method]] = {
     "awq": AWQ,
     "mbq": MBQ,
     "vlmq": VLMQ,
+    "smoothquant": SmoothQuant,
 }
 _REGISTERED: dict[str, type[Method]] = dict(BUILTIN_METHODS)  # the table plus runtime registrations
 _PLUGINS: dict[str, type[Method]] | None = None
