@@ -89,3 +89,37 @@ def test_quantize_vision_tower_too(tiny_qwen, tmp_path):
     # Without the vision tower, the first decoder block sees identical streams: no stream error before it.
     plain = quantize_model(copy.deepcopy(model), adapter_for(model), cs, get_method("rtn")(QuantSpec(bits=8, group_size=16)))
     assert not any(n.startswith(ad.vision_blocks_path) for n in plain.quantized)
+
+
+class _ActProbe(Method):
+    """Records, for block 1, the q_proj inputs on each stream and the block's hooks, then rounds with RTN."""
+
+    name = "act-probe"
+    seen: dict = {}
+
+    def quantize_block(self, block: BlockContext):
+        if block.index == 1:
+            _ActProbe.seen = {s: block.linear_inputs(["self_attn.q_proj"], 0, s)["self_attn.q_proj"] for s in ("quant", "fp")}
+            _ActProbe.seen["fp_hooks"] = sum(len(m._forward_pre_hooks) for m in block.fp_block.modules())
+        get_method("rtn").quantize_block(self, block)
+
+
+def test_activation_quantizer_on_the_quantized_stream_only(tiny_qwen, tiny_calib):
+    """W4A8: the quantized block's linears see per-token 8-bit inputs (quantizing them again changes
+    nothing), the FP stream and the FP copy never do, and no hook is left on the model afterwards."""
+    from ptqbench.methods.quant import quantize_activation
+
+    model = copy.deepcopy(tiny_qwen[0])
+    res = quantize_model(model, adapter_for(model), tiny_calib, _ActProbe(QuantSpec(bits=4, group_size=32, act_bits=8)))
+    q, fp = _ActProbe.seen["quant"], _ActProbe.seen["fp"]
+    torch.testing.assert_close(quantize_activation(q, 8), q, rtol=0, atol=1e-6)
+    assert not torch.allclose(quantize_activation(fp, 8), fp)
+    assert _ActProbe.seen["fp_hooks"] == 0
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    # the deployed stream differs from the weight-only one (same weights: RTN does not read inputs)
+    wo = copy.deepcopy(tiny_qwen[0])
+    res_wo = quantize_model(wo, adapter_for(wo), tiny_calib, get_method("rtn")(QuantSpec(bits=4, group_size=32)))
+    last = max(res.diagnostics["blocks"])
+    assert res.diagnostics["blocks"][last]["stream"]["all"] != res_wo.diagnostics["blocks"][last]["stream"]["all"]
+    for n, qw in res_wo.quantized.items():
+        assert torch.equal(res.quantized[n].qweight, qw.qweight)
