@@ -283,6 +283,10 @@ def _load_cell(src: Path, out: Path, model_name: str | None):
     weights, other, meta = load_quantized(src)
     if not weights:
         raise BadInput(f"{src} holds no quantized weight (a full-precision cell?); accepted: a quantized cell")
+    act_bits = (meta.get("options") or {}).get("act_bits") if isinstance(meta.get("options"), dict) else None
+    if act_bits is not None:  # a GPTQ checkpoint has no activation quantizer: exporting it would drop A{act_bits}
+        raise BadInput(f"{src} is a weight-activation cell (A{act_bits}), which a GPTQ checkpoint cannot describe; "
+                       "accepted: a weight-only cell (its W*A16 sibling)")
     name = model_name or meta.get("model")
     if not name:
         raise BadInput(f"{src} does not record its base model; accepted: pass model_name (testbed, tiny:<family>, a checkpoint dir)")

@@ -13,7 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from ptqbench import cli
+from ptqbench.deploy.export import export_gptq
 from ptqbench.deploy.packing import load_quantized
+from ptqbench.errors import BadInput
 from ptqbench.engine.blockwise import quantize_model
 from ptqbench.grid import formats
 from ptqbench.grid.cell import install_cell_activations, quantized_linears
@@ -60,6 +62,10 @@ def test_w4a8_and_w4a16_grid_end_to_end(tmp_path):
     code, md = run("leaderboard", "--runs", tmp_path)
     assert code == 0, md
     assert "| rtn | W4A8 g32 |" in md and "| rtn | W4 g32 |" in md and "act_bits" not in md
+    w4a8 = next(cid for m, b, o, cid, s in cells if m == "rtn" and "act_bits" in o)
+    with pytest.raises(BadInput, match="weight-activation cell"):  # a GPTQ checkpoint would silently drop A8
+        export_gptq(tmp_path / "r" / "cells" / w4a8 / "model.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_weight_only_spec_is_bit_identical_for_every_method(tiny_qwen, tiny_calib):
