@@ -38,7 +38,7 @@ def test_bad_flags(tmp_path, args, needle):
         else bench("run", "--runs", str(tmp_path / "runs"), *args)
     assert code == 2, out
     line = out.strip()
-    assert "\n" not in line and needle in line and "accepted" in line.lower() or "must be" in line
+    assert "\n" not in line and needle in line and ("accepted" in line.lower() or "must be" in line)
 
 
 def test_unknown_config_key(tmp_path):

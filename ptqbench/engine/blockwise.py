@@ -229,8 +229,7 @@ def _quantize_stack(stack: _Stack, q_start: list[torch.Tensor] | None, method: M
     q = [h.to(dtype) for h in q_start] if q_start is not None else [h.clone() for h in fp]
     label = "vision" if stack.is_vision else "blocks"
     spec = method.spec
-    fmt = f"w{spec.bits}" + (f"a{spec.act_bits}" if spec.quantizes_activations else "")
-    task = progress.add_task(f"{method.name} {fmt} {label}", total=stack.n_blocks) if progress else None
+    task = progress.add_task(f"{method.name} {spec.label} {label}", total=stack.n_blocks) if progress else None
     for i in range(stack.n_blocks):
         t0 = time.perf_counter()
         block, storage = _load_block(stack, i, adapter, device)

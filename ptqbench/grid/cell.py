@@ -83,8 +83,8 @@ def _save(grid: Grid, cell: Cell, quantized: dict, other: dict) -> str:
     return str(out.relative_to(Path(cfg.grid.runs)))
 
 
-def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict]:
-    """Quantize `model` in place with the cell's method: (recon rows, artifacts)."""
+def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict, list[str]]:
+    """Quantize `model` in place with the cell's method: (recon rows, artifacts, the quantized linears)."""
     cfg, device = grid.cfg, grid.device
     inst = grid.instances[cell.instance_key]
     with measure(device) as cost:
@@ -105,11 +105,12 @@ def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict]
     artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info, memory_kind=cost.kind)
     if cfg.grid.save_model:
         artifacts["model_file"] = _save(grid, cell, result.quantized, other)
-    return rows, artifacts
+    return rows, artifacts, list(result.quantized)
 
 
-def reload(model, path: Path) -> None:
-    """Put a cell's saved packed weights into `model` (its fake-quant form, exactly as quantized)."""
+def reload(model, path: Path) -> list[str]:
+    """Put a cell's saved packed weights into `model` (its fake-quant form, exactly as quantized); returns the
+    quantized linears' names."""
     weights, other, _ = load_quantized(path)
     unexpected = model.load_state_dict(other, strict=False).unexpected_keys
     if unexpected:
@@ -117,25 +118,16 @@ def reload(model, path: Path) -> None:
     for name, qw in weights.items():
         lin = model.get_submodule(name)
         lin.weight.data = qw.dequantize().to(lin.weight.device, lin.weight.dtype)
+    return list(weights)
 
 
-def quantized_linears(grid: Grid, model) -> list[str]:
-    """The names of the linears the grid quantizes in `model` (the engine's names: <stack>.<i>.<linear>)."""
-    adapter, q = adapter_for(model), grid.cfg.quant
-    layers = list(adapter.decoder_layers())
-    stacks = [(adapter.decoder_path, layers if q.max_blocks is None else layers[: q.max_blocks])]
-    if q.quantize_vision:
-        stacks.append((adapter.vision_blocks_path, list(adapter.vision_blocks())))
-    return [f"{prefix}.{i}.{n}" for prefix, blocks in stacks for i, blk in enumerate(blocks)
-            for n in adapter.block_linears(blk)]
-
-
-def install_cell_activations(grid: Grid, cell: Cell, model) -> list:
+def install_cell_activations(cell: Cell, model, names: list[str]) -> list:
     """A weight-activation cell is evaluated as deployed: its activation quantizer (fake-quant, per token) at
-    the input of every quantized linear. Returns the hook handles (none for a weight-only cell)."""
+    the input of every linear it quantized (`names`, as the engine or the saved file lists them). Returns the
+    hook handles (none for a weight-only cell)."""
     if cell.act_bits >= 16:
         return []
-    return install_activation_quantizers([model.get_submodule(n) for n in quantized_linears(grid, model)], cell.act_bits)
+    return install_activation_quantizers([model.get_submodule(n) for n in names], cell.act_bits)
 
 
 def _score(grid: Grid, model, unit, progress) -> tuple[list[dict], dict]:
@@ -160,11 +152,11 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
     out: dict = {"quant": None, "units": []}
     if cell.method != FP_METHOD:
         if cell.quantize or stored_file is None:
-            rows, artifacts = quantize(grid, cell, model, progress)
+            rows, artifacts, names = quantize(grid, cell, model, progress)
             out["quant"] = dict(rows=rows, artifacts=artifacts)
         else:
-            reload(model, stored_file)
-        install_cell_activations(grid, cell, model)  # the model is this cell's copy: the hooks go with it
+            names = reload(model, stored_file)
+        install_cell_activations(cell, model, names)  # the model is this cell's copy: the hooks go with it
     if cell.units:
         model.to(grid.device)
     for unit in cell.units:

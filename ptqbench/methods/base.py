@@ -224,9 +224,10 @@ class NoOptions:
     pass
 
 
-def option(default, help: str, choices: tuple | None = None):
-    """A method option: a dataclass field with a help text (shown by `bench methods`)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help: str, choices: tuple | None = None, low: float | None = None, high: float | None = None):
+    """A method option: a dataclass field with a help text (shown by `bench methods`), checked by
+    `parse_options` against its choices or its range [low, high]."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high})
 
 
 class Method:
@@ -279,7 +280,12 @@ def parse_options(cls: type, options: dict, method: str):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise BadInput(f"option {key}={value!r} of method {method!r} is not accepted; accepted: a number")
             if isinstance(default, float):
-                options[key] = float(value)
+                options[key] = value = float(value)
+            low, high = f.metadata.get("low"), f.metadata.get("high")
+            if (low is not None and value < low) or (high is not None and value > high):
+                accepted = f"{low} to {high}" if low is not None and high is not None else (
+                    f">= {low}" if low is not None else f"<= {high}")
+                raise BadInput(f"option {key}={value!r} of method {method!r} is not accepted; accepted: {accepted}")
     return cls(**options)
 
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqbench.errors import BadInput
 from ptqbench.methods.base import BlockView, Method, option, require_layout
-from ptqbench.methods.quant import QuantSpec, quantize_rtn
+from ptqbench.methods.quant import quantize_rtn
 from ptqbench.methods.scale_search import capture_inputs, fold_scales
 
 
@@ -60,7 +59,8 @@ def smooth_block(block: BlockView, alpha: float) -> dict[str, torch.Tensor]:
 
 @dataclass
 class SmoothQuantOptions:
-    alpha: float = option(0.5, "migration strength: s = max|X|^alpha / max|W|^(1-alpha) (0.5: SmoothQuant's and MBQ's)")
+    alpha: float = option(0.5, "migration strength: s = max|X|^alpha / max|W|^(1-alpha) (0.5: SmoothQuant's and MBQ's)",
+                          low=0.0, high=1.0)
 
 
 class SmoothQuant(Method):
@@ -69,11 +69,6 @@ class SmoothQuant(Method):
     Options = SmoothQuantOptions
     streams = "fp"
     supports_vision = False  # the smoothing groups need a decoder block layout
-
-    def __init__(self, spec: QuantSpec, **options):
-        super().__init__(spec, **options)
-        if not 0.0 <= self.opts.alpha <= 1.0:
-            raise BadInput(f"option alpha={self.opts.alpha!r} of method 'smoothquant' is not accepted; accepted: a number in [0, 1]")
 
     def quantize_block(self, block: BlockView) -> None:
         smooth_block(block, self.opts.alpha)

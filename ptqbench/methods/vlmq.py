@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptqbench.errors import BadInput
 from ptqbench.methods.base import BlockLayout, BlockView, Method, option, require_layout
 from ptqbench.methods.gptaq import GPTAQOptions
 from ptqbench.methods.gptq import input_stats, solve
@@ -34,8 +33,8 @@ class VLMQOptions(GPTAQOptions):
                        choices=("gptaq", "gptq"))
     importance: str = option("gradient", "importance source: 'gradient' (block-local attention MSE), 'uniform', "
                              "'random_vision' (pilot study)", choices=("gradient", "uniform", "random_vision"))
-    vision_drop: float = option(0.5, "random_vision: share of vision tokens down-weighted")
-    vision_weight: float = option(0.5, "random_vision: weight of the down-weighted vision tokens (0 = drop them)")
+    vision_drop: float = option(0.5, "random_vision: share of vision tokens down-weighted", low=0.0, high=1.0)
+    vision_weight: float = option(0.5, "random_vision: weight of the down-weighted vision tokens (0 = drop them)", low=0.0)
     seed: int = option(0, "random_vision: seed of the token choice")
     normalize: bool = option(True, "divide each projection's factors by their mean over the block's valid tokens (a global scale cancels)")
 
@@ -135,11 +134,6 @@ class VLMQ(Method):
 
     def __init__(self, spec, **options):
         super().__init__(spec, **options)
-        o = self.opts
-        if not 0.0 <= o.vision_drop <= 1.0:
-            raise BadInput(f"option vision_drop={o.vision_drop!r} of method 'vlmq' is not accepted; accepted: 0 to 1")
-        if o.vision_weight < 0:
-            raise BadInput(f"option vision_weight={o.vision_weight!r} of method 'vlmq' is not accepted; accepted: >= 0")
         self.blocks_info: list[dict] = []
 
     def on_start(self, run) -> None:

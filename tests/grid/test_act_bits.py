@@ -18,7 +18,7 @@ from ptqbench.deploy.packing import load_quantized
 from ptqbench.errors import BadInput
 from ptqbench.engine.blockwise import quantize_model
 from ptqbench.grid import formats
-from ptqbench.grid.cell import install_cell_activations, quantized_linears
+from ptqbench.grid.cell import install_cell_activations
 from ptqbench.grid.plan import Cell
 from ptqbench.methods import QuantSpec, all_methods, get_method
 from ptqbench.models.adapters import adapter_for
@@ -84,16 +84,13 @@ def test_weight_only_spec_is_bit_identical_for_every_method(tiny_qwen, tiny_cali
             assert torch.equal(got[1][n].qweight, qw.qweight) and torch.equal(got[1][n].scale, qw.scale), (name, n)
 
 
-def _grid(max_blocks=None):
-    return SimpleNamespace(cfg=SimpleNamespace(quant=SimpleNamespace(max_blocks=max_blocks, quantize_vision=False)))
-
-
-def test_evaluation_hooks_every_quantized_linear_and_only_those(tiny_qwen):
+def test_evaluation_hooks_every_quantized_linear_and_only_those(tiny_qwen, tiny_calib):
     model = copy.deepcopy(tiny_qwen[0])
-    names = quantized_linears(_grid(max_blocks=2), model)
+    names = list(quantize_model(model, adapter_for(model), tiny_calib, get_method("rtn")(QuantSpec(bits=4, group_size=32)),
+                                max_blocks=2).quantized)
     assert names and all(".layers.0." in n or ".layers.1." in n for n in names)
-    assert install_cell_activations(_grid(), Cell("rtn", 4, {}, "x"), model) == []  # weights only: nothing
-    handles = install_cell_activations(_grid(max_blocks=2), Cell("rtn", 4, {}, "x", act_bits=8), model)
+    assert install_cell_activations(Cell("rtn", 4, {}, "x"), model, names) == []  # weights only: nothing
+    handles = install_cell_activations(Cell("rtn", 4, {}, "x", act_bits=8), model, names)
     hooked = {n for n, mod in model.named_modules() if mod._forward_pre_hooks}
     assert hooked == set(names) and len(handles) == len(names)
 
