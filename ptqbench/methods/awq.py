@@ -5,6 +5,8 @@ is shared with MBQ (`ptqbench.methods.scale_search`); here with the plain MSE ov
 search (`auto_clip_layer`): per output row and group, max_val = absmax * (1 - i/20), i = 0..9, minimising
 the squared per-group partial dot-product error over sampled tokens (every (N // clip_tokens)-th valid
 one); q and k are not clipped. The clamped weights are then quantized with RTN on the shared grid.
+In a weight-activation format the scale search quantizes the group's inputs too (see `scale_search`); the
+clip search stays llm-awq's weight-only objective on the scaled FP inputs (why: docs/methods.md).
 Deviations from the reference and how it was checked: docs/methods.md.
 """
 

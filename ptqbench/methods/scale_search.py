@@ -7,6 +7,11 @@ sqrt(max s * min s); the group's linears become Q(W diag(s)) diag(s)^-1 and the 
 module's output with the FP output. The first strict minimum wins. Every group is searched on the
 *original* block weights and FP-stream inputs; the scales are folded only after all groups are searched,
 as in mit-han-lab/llm-awq `auto_scale_block`/`apply_scale`.
+
+In a weight-activation format (`spec.act_bits < 16`) the candidate runs as the folded block will be
+deployed, as thu-nics/MBQ `auto_scale_wa.py` (`WALinear`) does: each linear of the group gets Q(W diag(s))
+and its input x / s quantized per token, Q_a(x / s); the reference output stays the FP module on FP inputs.
+Weights-only (act_bits 16) takes the weight-only path above unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 
 from ptqbench.methods.base import BlockLayout, BlockView, Method, require_layout
-from ptqbench.methods.quant import QuantSpec, fake_quant, grid_params
+from ptqbench.methods.quant import QuantSpec, fake_quant, grid_params, quantize_activation
 
 
 # ---- losses -------------------------------------------------------------------------------------
@@ -165,6 +170,34 @@ def _mean_abs_input(xs: list[torch.Tensor], masks: list[dict]) -> torch.Tensor:
     return total / max(count, 1)
 
 
+class ScaledInputQuantizer:
+    """Forward pre-hook of a candidate linear in the weight-activation search: its input divided by the
+    candidate scales (what the folded preceding op will feed it), then quantized per token: Q_a(x / s).
+    The division is rounded to the input's dtype first, as the folded op's output would be."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.scales: torch.Tensor | None = None  # set for each candidate alpha
+
+    def __call__(self, module, args):
+        x = args[0]
+        return (quantize_activation((x.float() / self.scales).to(x.dtype), self.bits),) + tuple(args[1:])
+
+
+def _set_candidate(cand: nn.Module, inspect: str, W0: dict[str, torch.Tensor], s: torch.Tensor, spec: QuantSpec,
+                   dtype: torch.dtype, act_quant: ScaledInputQuantizer | None) -> None:
+    """Weights of the candidate for scales s: weights only, Q(W diag(s)) diag(s)^-1 on the FP input;
+    weight-activation, Q(W diag(s)) with the input hook computing Q_a(x / s) (MBQ's auto_scale_wa)."""
+    for n, w in W0.items():
+        lin = cand.get_submodule(_relative(n, inspect))
+        if act_quant is None:
+            lin.weight.data = (fake_quant_weight(w * s[None, :], spec) / s[None, :]).to(dtype)
+        else:
+            lin.weight.data = fake_quant_weight(w * s[None, :], spec).to(dtype)
+    if act_quant is not None:
+        act_quant.scales = s
+
+
 @torch.no_grad()
 def search_group_scale(block: BlockView, group: dict, xs: list[torch.Tensor], spec: QuantSpec, alphas: list[float],
                        loss: TokenLoss) -> ScaleResult:
@@ -178,13 +211,15 @@ def search_group_scale(block: BlockView, group: dict, xs: list[torch.Tensor], sp
     kwargs = [block.kwargs(b) for b in range(len(xs))]
     x_mean = _mean_abs_input(xs, masks)
     refs = [run_inspect(fp_mod, x, kw, attention) for x, kw in zip(xs, kwargs)]
+    act_quant = ScaledInputQuantizer(spec.act_bits) if spec.quantizes_activations else None
+    if act_quant is not None:  # on the candidate's copies of the group's linears only, as MBQ's WALinear swap
+        for n in names:
+            cand.get_submodule(_relative(n, inspect)).register_forward_pre_hook(act_quant)
 
     best, best_alpha, best_scales, history = float("inf"), None, None, []
     for alpha in alphas:
         s = scales_for(x_mean, alpha)
-        for n in names:
-            lin = cand.get_submodule(_relative(n, inspect))
-            lin.weight.data = (fake_quant_weight(W0[n] * s[None, :], spec) / s[None, :]).to(dtype)
+        _set_candidate(cand, inspect, W0, s, spec, dtype, act_quant)
         acc = None
         for x, kw, ref, m in zip(xs, kwargs, refs, masks):
             p = loss.partial(run_inspect(cand, x, kw, attention), ref, m)
