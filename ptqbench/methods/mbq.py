@@ -1,10 +1,10 @@
 """MBQ (Li et al., CVPR 2025): modality-balanced AWQ-style scale search for VLMs.
 
 Follows thu-nics/MBQ (`qmllm/methods/mbq/quantize`): `auto_scale.py` for weights only and, when the
-format quantizes activations, `auto_scale_wa.py` (the shared search quantizes the group's inputs too). Vision tokens are weighted against
-answer tokens in the scale-search loss by rho = max(r_l, median_l r), r_l the layer's ratio of mean
-|dL/dY| over vision and answer positions (answer-token cross-entropy, at the outputs of o and down),
-separately for attention and MLP. Then RTN, no clipping. "Answer" is the reference's caption set
+format quantizes activations, `auto_scale_wa.py` (the shared search quantizes the group's inputs too).
+Vision tokens are weighted against answer tokens in the scale-search loss by rho = max(r_l, median_l r),
+r_l the layer's ratio of mean |dL/dY| over vision and answer positions (answer-token cross-entropy, at
+the outputs of o and down), separately for attention and MLP. Then RTN, no clipping. "Answer" is the reference's caption set
 (labels != -100), i.e. the calibration `reply` mask: the whole assistant turn from its `<|im_start|>`.
 The gradient pass runs each calibration batch once and backpropagates layer by layer with recomputation
 (one layer's graph alive at a time). Algorithm notes, options beyond the reference, deviations and how

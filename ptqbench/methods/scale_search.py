@@ -212,7 +212,8 @@ def search_group_scale(block: BlockView, group: dict, xs: list[torch.Tensor], sp
     x_mean = _mean_abs_input(xs, masks)
     refs = [run_inspect(fp_mod, x, kw, attention) for x, kw in zip(xs, kwargs)]
     act_quant = ScaledInputQuantizer(spec.act_bits) if spec.quantizes_activations else None
-    if act_quant is not None:  # on the candidate's copies of the group's linears only, as MBQ's WALinear swap
+    # on the candidate's copies of the group's linears only, as MBQ swaps in WALinears; the hooks go with `cand`
+    if act_quant is not None:
         for n in names:
             cand.get_submodule(_relative(n, inspect)).register_forward_pre_hook(act_quant)
 

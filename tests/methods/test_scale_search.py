@@ -91,7 +91,8 @@ def test_wa_candidate_quantizes_the_scaled_input_and_the_scaled_weight(tiny_qwen
     # activation quantization is in the loss: the weight-only candidate's losses are clearly different
     other = _down_losses(seen, spec, weight_only)
     assert all(h > 1.05 * o for h, o in zip(down.history, other)), (down.history, other)
-    x_mean = sum(x[m].abs().sum(0) for x, m in zip(seen["xs"], seen["masks"])) / sum(int(m.sum()) for m in seen["masks"])
+    xs, masks = seen["xs"], seen["masks"]
+    x_mean = sum(x[m].abs().sum(0) for x, m in zip(xs, masks)) / sum(int(m.sum()) for m in masks)
     torch.testing.assert_close(down.scales, scales_for(x_mean, down.alpha))
 
 
