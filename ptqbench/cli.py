@@ -181,17 +181,22 @@ def export(
     out: str = typer.Argument(..., help="output directory (new or empty)"),
     runs: str = typer.Option("runs", help="runs folder holding results.sqlite (to resolve a cell id)"),
     model: Optional[str] = typer.Option(None, help="base model for config/processor (default: the cell's)"),
-    format: str = typer.Option("gptq", "--format", help="gptq (v1, zeros minus one) or gptq_v2"),
-    shift_zero: bool = typer.Option(True, "--shift-zero/--no-shift-zero", help="rewrite zero 0 as zero 1, codes+1 (lossless) for v1"),
+    format: Optional[str] = typer.Option(None, "--format", help="gptq (v1, zeros minus one), gptq_v2 or compressed-tensors "
+                                         "(vLLM / llm-compressor); default: compressed-tensors for a weight-activation "
+                                         "cell (W4A8, W8A8), gptq otherwise"),
+    shift_zero: bool = typer.Option(True, "--shift-zero/--no-shift-zero", help="rewrite zero 0 as zero 1, codes+1 (lossless) for gptq v1"),
     overwrite: bool = typer.Option(False, help="replace a non-empty OUT"),
 ):
-    """Export a quantized cell as a GPTQ checkpoint (transformers/optimum/GPTQModel layout)."""
-    from ptqbench.deploy.export import export_gptq
+    """Export a quantized cell as a GPTQ or a compressed-tensors checkpoint."""
+    from ptqbench.deploy.export_ct import export_cell
     from ptqbench.grid.resolve import resolve_cell
 
-    s = export_gptq(resolve_cell(cell, runs), out, model, checkpoint_format=format, shift_zero=shift_zero, overwrite=overwrite)
-    console.print(f"wrote {s.out_dir}: {s.method} w{s.bits} g{s.group_size} desc_act={s.desc_act} sym={s.sym}, "
-                  f"{s.n_quantized} layers, {s.nbytes / 2**20:.1f} MiB, {s.shifted_groups} zero points shifted")
+    s = export_cell(resolve_cell(cell, runs), out, model, export_format=format, shift_zero=shift_zero, overwrite=overwrite)
+    fmt = f"{s.export_format} {s.layout}".strip()
+    w = f"w{s.bits}" + (f"a{s.act_bits}" if s.act_bits < 16 else "")
+    shifted = f", {s.shifted_groups} zero points shifted" if s.export_format == "gptq" else ""
+    console.print(f"wrote {s.out_dir} ({fmt}): {s.method} {w} g{s.group_size} desc_act={s.desc_act} sym={s.sym}, "
+                  f"{s.n_quantized} layers, {s.nbytes / 2**20:.1f} MiB{shifted}")
 
 
 def main() -> None:

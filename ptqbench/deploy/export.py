@@ -26,6 +26,7 @@ g_idx is not the contiguous arange // group_size; `sym` is true only when every 
 
 `load_gptq` reads such a directory back into an ordinary transformers model with dequantized nn.Linear
 weights, with no GPTQ backend, using the same float32 arithmetic as `QuantizedWeight.dequantize`.
+The compressed-tensors format (and weight-activation cells) is `export_ct.py`'s, on this file's machinery.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class ExportSummary:
     n_quantized: int
     shifted_groups: int  # (row, group) zero points moved from 0 to 1 (codes + 1), losslessly
     scales_rounded: int = 0  # layers whose scales the cell kept in fp32 and the export rounds to fp16
+    export_format: str = "gptq"  # gptq, gptq_v2 or compressed-tensors
+    act_bits: int = 16  # activation bits written in the checkpoint's config (16: weights only)
+    layout: str = ""  # compressed-tensors only: pack-quantized or int-quantized
+    scale_dtype: str = "float16"  # what the scales are stored in
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
 
@@ -274,8 +279,18 @@ def _quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, 
     }
 
 
-def _load_cell(src: Path, out: Path, model_name: str | None):
-    """(quantized weights, other parameters, metadata, base model name) of the cell file `src`."""
+def cell_act_bits(meta: dict) -> int:
+    """Activation bits of a cell from its saved metadata: a weight-activation cell records them in its
+    options (its identity); a weight-only cell records none (16)."""
+    options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+    act_bits = options.get("act_bits", 16)
+    QuantSpec(act_bits=act_bits)  # the one definition of the accepted widths (BadInput otherwise)
+    return act_bits
+
+
+def _load_cell(src: Path, out: Path, model_name: str | None, activations: bool = False):
+    """(quantized weights, other parameters, metadata, base model name) of the cell file `src`. A
+    weight-activation cell is refused unless the target format describes `activations`."""
     from ptqbench.deploy.packing import load_quantized
 
     if out.resolve() == src.resolve().parent or out.resolve() in src.resolve().parents:
@@ -283,10 +298,10 @@ def _load_cell(src: Path, out: Path, model_name: str | None):
     weights, other, meta = load_quantized(src)
     if not weights:
         raise BadInput(f"{src} holds no quantized weight (a full-precision cell?); accepted: a quantized cell")
-    act_bits = (meta.get("options") or {}).get("act_bits") if isinstance(meta.get("options"), dict) else None
-    if act_bits is not None:  # a GPTQ checkpoint has no activation quantizer: exporting it would drop A{act_bits}
+    act_bits = cell_act_bits(meta)
+    if act_bits < 16 and not activations:  # a GPTQ checkpoint has no activation quantizer: it would drop A{act_bits}
         raise BadInput(f"{src} is a weight-activation cell (A{act_bits}), which a GPTQ checkpoint cannot describe; "
-                       "accepted: a weight-only cell (its W*A16 sibling)")
+                       "accepted: format compressed-tensors, or a weight-only cell (its W*A16 sibling)")
     name = model_name or meta.get("model")
     if not name:
         raise BadInput(f"{src} does not record its base model; accepted: pass model_name (testbed, tiny:<family>, a checkpoint dir)")
@@ -368,7 +383,8 @@ def _write_export(out: Path, state: dict, cfg_dict: dict, processor, generation,
     except OSError as e:  # checked up front; this is a race with another writer (or a read-only mount)
         raise BadInput(f"output {str(out)!r} cannot be created ({e.strerror or e}); accepted: {_OUT_ACCEPTED}") from None
     try:
-        summary.files = _write_safetensors(state, tmp, {"format": "pt", "ptqbench.export": "gptq"}, max_shard_bytes)
+        summary.files = _write_safetensors(state, tmp, {"format": "pt", "ptqbench.export": summary.export_format},
+                                           max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
         processor.save_pretrained(str(tmp))
         if generation is not None:
@@ -417,7 +433,7 @@ def export_gptq(cell_path, out_dir, model_name: str | None = None, *, checkpoint
     state.update({k: t.detach().contiguous() for k, t in other.items()})
     state = _untie(state)
     summary = ExportSummary(out, name, str(meta.get("method")), p.bits, p.group_size, p.sym, p.desc_act, len(weights),
-                            p.shifted, p.rounded)
+                            p.shifted, p.rounded, export_format=checkpoint_format)
     _write_export(out, state, cfg_dict, processor, generation, summary, src, meta, max_shard_bytes)
     summary.files = sorted(f.name for f in out.iterdir())
     summary.nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -145,6 +145,20 @@ def save_quantized(path, named_weights: dict[str, QuantizedWeight], other_state:
     return path.stat().st_size
 
 
+def read_metadata(path) -> dict:
+    """The metadata save_quantized recorded (model, method, bits, options, ...), reading only the file's header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for missing or damaged files
+        raise BadInput(f"cannot read packed model {path}: {e}") from None
+    if meta.get("ptqbench.format") != FORMAT:
+        raise BadInput(f"{path} is not a ptqbench packed model (format {meta.get('ptqbench.format')!r}; accepted: {FORMAT})")
+    return json.loads(meta["ptqbench.metadata"])
+
+
 def load_quantized(path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
     """Read a file written by save_quantized: (quantized weights, other parameters, metadata)."""
     from safetensors import safe_open
