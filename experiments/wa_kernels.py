@@ -20,8 +20,13 @@ calls of every path in turn, so a burst of load on a shared machine hits all pat
 Every path's output is also compared with the fp32 fake-quant reference (relative Frobenius error),
 so a fast path that is not the same computation shows it. Prints the load average before and after.
 
+``--model testbed`` instead deploys a whole model (`ptqbench.models.sources.load_model` names) with RTN
+per-channel weights in each W/A format and kernel (int8dyn, the fake weight, the weight-only kernel after a
+simulated quantizer) and times them all with `latency.measure_interleaved`, as the grid does.
+
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/wa_kernels.py
     python experiments/wa_kernels.py --shapes 896x896,4864x896 --tokens 1,256 --dtypes bfloat16 --threads 2
+    OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/wa_kernels.py --model testbed --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -159,6 +164,34 @@ def bench(n: int, k: int, m: int, dtype, rounds: int, budget_s: float, group: in
               f"  rel.err {err[name]:.1e}", flush=True)
 
 
+def model_latency(name: str, dtype, new_tokens: int) -> None:
+    """Whole-model prefill / decode of each W/A format and kernel, timed in interleaved rounds."""
+    import copy
+
+    from ptqbench.deploy.latency import measure_interleaved
+    from ptqbench.models.adapters import adapter_for
+    from ptqbench.models.sources import load_model
+
+    lm = load_model(name)
+    models = {"FP dense": copy.deepcopy(lm.model).to(dtype)}
+    for bits, act_bits, kernel in ((8, 8, "int8dyn"), (8, 8, "fake"), (8, 16, "auto"), (4, 8, "int8dyn"),
+                                   (4, 8, "fake"), (4, 8, "int4pack"), (4, 16, "auto")):
+        model = copy.deepcopy(lm.model)
+        ad = adapter_for(model)
+        spec = QuantSpec(bits=bits, group_size=-1, sym=True, act_bits=act_bits)
+        quantized = {f"{ad.decoder_path}.{i}.{n}": quantize_rtn(m.weight.data.float(), spec)
+                     for i, blk in enumerate(ad.decoder_layers()) for n, m in ad.block_linears(blk).items()}
+        used = K.deploy(model, quantized, kernel, dtype=dtype)
+        models[f"{spec.label} {K.kernel_label(model)} ({len(set(used.values()))} kind)"] = model.eval()
+    res = measure_interleaved(models, lm.processor, new_tokens=new_tokens)
+    for key, r in res.items():
+        if isinstance(r, BaseException):
+            print(f"{key:<45} failed: {r}")
+            continue
+        print(f"{key:<45} prefill {r['prefill_ms']:8.2f} ms (CV {r['prefill_ms_cv']:.0%})  decode {r['decode_tok_s']:7.1f} "
+              f"tok/s (CV {r['decode_tok_s_cv']:.0%})  {r['model_bytes'] / 1e6:.2f} MB  n={r['repeats']}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=SHAPES, help="out x in, comma-separated")
@@ -169,10 +202,17 @@ def main(argv=None) -> int:
     ap.add_argument("--block-ms", type=float, default=20.0, help="time of one block of calls of a path")
     ap.add_argument("--group", type=int, default=128, help="group size of the intmm-g path")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--model", default="", help="time whole deployed models instead (e.g. testbed)")
+    ap.add_argument("--new-tokens", type=int, default=8, help="decode tokens timed with --model")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, threads {a.threads}, load {os.getloadavg()}")
+    if a.model:
+        for dt in a.dtypes.split(","):
+            model_latency(a.model, getattr(torch, dt), a.new_tokens)
+        print(f"# done, load {os.getloadavg()}")
+        return 0
     for dt in a.dtypes.split(","):
         for shape in a.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
