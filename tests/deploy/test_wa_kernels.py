@@ -56,14 +56,15 @@ def test_int8dyn_equals_fake_quant_up_to_fp32_rounding(bits, sym, grid, act_bits
     assert K.verify_layer(layer, qw) < 2e-6
 
 
-def test_int8dyn_in_bf16_is_within_bf16_rounding():
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_int8dyn_in_half_precision_is_within_its_rounding(dtype, tol):
     qw = _wa(bits=4)
-    layer = QuantLinear(qw, None, "int8dyn", torch.bfloat16)
-    x = _input(5, qw.qweight.shape[1], torch.bfloat16)
+    layer = QuantLinear(qw, None, "int8dyn", dtype)
+    x = _input(5, qw.qweight.shape[1], dtype)
     with torch.no_grad():
         y = layer(x)
-    assert y.dtype == torch.bfloat16
-    assert _rel(y, _reference(x, qw)) < 1e-2  # weight scales and the output rounded to bf16, nothing else
+    assert y.dtype == dtype
+    assert _rel(y, _reference(x, qw)) < tol  # weight scales and the output rounded to the dtype, nothing else
 
 
 def test_int8dyn_refuses_where_it_cannot_be_exact():
