@@ -446,7 +446,7 @@ def auto_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype, w
     device = torch.device(device)
     if qw.spec.quantizes_activations and kernel_unsupported(qw, "int8dyn", device, dtype) is None:
         # the integer computation itself; faster than the simulated quantizer in most measured cases and at
-        # most 2.14x slower on a layer, no slower on a whole model (docs/kernels.md)
+        # most ~2x slower on a layer, no slower on a whole model (docs/kernels.md)
         return "int8dyn"
     candidates = []
     if bits == 4 or (widen and bits < 4):
