@@ -22,7 +22,7 @@ from ptqbench.methods.quant import GRIDS, QuantSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNEL_CHOICES = ("auto", "int4pack", "int8pack", "dequant", "fake")  # deploy/kernels.py implements each
+KERNEL_CHOICES = ("auto", "int4pack", "int8pack", "dequant", "fake", "int8dyn")  # deploy/kernels.py implements each
 EXECUTORS = ("local", "ray")
 DEFAULT_MODEL = "testbed"  # the trained testbed VLM shipped in ptqbench/models/testbed_model
 
@@ -128,7 +128,7 @@ class EvalConfig:
 @dataclass
 class DeployConfig:
     latency: bool = setting(True, "time the deployed model per format (default on)", flags=("--latency/--no-latency",))
-    kernel: str = setting("auto", "deployment kernel: auto, int4pack, int8pack, dequant or fake", check=choice(KERNEL_CHOICES))
+    kernel: str = setting("auto", "deployment kernel: auto, int4pack, int8pack, dequant, fake or int8dyn (weight-activation formats)", check=choice(KERNEL_CHOICES))
     infer_dtype: str = setting("bfloat16", "dtype of the timed deployment (default bfloat16: the one with fast CPU "
                                "kernels)", check=choice(DTYPES[1:]))
     latency_tokens: int = setting(8, "decode tokens timed (default 8)", check=at_least(2))

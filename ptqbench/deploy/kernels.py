@@ -10,11 +10,20 @@ all plain torch:
 - ``dequant``: codes held at exactly their bits (bit-planes), dequantized chunk by chunk on every
   forward; any bits, group size and g_idx. What 2/3-bit weights cost without a low-bit kernel.
 - ``fake``: the dequantized weight as a dense tensor (the accuracy path; no memory saving).
+- ``int8dyn`` (weight-activation formats, W8A8 / W4A8): per-channel int8 weight codes and per-token
+  dynamic int8 activation codes multiplied exactly in int32 by ``torch._int_mm``, then scaled; the
+  same numbers as the fake-quant reference up to fp32 rounding. CPU only (the one device measured).
+
+A weight-activation layer (`QuantSpec.act_bits` < 16) on any other kernel fake-quantizes its input
+(`quantize_activation`) before the weight kernel: labelled ``<kernel>+fakeA<bits>`` (`QuantLinear.label`),
+so a latency row never passes a simulated activation quantizer off as an integer kernel.
 
 `auto` (AUTO_RULE) picks per layer the fastest kernel that keeps the weight at its own width: on CPU
 the aten kernels only with bf16 activations (with fp32/fp16 they are slower than ``dequant``), on
-CUDA wherever they apply. `deploy(verify=True)` checks every layer against the dequantized matmul and
-falls back to ``dequant`` on any error or mismatch, so a wrong convention cannot go unnoticed.
+CUDA wherever they apply; for a weight-activation layer ``int8dyn`` wherever it is exact.
+`deploy(verify=True)` checks every layer against the dequantized matmul (after the activation
+quantizer, for a weight-activation layer) and falls back to ``dequant`` on any error or mismatch, so
+a wrong convention cannot go unnoticed.
 The kernels' layouts and conventions, and the measurements behind AUTO_RULE: docs/kernels.md.
 """
 
@@ -28,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqbench.errors import BadInput, one_of
-from ptqbench.methods.quant import QuantizedWeight
+from ptqbench.methods.quant import QuantizedWeight, quantize_activation
 
-KERNELS = ("int4pack", "int8pack", "dequant", "fake")
+KERNELS = ("int4pack", "int8pack", "dequant", "fake", "int8dyn")
 CHOICES = ("auto",) + KERNELS
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the aten int4 kernels accept, largest first
 
@@ -74,6 +83,8 @@ def kernel_unsupported(qw: QuantizedWeight, kernel: str, device: torch.device, d
     out_f = qw.qweight.shape[0]
     if kernel in ("dequant", "fake"):
         return None
+    if kernel == "int8dyn":
+        return _int8dyn_unsupported(qw, device, dtype)
     if device.type not in ("cpu", "cuda"):
         return f"{kernel} runs on cpu or cuda, not {device.type}"
     if kernel == "int4pack":
@@ -102,6 +113,23 @@ def kernel_unsupported(qw: QuantizedWeight, kernel: str, device: torch.device, d
             return f"int8pack takes fp32/fp16/bf16 activations, not {dtype}"
         return None
     raise one_of("kernel", kernel, KERNELS)
+
+
+def _int8dyn_unsupported(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Where int8dyn would not compute exactly the fake-quant reference, why (None: it can run)."""
+    if not qw.spec.quantizes_activations:
+        return "int8dyn quantizes activations; this weight's format is weight-only (act_bits 16)"
+    if device.type != "cpu":
+        return f"int8dyn is verified on cpu only (torch._int_mm elsewhere has shape limits), not {device.type}"
+    if qw.scale.shape[1] != 1:
+        return ("int8dyn needs per-channel weight scales (this weight is grouped: one int32 accumulation "
+                "cannot apply a scale per group)")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"int8dyn takes fp32/fp16/bf16 activations, not {dtype}"
+    z = qw.zero[:, 0]
+    if not bool((z == z.round()).all()):
+        return "int8dyn needs integer zero points (this weight has fractional ones)"
+    return None
 
 
 # ---- bit-plane storage for the dequant kernel ---------------------------------------------------
@@ -204,7 +232,8 @@ def _op(name: str):
     return op
 
 
-_FLOAT_BUFFER = {"fake": "weight", "int4pack": "scales_and_zeros", "int8pack": "scales", "dequant": "scales"}
+_FLOAT_BUFFER = {"fake": "weight", "int4pack": "scales_and_zeros", "int8pack": "scales", "dequant": "scales",
+                 "int8dyn": "scales"}
 CHUNK_ELEMS = 1 << 19  # dequantize this many weights at a time (the fastest chunk size, docs/kernels.md)
 
 
@@ -227,6 +256,7 @@ class QuantLinear(nn.Module):
             raise BadInput(f"kernel {kernel!r} cannot run this layer: {why}; accepted: a kernel that supports it, or 'auto'")
         self.out_features, self.in_features = qw.qweight.shape
         self.bits, self.group_size, self.kernel = qw.spec.bits, qw.spec.group_size, kernel
+        self.act_bits = qw.spec.act_bits  # < 16: inputs are quantized per token (int8dyn: for real)
         self.layout = device.type
         self.note = ""  # why deploy fell back to this kernel, if it did
         self.register_buffer("perm", None)
@@ -282,6 +312,17 @@ class QuantLinear(nn.Module):
         corr = (o - z) * s
         self.register_buffer("corr", None if bool((corr == 0).all()) else corr.float().to(device))
 
+    def _build_int8dyn(self, qw, dtype, device):
+        # y = s_n * xs_m * sum_k xq_mk (q_nk - z_n), the sum exact in int32: int8 codes q8 = q - o (o a per-row
+        # integer offset that fits them in int8), plus (o - z) * rowsum(xq) when some o != z (asymmetric grids).
+        q = qw.qweight.to(torch.int32)
+        z = qw.zero[:, 0].round().to(torch.int32)
+        o = torch.clamp(z, qw.spec.maxq - 127, 128)
+        self.register_buffer("qweight", (q - o[:, None]).to(torch.int8).to(device))
+        self.register_buffer("scales", qw.scale[:, 0].to(dtype).to(device))
+        corr = o - z
+        self.register_buffer("corr", None if bool((corr == 0).all()) else corr.to(device))
+
     def _build_dequant(self, qw, dtype, device):
         if group_layout(qw)[0] is not None:
             q, G = self._permuted(qw, device)
@@ -332,8 +373,24 @@ class QuantLinear(nn.Module):
             torch.mm(self._dequant_rows(r0, r1, x2.dtype), xt, out=yt[r0:r1])
         return yt.t()
 
+    def _int8dyn_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """Per-token int8 codes of x2 (exactly quantize_activation's: the same scale, the same division and
+        rounding; |x / scale| <= 2^(b-1) - 1, so no clamp is needed), an exact int32 product, then scaled."""
+        xf = x2.float()
+        xs = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-5).div_(2 ** (self.act_bits - 1) - 1)
+        xq = torch.div(xf, xs).round_().to(torch.int8)
+        acc = torch._int_mm(xq, self.qweight.t())
+        if self.corr is not None:
+            acc.add_(torch.outer(xq.sum(-1, dtype=torch.int32), self.corr))
+        # int32 -> fp32 first: a mixed int32 * fp32 multiply takes a slow unvectorized path (docs/kernels.md)
+        return acc.float().mul_(xs).mul_(self.scales.float()).to(x2.dtype)
+
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, K) in the compute dtype -> (M, N) without bias."""
+        """(M, K) in the compute dtype -> (M, N) without bias; a weight-activation layer's input quantized first."""
+        if self.kernel == "int8dyn":
+            return self._int8dyn_mm(x2)
+        if self.act_bits < 16:  # no integer kernel for this layer: the activation quantizer is simulated
+            x2 = quantize_activation(x2, self.act_bits)
         if self.kernel == "fake":
             return F.linear(x2, self.weight)
         if self.perm is not None:
@@ -358,7 +415,7 @@ class QuantLinear(nn.Module):
         if in_dtype != dtype:
             x2 = x2.to(dtype)
         bias = self.bias
-        if self.kernel == "fake":
+        if self.kernel == "fake" and self.act_bits >= 16:
             out = F.linear(x2, self.weight, bias)
         else:
             out = self._mm(x2) if x2.shape[0] else x2.new_zeros(0, self.out_features)
@@ -367,9 +424,16 @@ class QuantLinear(nn.Module):
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if in_dtype == dtype else out.to(in_dtype)
 
+    @property
+    def label(self) -> str:
+        """The kernel as result rows name it: a simulated activation quantizer shows as '+fakeA<bits>'."""
+        if self.act_bits >= 16 or self.kernel == "int8dyn":
+            return self.kernel
+        return f"{self.kernel}+fakeA{self.act_bits}"
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, kernel={self.kernel}, dtype={self.dtype}, "
+                f"act_bits={self.act_bits}, group_size={self.group_size}, kernel={self.label}, dtype={self.dtype}, "
                 f"bias={self.bias is not None}{', act-order perm' if self.perm is not None else ''}")
 
 
@@ -380,6 +444,10 @@ def auto_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype, w
     per-channel 2..7-bit on int8pack (faster, but stored at 4 / 8 bits)."""
     bits = qw.spec.bits
     device = torch.device(device)
+    if qw.spec.quantizes_activations and kernel_unsupported(qw, "int8dyn", device, dtype) is None:
+        # the integer computation itself; faster than the simulated quantizer in most measured cases and at
+        # most ~2x slower on a layer, no slower on a whole model (docs/kernels.md)
+        return "int8dyn"
     candidates = []
     if bits == 4 or (widen and bits < 4):
         candidates.append("int4pack")
@@ -403,13 +471,15 @@ def _faster_than_dequant(kernel: str, device: torch.device, dtype: torch.dtype) 
 
 def verify_layer(layer: QuantLinear, qw: QuantizedWeight, rows: int = 3, seed: int = 0) -> float:
     """Relative Frobenius error of `layer` against x @ W_hat.T in fp32 on a fixed random input that is
-    already rounded to the layer's dtype (so only the kernel's own rounding counts)."""
+    already rounded to the layer's dtype (so only the kernel's own rounding counts); for a
+    weight-activation layer x is first fake-quantized (in fp32) as evaluation does."""
     dev = layer.scales_like.device
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, layer.in_features, generator=g).to(layer.dtype).to(dev)
     with torch.no_grad():
         got = layer._mm(x).float()
-        ref = x.float() @ qw.dequantize().to(dev).t()
+        xr = quantize_activation(x.float(), qw.spec.act_bits) if qw.spec.quantizes_activations else x.float()
+        ref = xr @ qw.dequantize().to(dev).t()
     return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
@@ -426,10 +496,11 @@ def deploy(model: nn.Module, quantized: dict[str, QuantizedWeight], kernel: str 
            dtype: torch.dtype | None = None, *, device: torch.device | str | None = None,
            verify: bool = True, widen: bool = False) -> dict[str, str]:
     """Replace each `nn.Linear` named in `quantized` (module names, as `EngineResult.quantized` keys
-    them) by a QuantLinear, in place; returns name -> kernel used.
+    them) by a QuantLinear, in place; returns name -> kernel used (its label: `QuantLinear.label`).
 
     `kernel`: one of CHOICES. A named kernel that cannot run a layer falls back to `dequant` for that
-    layer (the reason is kept in `module.note`). `dtype`: compute dtype; when given the whole model is
+    layer (the reason is kept in `module.note`); a weight-activation layer keeps its activation quantizer
+    there, simulated (labelled `dequant+fakeA<bits>`). `dtype`: compute dtype; when given the whole model is
     cast to it first (default: the model's dtype). `device`: where to run (default: where the model's
     parameters are); the model is moved there first, since the int4pack layout is device specific.
     `verify`: check every layer on a random input against the dequantized matmul (VERIFY_TOL) and fall
@@ -474,14 +545,15 @@ def deploy(model: nn.Module, quantized: dict[str, QuantizedWeight], kernel: str 
         layer.note = note
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-        used[name] = want
+        used[name] = layer.label
     return used
 
 
 def kernel_label(model: nn.Module) -> str:
-    """What a model computes its linears with, for result rows: e.g. 'int4pack[bf16]',
-    'int4pack:24+dequant:4[fp32]' (counts, most used first), or 'dense[fp32]' without QuantLinears."""
-    counts = Counter(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
+    """What a model computes its linears with, for result rows: e.g. 'int4pack[bf16]', 'int8dyn[bf16]',
+    'int4pack+fakeA8[bf16]' (a simulated activation quantizer), 'int4pack:24+dequant:4[fp32]' (counts,
+    most used first), or 'dense[fp32]' without QuantLinears."""
+    counts = Counter(m.label for m in model.modules() if isinstance(m, QuantLinear))
     dtype = _compute_dtype(model, None)
     dts = {m.dtype for m in model.modules() if isinstance(m, QuantLinear)} or {dtype}
     dname = "+".join(sorted(str(d).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16") for d in dts))

@@ -1,7 +1,10 @@
-"""Latency belongs to a deployment format (bits, group size, sym, kernel, dtype, batch), not to a method:
-each format is timed once per model, on the model quantized to that format with RTN (a kernel's speed does
-not depend on the values it multiplies), and the leaderboard shows it on every method's row of that format.
-All formats a store lacks are timed together, in interleaved rounds, so machine load hits them alike."""
+"""Latency belongs to a deployment format (bits, activation bits, group size, sym, kernel, dtype, batch), not
+to a method: each format is timed once per model, on the model quantized to that format with RTN (a kernel's
+speed does not depend on the values it multiplies), and the leaderboard shows it on every method's row of that
+format. All formats a store lacks are timed together, in interleaved rounds, so machine load hits them alike.
+A weight-activation format (W4A8, W8A8) runs its activation quantizer in every quantized linear: the integer
+kernel `int8dyn` where it is exact, else the weight kernel after a simulated quantizer (`<kernel>+fakeA8` in
+the kernel column: deploy/kernels.py)."""
 
 from __future__ import annotations
 
@@ -37,21 +40,29 @@ def plan_formats(grid: Grid) -> list[Cell]:
     fp = fp_key(grid)
     cells = [Cell(FP_METHOD, 16, fp, ResultsStore.cell_id(**fp), [unit], quantize=False)]
     for bits in cfg.quant.bits:
-        options = {"quantize_vision": True} if cfg.quant.quantize_vision else {}
-        fkey = dict(identity(grid), method=FORMAT_METHOD, method_options=options, bits=bits, group_size=grid.group_size,
-                    sym=cfg.quant.sym, grid=cfg.quant.rounding, calib_hash="-")
-        cells.append(Cell(FORMAT_METHOD, bits, fkey, ResultsStore.cell_id(**fkey), [unit], quantize=False))
+        for act_bits in cfg.quant.act_bits:
+            # the method cells' convention (plan.plan): act_bits in the options only when activations are
+            # quantized, so a weight-only format keeps its key (and its stored latency) and W4A8 never serves W4
+            options = {"act_bits": act_bits} if act_bits < 16 else {}
+            if cfg.quant.quantize_vision:
+                options["quantize_vision"] = True
+            fkey = dict(identity(grid), method=FORMAT_METHOD, method_options=options, bits=bits,
+                        group_size=grid.group_size, sym=cfg.quant.sym, grid=cfg.quant.rounding, calib_hash="-")
+            cells.append(Cell(FORMAT_METHOD, bits, fkey, ResultsStore.cell_id(**fkey), [unit], quantize=False,
+                              act_bits=act_bits))
     return cells
 
 
 def format_model(grid: Grid, cell: Cell):
-    """The base model deployed in the cell's format: RTN weights packed for the kernel (or dense for FP)."""
+    """The base model deployed in the cell's format: RTN weights packed for the kernel (or dense for FP); a
+    weight-activation format's layers quantize their inputs (the QuantSpec carries act_bits)."""
     cfg = grid.cfg
     model = copy.deepcopy(grid.lm.model)
     quantized = {}
     if cell.method == FORMAT_METHOD:
         adapter = adapter_for(model)
-        spec = QuantSpec(bits=cell.bits, group_size=grid.group_size, sym=cfg.quant.sym, grid=cfg.quant.rounding)
+        spec = QuantSpec(bits=cell.bits, group_size=grid.group_size, sym=cfg.quant.sym, grid=cfg.quant.rounding,
+                         act_bits=cell.act_bits)
         stacks = [(adapter.decoder_path, adapter.decoder_layers())]
         if cfg.quant.quantize_vision:
             stacks.append((adapter.vision_blocks_path, adapter.vision_blocks()))
@@ -70,7 +81,7 @@ def format_model(grid: Grid, cell: Cell):
 def _claim_formats(grid: Grid, store, owner: str, log) -> list[tuple[str, Cell]]:
     todo = []
     for cell in plan_formats(grid):
-        label = "FP" if cell.method == FP_METHOD else f"W{cell.bits} g{grid.group_size}"
+        label = "FP" if cell.method == FP_METHOD else format_label(cell.bits, cell.act_bits, grid.group_size)
         if not grid.cfg.grid.force and cell.units[0].unit_id in store.done_units(cell.cell_id):
             continue
         busy = store.claim(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=grid.cfg.to_dict(),
@@ -97,19 +108,20 @@ def _record(store, label: str, cell: Cell, r) -> CellOutcome:
                 dict(task="deploy", metric="decode_tok_s_cv", value=r["decode_tok_s_cv"], n=r["repeats"])]
         store.record_unit(cell.cell_id, unit.unit_id, "deploy", unit.key, rows)
         return CellOutcome(f"latency {label}", cell.bits, "done",
-                           {"deploy/decode_tok_s": r["decode_tok_s"], "deploy/prefill_ms": r["prefill_ms"]})
+                           {"deploy/decode_tok_s": r["decode_tok_s"], "deploy/prefill_ms": r["prefill_ms"]}, act_bits=cell.act_bits)
     except (BadInput, FloatingPointError) as e:
         store.record_unit(cell.cell_id, unit.unit_id, "deploy", unit.key, [], error=str(e))
-        return CellOutcome(f"latency {label}", cell.bits, "failed", error=str(e))
+        return CellOutcome(f"latency {label}", cell.bits, "failed", error=str(e), act_bits=cell.act_bits)
+
+
+def format_label(bits: int, act_bits: int, group_size: int) -> str:
+    """A format in log lines: W4 g64, W4A8 g64, W8A8 per-channel."""
+    return f"W{bits}" + (f"A{act_bits}" if act_bits < 16 else "") + (" per-channel" if group_size == -1 else f" g{group_size}")
 
 
 def run_formats(grid: Grid, store, owner: str, log) -> list[CellOutcome]:
-    """Time every format whose latency the store lacks, all in one interleaved measurement. Weight-activation
-    formats are fake-quantized only (no integer-activation kernel yet), so their latency is not measured."""
-    acts = [a for a in grid.cfg.quant.act_bits if a < 16]
-    if grid.cfg.deploy.latency and acts:
-        log("[latency] NOT MEASURED for weight-activation formats (" + ", ".join(f"A{a}" for a in acts) + "): they run as "
-            "fake-quant only, with no integer-activation kernel yet; only the weight-only formats are timed")
+    """Time every format whose latency the store lacks (weight-only and weight-activation alike), all in one
+    interleaved measurement."""
     todo = _claim_formats(grid, store, owner, log)
     if not todo:
         return []

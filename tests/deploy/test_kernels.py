@@ -56,7 +56,8 @@ LAYOUTS = {"per-channel": dict(group=-1), "g32": dict(group=32), "g64-act-order"
            "g128-sym": dict(group=128, sym=True)}
 # What each kernel must run (on CPU): int4pack any <= 4-bit with groups of equal size, int8pack per-channel.
 MUST = {"int4pack": lambda bits, lay: bits <= 4, "int8pack": lambda bits, lay: lay == "per-channel",
-        "dequant": lambda bits, lay: True, "fake": lambda bits, lay: True}
+        "dequant": lambda bits, lay: True, "fake": lambda bits, lay: True,
+        "int8dyn": lambda bits, lay: False}  # int8dyn runs weight-activation layers only (tests/deploy/test_wa_kernels.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -1,12 +1,12 @@
 """Weight-activation formats as a grid axis (--act-bits): weight-only cells keep their identity and weights,
 W4A8 cells are their own, the leaderboard names them, evaluation runs with the activation quantizer (on
-fresh and on reloaded weights alike), and latency is not faked."""
+fresh and on reloaded weights alike), and latency is measured per W/A format with its kernel named."""
 
 import copy
+import functools
 import hashlib
 import json
 import sqlite3
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,13 +118,29 @@ def test_a_w4a8_task_scores_the_same_on_reloaded_weights(tmp_path):
     assert nll and all(a[k] != a[(16, *k[1:])] for k in nll)
 
 
-def test_latency_of_activation_formats_is_not_faked(monkeypatch):
-    lines = []
-    grid = SimpleNamespace(cfg=SimpleNamespace(quant=SimpleNamespace(act_bits=[8, 16]), deploy=SimpleNamespace(latency=True)))
-    monkeypatch.setattr(formats, "_claim_formats", lambda *a: [])
-    assert formats.run_formats(grid, None, "me", lines.append) == []
-    assert len(lines) == 1 and "NOT MEASURED" in lines[0] and "A8" in lines[0]
-    grid.cfg.quant.act_bits = [16]
-    lines.clear()
-    formats.run_formats(grid, None, "me", lines.append)
-    assert lines == []
+def test_latency_of_activation_formats_is_measured_and_keyed_by_act_bits(tmp_path, monkeypatch):
+    """W4A8 and W4 are two formats with their own latency rows (a W4A8 figure never serves W4): per-channel W4A8
+    runs the integer kernel, grouped W4A8 the weight kernel after a simulated quantizer, each labelled so."""
+    fast = functools.partial(formats.measure_interleaved, min_rounds=1, max_rounds=2)  # the rows, not the figures
+    monkeypatch.setattr(formats, "measure_interleaved", fast)
+    base = ["--model", "tiny:qwen2-vl", "--methods", "rtn", "--bits", "4", "--act-bits", "8,16", "--calib-n", "2",
+            "--device", "cpu", "--runs", tmp_path, "--no-save-model", "--latency-tokens", "2", "--tasks", "synthvqa-nll",
+            "--eval-n", "2"]
+    for group, timed in (("-1", 3), ("32", 2)):  # FP, W4A8 and W4; then W4A8 and W4 of g32 (FP is stored)
+        code, out = run("run", *base, "--group-size", group)
+        assert code == 0, out
+        assert "NOT MEASURED" not in out and f"[latency] timing {timed} format(s)" in out
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    rows = {(m, b, g, json.loads(o).get("act_bits", 16)): (k, cid, tok) for m, b, g, o, k, cid, tok in con.execute(
+        "select method, bits, group_size, method_options, kernel, cell_id, decode_tok_s from results "
+        "where metric = 'decode_tok_s'")}
+    fmt = {k[2:]: v for k, v in rows.items() if k[0] == "format"}
+    assert set(fmt) == {(-1, 8), (-1, 16), (32, 8), (32, 16)}
+    assert fmt[(-1, 8)][0] == "int8dyn[bf16]" and fmt[(32, 8)][0] == "int4pack+fakeA8[bf16]"
+    assert "fakeA" not in fmt[(-1, 16)][0] + fmt[(32, 16)][0] and "int8dyn" not in fmt[(-1, 16)][0] + fmt[(32, 16)][0]
+    assert len({v[1] for v in fmt.values()}) == 4 and all(v[2] > 0 for v in fmt.values())
+    code, md = run("leaderboard", "--runs", tmp_path)
+    assert code == 0, md
+    deploy_rows = [line for line in md.splitlines() if line.startswith("| rtn | W4")]
+    assert any("W4A8 per-channel" in r and "int8dyn[bf16]" in r for r in deploy_rows)
+    assert any("W4A8 g32" in r and "int4pack+fakeA8[bf16]" in r for r in deploy_rows)
