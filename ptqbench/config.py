@@ -11,6 +11,7 @@ run folder's config.yaml is a valid `--config` file.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
@@ -24,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNEL_CHOICES = ("auto", "int4pack", "int8pack", "dequant", "fake", "int8dyn")  # deploy/kernels.py implements each
 EXECUTORS = ("local", "ray")
+SCHEDULES = ("lockstep", "cells")
 DEFAULT_MODEL = "testbed"  # the trained testbed VLM shipped in ptqbench/models/testbed_model
 
 
@@ -69,6 +71,24 @@ def _check_act_bits(value, flag):
         raise BadInput(f"act-bits {','.join(map(str, value))!r} name a width twice; accepted: each of 4..8 and 16 once")
     for a in value:
         QuantSpec(act_bits=a)  # the one definition of the accepted activation widths
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+              "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str = "memory-budget") -> int:
+    """'8GiB', '512MB', '2g', '1000000' -> bytes; one line naming the value otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in SIZE_UNITS or float(m.group(1)) <= 0:
+        raise BadInput(f"{flag} {text!r} is not accepted; accepted: a positive size such as 8GiB, 512MiB, 2GB or a byte count")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+def _check_size(value, flag):
+    if value is not None:
+        parse_size(value, flag)
 
 
 def _check_seeds(value, flag):
@@ -143,6 +163,12 @@ class GridConfig:
     force: bool = setting(False, "recompute cells already in the store", flags=("--force",))
     executor: str = setting("local", "local (default) or ray (pip install ptqbench[ray])", check=choice(EXECUTORS))
     address: str | None = setting(None, "Ray cluster address (default: a local Ray instance)")
+    schedule: str = setting("lockstep", "lockstep (default): the cells quantized together in one pass over the blocks, "
+                            "sharing what they share; cells: one after another", check=choice(SCHEDULES))
+    memory_budget: str | None = setting(None, "host memory lockstep may hold for the cells' streams and model copies, "
+                                        "e.g. 8GiB (default: half of the available RAM)", check=_check_size)
+    profile: bool = setting(False, "print where the run's time went, phase by phase (always in profile.json)",
+                            flags=("--profile",))
 
 
 SECTIONS = dict(model=ModelConfig, quant=QuantConfig, calib=CalibConfig, eval=EvalConfig, deploy=DeployConfig,

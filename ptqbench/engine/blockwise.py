@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from ptqbench.engine.calibration import CalibSet
 from ptqbench.errors import BadInput
 from ptqbench.methods.base import BlockView, Method, RunBatch, RunView
 from ptqbench.methods.quant import QuantizedWeight, install_activation_quantizers
-from ptqbench.models.adapters import Adapter, move
+from ptqbench.models.adapters import Adapter, adapter_for, move
 from ptqbench.models.lazy import block_seed, is_lazy, materialize_block
 
 TOKEN_TYPES = ("vision", "text", "answer")
@@ -40,16 +40,26 @@ class _Stop(Exception):
 
 
 class RunContext(RunView):
-    """What `Method.on_start/on_end` see: the decoder through its adapter, and the calibration set."""
+    """What `Method.on_start/on_end` see: the decoder through its adapter, and the calibration set; `memo`
+    shares whole-run statistics across the cells of a lockstep grid."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, calib: CalibSet, device: torch.device):
+    def __init__(self, model: nn.Module, adapter: Adapter, calib: CalibSet, device: torch.device,
+                 memo: dict | None = None):
         self.model, self._adapter, self._calib, self.device = model, adapter, calib, device
+        self._memo = memo  # shared by the cells of a lockstep grid; None: nothing is shared
         self.layout = adapter.decoder_layout
         self.n_samples = len(calib)
         self.n_batches = len(calib.batches)
 
     def decoder_layers(self) -> nn.ModuleList:
         return self._adapter.decoder_layers()
+
+    def memo(self, key: tuple, compute):
+        if self._memo is None:
+            return compute()
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def batch(self, b: int) -> RunBatch:
         cb = self._calib.batches[b]
@@ -73,6 +83,80 @@ class RunContext(RunView):
         return self._adapter.logits(hidden)
 
 
+def capture_linear_inputs(ctx: "BlockContext", module: nn.Module, names: list[str], b: int, stream: str) -> dict[str, torch.Tensor]:
+    """Inputs of the named linears of `module` on batch b of a stream; the forward stops once all are seen."""
+    got: dict[str, torch.Tensor] = {}
+    hooks = []
+    for n in names:
+        def hook(mod, args, n=n):
+            got[n] = args[0].detach()
+            if len(got) == len(names):
+                raise _Stop
+        hooks.append(module.get_submodule(n).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            ctx.run(module, ctx.stream(stream, b), b)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+class SharedBlock:
+    """What every cell of a lockstep pass shares for one block: the frozen full-precision copy, the FP
+    stream into it, and what depends on those two alone, computed once however many cells quantize the
+    block: the FP linear inputs methods ask for, the FP block's per-linear and whole outputs, and the
+    next FP stream. With one cell (`cache` False) nothing is kept beyond the call that needs it, so the
+    cells schedule holds no more memory than it always did. Every value is the same either way."""
+
+    def __init__(self, fp_block: nn.Module, fp_in: list[torch.Tensor], cache: bool = False):
+        self.fp_block, self.fp_in, self.cache = fp_block, fp_in, cache
+        self._inputs: dict[tuple[str, int], torch.Tensor] = {}
+        self._outputs: dict[int, tuple] = {}
+        self._next: dict[int, torch.Tensor] = {}  # the next FP stream, always kept (as the stream itself is)
+        self.seconds = 0.0  # spent computing shared values (split among the pass's cells)
+
+    def linear_inputs(self, ctx: "BlockContext", names: list[str], b: int) -> dict[str, torch.Tensor]:
+        if not self.cache:
+            return capture_linear_inputs(ctx, self.fp_block, names, b, "fp")
+        missing = [n for n in names if (n, b) not in self._inputs]
+        if missing:
+            t0 = time.perf_counter()
+            for n, x in capture_linear_inputs(ctx, self.fp_block, missing, b, "fp").items():
+                self._inputs[(n, b)] = x
+            self.seconds += time.perf_counter() - t0
+        return {n: self._inputs[(n, b)] for n in names}
+
+    @torch.no_grad()
+    def outputs(self, ctx: "BlockContext", b: int, after, extras: dict) -> tuple:
+        """(block output, {linear: its output}, the next FP stream's batch b) of the FP block on batch b."""
+        if b in self._outputs:
+            out, ys, nxt = self._outputs[b]
+            return out.to(ctx.device), {n: y.to(ctx.device) for n, y in ys.items()}, nxt
+        t0 = time.perf_counter()
+        ys: dict[str, torch.Tensor] = {}
+        hooks = [self.fp_block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys.__setitem__(n, y))
+                 for n in ctx.linear_names]
+        try:
+            out = ctx.run(self.fp_block, ctx.stream("fp", b), b)
+        finally:
+            for h in hooks:
+                h.remove()
+        nxt = self._next[b] = after(ctx.index, out, extras).to(self.fp_in[b].device)
+        if self.cache:  # kept beside the streams (CPU), not on the compute device
+            home = self.fp_in[b].device
+            self._outputs[b] = (out.to(home), {n: y.to(home) for n, y in ys.items()}, nxt)
+        self.seconds += time.perf_counter() - t0
+        return out, ys, nxt
+
+    def next_stream(self, ctx: "BlockContext", after, extras_of) -> list[torch.Tensor]:
+        """The FP stream after this block (computed here for batches no cell's measurement reached)."""
+        return [self._next[b] if b in self._next else self.outputs(ctx, b, after, extras_of(b))[2]
+                for b in range(len(self.fp_in))]
+
+
 class BlockContext(BlockView):
     """One block of a stack, as the method sees it (see `BlockView`). `batches` hold the per-batch
     kwargs/masks: the calibration set's for decoder blocks, the vision captures for vision-tower blocks
@@ -80,8 +164,9 @@ class BlockContext(BlockView):
 
     def __init__(self, index: int, prefix: str, block: nn.Module, fp_block: nn.Module, names: list[str],
                  groups: list[list[str]], fp_in: list[torch.Tensor], q_in: list[torch.Tensor], batches: list,
-                 adapter: Adapter, device: torch.device, is_vision: bool = False):
+                 adapter: Adapter, device: torch.device, is_vision: bool = False, shared: "SharedBlock | None" = None):
         self.index, self.prefix, self.block, self.fp_block = index, prefix, block, fp_block
+        self.shared = shared if shared is not None else SharedBlock(fp_block, fp_in)
         self.linear_names, self.groups = names, groups
         self.layout = None if is_vision else adapter.decoder_layout
         self.batches, self.is_vision = batches, is_vision
@@ -117,25 +202,11 @@ class BlockContext(BlockView):
         return self._adapter.run_layer(module, x, self.kwargs(b))
 
     def linear_inputs(self, names: list[str], b: int, stream: str) -> dict[str, torch.Tensor]:
-        """Inputs of the named linears; the forward stops as soon as all are seen."""
-        module = {"fp": self.fp_block, "quant": self.block}[stream]
-        got: dict[str, torch.Tensor] = {}
-        hooks = []
-        for n in names:
-            def hook(mod, args, n=n):
-                got[n] = args[0].detach()
-                if len(got) == len(names):
-                    raise _Stop
-            hooks.append(module.get_submodule(n).register_forward_pre_hook(hook))
-        try:
-            with torch.no_grad():
-                self.run(module, self.stream(stream, b), b)
-        except _Stop:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        return got
+        """Inputs of the named linears; the forward stops as soon as all are seen. Full-precision ones come
+        from the block's `SharedBlock` (computed once for every cell of a lockstep pass: read-only)."""
+        if stream == "fp":
+            return self.shared.linear_inputs(self, names, b)
+        return capture_linear_inputs(self, self.block, names, b, "quant")
 
     def commit(self, name: str, qw: QuantizedWeight) -> None:
         lin = self.module(name)
@@ -179,6 +250,28 @@ class _Stack:
     n_blocks: int
 
 
+@dataclass
+class Job:
+    """One cell's quantization in a pass: its own copy of the model and its own method instance. The engine
+    fills in the rest; a job whose method raises is dropped from the pass with its `error`, the others go on."""
+
+    model: nn.Module
+    method: Method
+    adapter: Adapter | None = None
+    quantized: dict = field(default_factory=dict)
+    diag: dict = field(default_factory=lambda: {"linears": {}, "blocks": {}, "vision_blocks": {}})
+    info: dict | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0  # its own work, plus an equal share of what the pass computed for all its jobs
+    stacks: list = field(default_factory=list)
+    run: RunContext | None = None
+    q: list = field(default_factory=list)  # its quantized stream into the current block
+    q_start: list | None = None  # the decoder's quantized stream input (after a quantized vision tower)
+
+    def result(self) -> EngineResult:
+        return EngineResult(self.quantized, self.diag, self.info or {})
+
+
 def _load_block(stack: _Stack, i: int, adapter: Adapter, device: torch.device) -> tuple[nn.Module, torch.device]:
     """Block i on the compute device, and where it is stored. A random-weight block on meta is
     materialized on the device and kept on the CPU afterwards."""
@@ -189,78 +282,129 @@ def _load_block(stack: _Stack, i: int, adapter: Adapter, device: torch.device) -
     return layer.to(device), storage
 
 
+def _job_block(stack: _Stack, i: int, device: torch.device, fp_block: nn.Module) -> tuple[nn.Module, torch.device]:
+    """Block i of a job after the pass's first: its own (still full-precision) layer moved to the device,
+    or for a lazily built model a copy of the block the pass materialized (the same values: one seed)."""
+    layer = stack.layers[i]
+    if is_lazy(layer):
+        return copy.deepcopy(fp_block).requires_grad_(True), torch.device("cpu")
+    storage = next(layer.parameters()).device
+    return layer.to(device), storage
+
+
 @torch.no_grad()
 def _measure_and_advance(ctx: BlockContext, method: Method, stack: _Stack, adapter: Adapter, dtype: torch.dtype,
-                         fp: list[torch.Tensor], q: list[torch.Tensor]) -> tuple[list, list, dict, dict]:
-    """Per-linear and block errors on the FP stream, then both streams through the block. Returns the
-    next streams and the two error accumulators."""
-    block, fp_block, names, i = ctx.block, ctx.fp_block, ctx.linear_names, ctx.index
-    after = (lambda i, h, e: h) if stack.is_vision else adapter.after_layer
+                         q: list[torch.Tensor]) -> tuple[list, dict, dict]:
+    """Per-linear and block errors on the FP stream, then the job's quantized stream through its block
+    (the FP side comes from the pass's `SharedBlock`). Returns the next quantized stream and the two error
+    accumulators."""
+    block, names, i = ctx.block, ctx.linear_names, ctx.index
+    after = _after(stack, adapter)
     lin_acc: dict = {}
     blk_acc: dict = {}
-    new_fp, new_q = [], []
-    for b in range(len(fp)):
+    new_q = []
+    for b in range(len(q)):
         masks = ctx.masks(b)
         extras = move(stack.batches[b].extras, ctx.device, dtype)
-        ys_fp, ys_q = {}, {}
-        hooks = [fp_block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_fp.__setitem__(n, y)) for n in names]
-        hooks += [block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_q.__setitem__(n, y)) for n in names]
-        out_fp = ctx.run(fp_block, ctx.stream("fp", b), b)
+        out_fp, ys_fp, next_fp = ctx.shared.outputs(ctx, b, after, extras)
+        ys_q = {}
+        hooks = [block.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: ys_q.__setitem__(n, y)) for n in names]
         out_qfp = ctx.run(block, ctx.stream("fp", b), b)
         for h in hooks:
             h.remove()
         for n in names:
             _err_update(lin_acc, n, method.comparable_output(ctx, n, ys_q[n]), ys_fp[n], masks)
         _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, masks)
-        out_q = ctx.run(block, ctx.stream("quant", b), b)
-        out_fp = after(i, out_fp, extras)
-        out_q = after(i, out_q, extras)
-        _err_update(blk_acc, "stream", out_q, out_fp, masks)
-        new_fp.append(out_fp.to(fp[b].device))
+        out_q = after(i, ctx.run(block, ctx.stream("quant", b), b), extras)
+        _err_update(blk_acc, "stream", out_q, next_fp.to(out_q.device), masks)
         new_q.append(out_q.to(q[b].device))
-    return new_fp, new_q, lin_acc, blk_acc
+    return new_q, lin_acc, blk_acc
 
 
-def _quantize_stack(stack: _Stack, q_start: list[torch.Tensor] | None, method: Method, adapter: Adapter,
-                    device: torch.device, dtype: torch.dtype, quantized: dict, diag: dict, progress=None) -> None:
-    """Quantize one stack of blocks in place; `q_start` holds the quantized stream's inputs (None: the
-    same as the FP stream's)."""
-    fp = [b.hidden.to(dtype) for b in stack.batches]
-    q = [h.to(dtype) for h in q_start] if q_start is not None else [h.clone() for h in fp]
-    label = "vision" if stack.is_vision else "blocks"
-    spec = method.spec
-    task = progress.add_task(f"{method.name} {spec.label} {label}", total=stack.n_blocks) if progress else None
-    for i in range(stack.n_blocks):
-        t0 = time.perf_counter()
-        block, storage = _load_block(stack, i, adapter, device)
-        fp_block = copy.deepcopy(block).requires_grad_(False)
-        names = list(adapter.block_linears(block))
-        act_hooks = (install_activation_quantizers([block.get_submodule(n) for n in names], spec.act_bits)
-                     if spec.quantizes_activations else [])
-        ctx = BlockContext(i, f"{stack.prefix}.{i}", block, fp_block, names, adapter.sequential_groups(names), fp, q,
-                           stack.batches, adapter, device, is_vision=stack.is_vision)
+def _after(stack: _Stack, adapter: Adapter):
+    return (lambda i, h, e: h) if stack.is_vision else adapter.after_layer
+
+
+def _quantize_job_block(job: Job, k: int, i: int, block: nn.Module, storage: torch.device, shared: SharedBlock,
+                        device: torch.device, dtype: torch.dtype) -> None:
+    """Job's block i of stack k: quantize, measure, advance its quantized stream, store the block."""
+    stack, adapter, method, spec = job.stacks[k], job.adapter, job.method, job.method.spec
+    names = list(adapter.block_linears(block))
+    act_hooks = (install_activation_quantizers([block.get_submodule(n) for n in names], spec.act_bits)
+                 if spec.quantizes_activations else [])
+    ctx = BlockContext(i, f"{stack.prefix}.{i}", block, shared.fp_block, names, adapter.sequential_groups(names),
+                       shared.fp_in, job.q, stack.batches, adapter, device, is_vision=stack.is_vision, shared=shared)
+    try:
         method.quantize_block(ctx)
         missing = [n for n in names if n not in ctx.committed]
         if missing:
             raise RuntimeError(f"method {method.name!r} left linears of {stack.prefix}.{i} unquantized: {missing}")
-        fp, q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, fp, q)
+        job.q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, job.q)
+    finally:
         for h in act_hooks:  # the stored model holds weights only; evaluation installs its own quantizers
             h.remove()
-        for n, e in _err_final(lin_acc).items():
-            diag["linears"][f"{stack.prefix}.{i}.{n}"] = e
-        diag["vision_blocks" if stack.is_vision else "blocks"][i] = _err_final(blk_acc)
-        for n, qw in ctx.committed.items():
-            quantized[f"{stack.prefix}.{i}.{n}"] = QuantizedWeight(qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(),
-                                                                   qw.g_idx.cpu(), qw.spec, qw.extras)
         stack.layers[i] = block.to(storage)
-        del fp_block, ctx
+    for n, e in _err_final(lin_acc).items():
+        job.diag["linears"][f"{stack.prefix}.{i}.{n}"] = e
+    job.diag["vision_blocks" if stack.is_vision else "blocks"][i] = _err_final(blk_acc)
+    for n, qw in ctx.committed.items():
+        job.quantized[f"{stack.prefix}.{i}.{n}"] = QuantizedWeight(qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(),
+                                                                   qw.g_idx.cpu(), qw.spec, qw.extras)
+
+
+def _fail(job: Job, e: BaseException) -> None:
+    job.error = e
+    job.q, job.stacks = [], []  # its streams and blocks are not needed any more
+
+
+def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.dtype, progress=None) -> None:
+    """Stack k of every live job, in lockstep: per block, one FP copy, one FP stream and the FP values every
+    job shares (`SharedBlock`); then each job quantizes its own copy of the block and advances its own stream."""
+    live = [j for j in jobs if j.error is None]
+    if not live:
+        return
+    st0 = live[0].stacks[k]
+    fp = [b.hidden.to(dtype) for b in st0.batches]
+    for job in live:
+        job.q = [h.to(dtype) for h in job.q_start] if job.q_start is not None and not st0.is_vision else [h.clone() for h in fp]
+    label = "vision" if st0.is_vision else "blocks"
+    tasks = {id(j): progress.add_task(f"{j.method.name} {j.method.spec.label} {label}", total=st0.n_blocks)
+             for j in live} if progress else {}
+    for i in range(st0.n_blocks):
+        live = [j for j in live if j.error is None]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        first, storage = _load_block(live[0].stacks[k], i, live[0].adapter, device)
+        shared = SharedBlock(copy.deepcopy(first).requires_grad_(False), fp, cache=len(live) > 1)
+        load_seconds = time.perf_counter() - t0
+        last_ctx = None
+        for n, job in enumerate(live):
+            t1, before = time.perf_counter(), shared.seconds
+            try:
+                block, home = (first, storage) if n == 0 else _job_block(job.stacks[k], i, device, shared.fp_block)
+                _quantize_job_block(job, k, i, block, home, shared, device, dtype)
+                last_ctx = (job, block)
+            except Exception as e:  # this cell failed; the pass goes on without it
+                _fail(job, e)
+            job.seconds += (time.perf_counter() - t1) - (shared.seconds - before)
+            key = "vision_block_seconds" if st0.is_vision else "block_seconds"
+            job.diag.setdefault(key, {})[i] = round(time.perf_counter() - t1 + load_seconds, 3)
+            if progress:
+                progress.advance(tasks[id(job)])
+        survivors = [j for j in live if j.error is None]
+        if survivors:
+            job = survivors[0]
+            ctx = BlockContext(i, "", shared.fp_block, shared.fp_block, list(job.adapter.block_linears(shared.fp_block)),
+                               [], fp, fp, job.stacks[k].batches, job.adapter, device, st0.is_vision, shared)
+            fp = shared.next_stream(ctx, _after(st0, job.adapter),
+                                    lambda b: move(st0.batches[b].extras, device, dtype))
+            for j in survivors:  # the block's load and every shared value, split evenly
+                j.seconds += (load_seconds + shared.seconds) / len(survivors)
+        del shared
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
-        # Wall seconds per block (materialize, quantize, both streams): cost runs read these.
-        diag.setdefault("vision_block_seconds" if stack.is_vision else "block_seconds", {})[i] = round(time.perf_counter() - t0, 3)
-        if progress:
-            progress.advance(task)
 
 
 def _stacks(adapter: Adapter, calib: CalibSet, method: Method, include_vision: bool,
@@ -279,30 +423,66 @@ def _stacks(adapter: Adapter, calib: CalibSet, method: Method, include_vision: b
     return stacks
 
 
+def _decoder_start(job: Job, calib: CalibSet) -> None:
+    """After a quantized vision tower: the decoder's quantized stream starts from what it produces."""
+    model, adapter, spec = job.model, job.adapter, job.method.spec
+    vision = job.stacks[0]
+    hooks = (install_activation_quantizers([blk.get_submodule(n) for blk in vision.layers for n in adapter.block_linears(blk)],
+                                           spec.act_bits) if spec.quantizes_activations else [])
+    try:
+        job.q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def quantize_models(jobs: list[Job], calib: CalibSet, device: torch.device | str | None = None, progress=None,
+                    include_vision: bool = False, max_blocks: int | None = None, memo: dict | None = None) -> list[Job]:
+    """Quantize every job's model in place, in one pass over the blocks (lockstep): the language-model decoder,
+    and first the vision tower when `include_vision`. `memo` shares whole-run statistics of the full-precision
+    model (`RunView.memo`) across jobs and passes. A job's failure is recorded in it, not raised."""
+    for job in jobs:
+        job.adapter = job.adapter or adapter_for(job.model)
+    device = torch.device(device) if device is not None else next(jobs[0].model.parameters()).device
+    dtype = next(jobs[0].model.parameters()).dtype
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            job.stacks = _stacks(job.adapter, calib, job.method, include_vision, max_blocks)
+            # fail before any work is done: the group size must divide every quantized layer's input width
+            job.method.spec.check_widths(lin.in_features for st in job.stacks for blk in list(st.layers)[:st.n_blocks]
+                                         for lin in job.adapter.block_linears(blk).values())
+            job.run = RunContext(job.model, job.adapter, calib, device, memo)
+            job.method.on_start(job.run)
+        except Exception as e:
+            _fail(job, e)
+        job.seconds += time.perf_counter() - t0
+    n_stacks = max((len(j.stacks) for j in jobs), default=0)
+    for k in range(n_stacks):
+        _quantize_stack(k, jobs, device, dtype, progress)
+        if k == 0 and n_stacks > 1:
+            for job in jobs:
+                if job.error is None:
+                    try:
+                        _decoder_start(job, calib)
+                    except Exception as e:
+                        _fail(job, e)
+    for job in jobs:
+        if job.error is None:
+            t0 = time.perf_counter()
+            try:
+                job.info = job.method.on_end(job.run)
+            except Exception as e:
+                _fail(job, e)
+            job.seconds += time.perf_counter() - t0
+    return jobs
+
+
 def quantize_model(model: nn.Module, adapter: Adapter, calib: CalibSet, method: Method,
                    device: torch.device | str | None = None, progress=None, include_vision: bool = False,
                    max_blocks: int | None = None) -> EngineResult:
-    """Quantize the language-model decoder in place, block by block (and first the vision tower when
-    `include_vision`: its quantized output then feeds the decoder's quantized stream)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    stacks = _stacks(adapter, calib, method, include_vision, max_blocks)
-    # fail before any work is done: the group size must divide every quantized layer's input width
-    method.spec.check_widths(lin.in_features for st in stacks for blk in list(st.layers)[:st.n_blocks]
-                             for lin in adapter.block_linears(blk).values())
-    run = RunContext(model, adapter, calib, device)
-    method.on_start(run)
-
-    quantized: dict[str, QuantizedWeight] = {}
-    diag: dict = {"linears": {}, "blocks": {}, "vision_blocks": {}}
-    q_start = None
-    for stack in stacks:
-        _quantize_stack(stack, q_start, method, adapter, device, dtype, quantized, diag, progress)
-        if stack.is_vision:  # the decoder's quantized stream starts from what the quantized vision tower produces
-            hooks = (install_activation_quantizers([blk.get_submodule(n) for blk in stack.layers for n in adapter.block_linears(blk)],
-                                                   method.spec.act_bits) if method.spec.quantizes_activations else [])
-            q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
-            for h in hooks:
-                h.remove()
-    info = method.on_end(run)
-    return EngineResult(quantized, diag, info)
+    """Quantize one model in place, block by block (a pass with one job); its failure is raised."""
+    (job,) = quantize_models([Job(model, method, adapter)], calib, device, progress, include_vision, max_blocks)
+    if job.error is not None:
+        raise job.error
+    return job.result()

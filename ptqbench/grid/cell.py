@@ -87,9 +87,15 @@ def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict,
     """Quantize `model` in place with the cell's method: (recon rows, artifacts, the quantized linears)."""
     cfg, device = grid.cfg, grid.device
     inst = grid.instances[cell.instance_key]
-    with measure(device) as cost:
+    with grid.profile.phase("quantization"), measure(device) as cost:
         result = quantize_model(model, adapter_for(model), grid.calib, inst, device=device, progress=progress,
                                 include_vision=cfg.quant.quantize_vision, max_blocks=cfg.quant.max_blocks)
+    return record_quantization(grid, cell, model, result, cost.seconds, cost.peak_bytes, cost.kind)
+
+
+def record_quantization(grid: Grid, cell: Cell, model, result: EngineResult, seconds: float, peak_bytes: int,
+                        memory_kind: str, schedule: dict | None = None) -> tuple[list[dict], dict, list[str]]:
+    """The stored record of a quantized model: recon rows, artifacts (the packed file saved), its linears."""
     for name, qw in result.quantized.items():  # a NaN weight fails this cell, not the grid
         if not (torch.isfinite(qw.scale).all() and torch.isfinite(qw.zero).all()):
             raise FloatingPointError(f"non-finite scale or zero in {name}")
@@ -100,11 +106,13 @@ def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict,
     bad = nonfinite(recon)
     if bad:
         raise FloatingPointError(f"reconstruction error: {bad}")
-    extra = dict(calib_seconds=cost.seconds, calib_peak_bytes=cost.peak_bytes, model_bytes=model_bytes)
+    extra = dict(calib_seconds=seconds, calib_peak_bytes=peak_bytes, model_bytes=model_bytes)
     rows = [dict(task="recon", metric=m, value=v, **extra) for m, v in recon.items()]
-    artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info, memory_kind=cost.kind)
-    if cfg.grid.save_model:
-        artifacts["model_file"] = _save(grid, cell, result.quantized, other)
+    artifacts = dict(diagnostics=result.diagnostics, method_info=result.method_info, memory_kind=memory_kind,
+                     schedule=schedule or dict(kind="cells"))
+    if grid.cfg.grid.save_model:
+        with grid.profile.phase("saving"):
+            artifacts["model_file"] = _save(grid, cell, result.quantized, other)
     return rows, artifacts, list(result.quantized)
 
 
@@ -143,15 +151,22 @@ def _score(grid: Grid, model, unit, progress) -> tuple[list[dict], dict]:
     return rows, items
 
 
-def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = None) -> dict:
-    """Quantize the cell (or reload its stored weights), then compute each of its missing units.
-    Returns {"quant": {"rows", "artifacts"} | None, "units": [...]}, each unit {"unit", "kind", "key", "rows",
-    "error"}. An exception in the quantization propagates (the cell fails); one in a unit is that unit's error."""
+def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = None, quantized=None) -> dict:
+    """Quantize the cell (or reload its stored weights, or take `quantized`: (model, rows, artifacts, names) from
+    a lockstep pass), then compute each of its missing units. Returns {"quant": {"rows", "artifacts"} | None,
+    "units": [...]}, each unit {"unit", "kind", "key", "rows", "error"}. An exception in the quantization
+    propagates (the cell fails); one in a unit is that unit's error."""
     seed_everything(grid.cfg.calib.seed)
-    model = copy.deepcopy(grid.lm.model)
     out: dict = {"quant": None, "units": []}
+    if quantized is not None:
+        model, rows, artifacts, names = quantized
+        out["quant"] = dict(rows=rows, artifacts=artifacts)
+    else:
+        model = copy.deepcopy(grid.lm.model)
     if cell.method != FP_METHOD:
-        if cell.quantize or stored_file is None:
+        if quantized is not None:
+            pass
+        elif cell.quantize or stored_file is None:
             rows, artifacts, names = quantize(grid, cell, model, progress)
             out["quant"] = dict(rows=rows, artifacts=artifacts)
         else:
@@ -160,15 +175,20 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
     if cell.units:
         model.to(grid.device)
     for unit in cell.units:
-        t0 = time.perf_counter()
-        done = dict(unit=unit.unit_id, kind=unit.kind, key=unit.key)
-        try:
-            if unit.kind != "eval":
-                raise ValueError(f"unit kind {unit.kind!r} is not run per cell")  # deployment: grid/formats.py
-            rows, items = _score(grid, model, unit, progress)
-            out["units"].append(dict(done, rows=rows, error=None, items=items, seconds=time.perf_counter() - t0))
-        except Exception as e:  # this unit failed; the cell's other results stand
-            out["units"].append(dict(done, rows=[], error=one_line(e) + "\n" + traceback.format_exc(limit=6),
-                                     seconds=time.perf_counter() - t0))
+        out["units"].append(_run_unit(grid, model, unit, progress))
     del model
     return out
+
+
+def _run_unit(grid: Grid, model, unit, progress) -> dict:
+    t0 = time.perf_counter()
+    done = dict(unit=unit.unit_id, kind=unit.kind, key=unit.key)
+    try:
+        if unit.kind != "eval":
+            raise ValueError(f"unit kind {unit.kind!r} is not run per cell")  # deployment: grid/formats.py
+        with grid.profile.phase("evaluation"):
+            rows, items = _score(grid, model, unit, progress)
+        return dict(done, rows=rows, error=None, items=items, seconds=time.perf_counter() - t0)
+    except Exception as e:  # this unit failed; the cell's other results stand
+        return dict(done, rows=[], error=one_line(e) + "\n" + traceback.format_exc(limit=6),
+                    seconds=time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """Executors run the pending cells of a grid; the driver's callbacks claim cells and write the store.
 
-`local` (default) runs cells one after another in this process. Others (e.g. `ray`) run them
+`local` (default) runs cells in this process: in lockstep passes (grid/lockstep.py, `--schedule lockstep`,
+the default) or one after another (`--schedule cells`). Others (e.g. `ray`) run them
 elsewhere and stream results back; every executor reports through the same three callbacks, so the
 store, resume and failure handling are the same whatever runs the cells.
 """
@@ -17,8 +18,12 @@ from ptqbench.errors import BadInput, one_line, one_of
 
 class LocalExecutor:
     def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
-            stored_file: Callable = lambda cell: None) -> None:
+            stored_file: Callable = lambda cell: None, log: Callable = print) -> None:
         from ptqbench.grid.cell import run_cell
+        from ptqbench.grid.lockstep import run_lockstep
+
+        if grid.cfg.grid.schedule == "lockstep":
+            return run_lockstep(grid, cells, started, finished, failed, progress, stored_file, log)
 
         for cell in cells:
             todo = started(cell)  # None: claimed by another live run, or done meanwhile

@@ -15,6 +15,7 @@ from ptqbench.engine.calibration import CalibSet, build_calibration
 from ptqbench.errors import BadInput
 from ptqbench.eval.tasks import seed_everything
 from ptqbench.grid.preflight import make_run_dir, validate_inputs, write_atomic
+from ptqbench.grid.profile import Profile
 from ptqbench.grid.store import FORMAT_METHOD, FP_METHOD, ResultsStore, current_environment  # noqa: F401 (re-exported)
 from ptqbench.methods import Method, QuantSpec, get_method
 from ptqbench.models.sources import LoadedModel, load_model, resolve_device, resolve_dtype
@@ -95,6 +96,8 @@ class Grid:
     dtype: torch.dtype
     run_dir: Path
     env: dict
+    profile: Profile = field(default_factory=Profile)  # where the run's time goes (grid/profile.py)
+    memo: dict = field(default_factory=dict)  # whole-run statistics shared by lockstep cells (RunView.memo)
 
     @property
     def manifest(self) -> dict:
@@ -183,13 +186,15 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
     Nothing is written before every input has been checked."""
     from ptqbench.eval.registry import get_task
 
+    profile = Profile()
     seed_everything(cfg.calib.seed)
     if new_run_dir:
         methods, device = validate_inputs(cfg)
     else:  # a worker of a grid its driver has validated: the store, runs folder and sources are the driver's
         methods, device = {m: get_method(m) for m in cfg.method_list()}, resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    lm = load_model(cfg.model.source, dtype, allow_pickle=cfg.model.allow_pickle)
+    with profile.phase("model load"):
+        lm = load_model(cfg.model.source, dtype, allow_pickle=cfg.model.allow_pickle)
     lm.adapter.image_token_id()  # a model without an image token is refused here
     if lm.lazy:
         _check_lazy(cfg, lm, methods)
@@ -198,9 +203,10 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
     tasks = {t: get_task(t) for t in (cfg.eval.tasks if cfg.eval.tasks is not None else lm.tasks)}
     env = current_environment()
     env["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-    calib = _capture(cfg, lm, device, progress, log)
+    with profile.phase("calibration"):
+        calib = _capture(cfg, lm, device, progress, log)
     run_dir = _write_run_dir(cfg, calib, log) if new_run_dir else Path(cfg.grid.runs) / (cfg.grid.name or "worker")
-    return Grid(cfg, lm, calib, instances, tasks, group_size, device, dtype, run_dir, env)
+    return Grid(cfg, lm, calib, instances, tasks, group_size, device, dtype, run_dir, env, profile)
 
 
 # ---- the plan: cells and their units ------------------------------------------------------------------

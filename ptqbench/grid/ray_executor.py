@@ -121,7 +121,9 @@ class RayExecutor:
         return True
 
     def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
-            stored_file: Callable = lambda cell: None) -> None:
+            stored_file: Callable = lambda cell: None, log: Callable = print) -> None:
+        if grid.cfg.grid.schedule == "lockstep":
+            log("[schedule] the ray executor runs every cell as its own task (cells); lockstep needs one process")
         ray = _import_ray()
         if not cells:
             return

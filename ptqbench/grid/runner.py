@@ -11,6 +11,7 @@ grid goes on. Cells are claimed in the store, so concurrent runs never compute o
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ptqbench.errors import BadInput
 from ptqbench.grid.executors import get_executor
 from ptqbench.grid.formats import fmt_s, run_formats
 from ptqbench.grid.plan import FP_METHOD, Cell, CellOutcome, Grid, RunSummary, plan, prepare
-from ptqbench.grid.preflight import validate_inputs
+from ptqbench.grid.preflight import validate_inputs, write_atomic
 from ptqbench.grid.store import ResultsStore, process_owner
 
 
@@ -178,8 +179,13 @@ def _run_one(cfg: RunConfig, progress=None, log=print) -> RunSummary:
             book.pending.append(todo)
     get_executor(cfg.grid.executor, address=cfg.grid.address).run(
         grid, book.pending, book.started, book.finished, book.failed, progress,
-        stored_file=lambda c: book.stored.get(c.cell_id))
-    outcomes = book.outcomes + run_formats(grid, store, book.owner, log)  # latency: here, after the cells, all at once
+        stored_file=lambda c: book.stored.get(c.cell_id), log=log)
+    with grid.profile.phase("latency"):
+        outcomes = book.outcomes + run_formats(grid, store, book.owner, log)  # latency: after the cells, all at once
+    write_atomic(grid.run_dir / "profile.json", json.dumps(grid.profile.summary(), indent=2))
+    if cfg.grid.profile:
+        for line in grid.profile.lines():
+            log(line)
     order = {(c.method, c.bits, c.act_bits): i for i, c in enumerate(cells)}
     outcomes.sort(key=lambda o: order.get((o.method, o.bits, o.act_bits), 0))
     return RunSummary(grid.run_dir, cfg.model.source, grid.group_size, grid.manifest, outcomes)

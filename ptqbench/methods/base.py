@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -169,6 +169,13 @@ class RunView:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head()(self.final_norm()(hidden))
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """`compute()`, a statistic of the full-precision model and the calibration set alone (call it from
+        `on_start`, before any block is quantized), computed once per grid when the engine shares it across
+        cells (the lockstep schedule). `key` names everything besides those two that it depends on. The
+        value is shared: read it, never change it."""
+        return compute()
 
 
 # ---- statistics accumulators ------------------------------------------------------------------------

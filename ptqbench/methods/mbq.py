@@ -199,7 +199,10 @@ class MBQ(ScaleSearchMethod):
                            "(accepted: an image-text calibration set, e.g. synthvqa or ShareGPT4V with images)")
         if self.opts.reweight:
             n = len(run.decoder_layers())
-            self.modality = modality_ratios(modality_gradients(run), n)
+            # the gradient pass depends on the FP model and the calibration set only: once per grid
+            stats = run.memo(("mbq.modality_gradients", tuple(sorted(gradient_taps(run).items()))),
+                             lambda: modality_gradients(run))
+            self.modality = modality_ratios(stats, n)
 
     def rho(self, index: int, kind: str) -> float:
         if self.modality is None:

@@ -1,0 +1,161 @@
+"""The lockstep schedule: the cells of a grid quantized together, in one pass over the blocks.
+
+Per block the pass loads (or materializes) the block once, runs the full-precision block once on the one
+full-precision stream, computes each full-precision value the cells ask for once, and lets every cell quantize
+its own copy and advance its own quantized stream (engine/blockwise.py `quantize_models`). Whole-run
+statistics of the full-precision model (MBQ's gradient pass) are computed once per grid (`Grid.memo`).
+
+Memory: every cell of a pass holds its own model copy and quantized stream, so the cells are grouped into
+chunks that fit a budget of host memory (`--memory-budget`, default half of the available RAM), and the log
+says how. Results are written cell by cell after the pass, so an interrupted chunk recomputes only the cells
+it had not finished. Cells that only miss task scores (their weights are stored) are evaluated one by one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass
+
+from ptqbench.config import parse_size
+from ptqbench.deploy.measure import measure
+from ptqbench.engine.blockwise import Job, quantize_models
+from ptqbench.errors import one_line
+from ptqbench.grid.cell import record_quantization, run_cell
+from ptqbench.grid.plan import Cell, Grid
+
+GiB = 2**30
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Footprint:
+    """Host bytes a lockstep pass holds: per cell (its quantized stream and model copy) and shared (the FP
+    stream, the next one, and the FP values cached for one block: its linears' inputs and outputs)."""
+
+    stream: int
+    model: int
+    shared: int
+
+    @property
+    def per_cell(self) -> int:
+        return self.stream + self.model
+
+
+def footprint(grid: Grid) -> Footprint:
+    item = grid.dtype.itemsize
+    tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in grid.calib.batches)
+    stream = sum(b.hidden.numel() for b in grid.calib.batches) * item
+    model = sum(t.numel() * t.element_size() for t in list(grid.lm.model.parameters()) + list(grid.lm.model.buffers()))
+    adapter = grid.lm.adapter
+    block0 = adapter.decoder_layers()[0]
+    widths = sum(lin.in_features + lin.out_features for lin in adapter.block_linears(block0).values())
+    return Footprint(stream, model, 2 * stream + tokens * widths * item)
+
+
+def chunk_size(fp: Footprint, budget: int) -> int:
+    return max(1, (budget - fp.shared) // max(fp.per_cell, 1))
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def plan_chunks(grid: Grid, cells: list[Cell], log) -> list[list[Cell]]:
+    """The cells to quantize, in plan order, grouped into chunks that fit the memory budget (logged)."""
+    cfg = grid.cfg.grid
+    budget = parse_size(cfg.memory_budget) if cfg.memory_budget else available_bytes() // 2
+    fp = footprint(grid)
+    size = chunk_size(fp, budget)
+    chunks = [cells[i:i + size] for i in range(0, len(cells), size)]
+    if cells:
+        log(f"[schedule] lockstep: {len(cells)} cell(s) to quantize in {len(chunks)} pass(es) of up to {size} "
+            f"(host memory budget {_gib(budget)}{'' if cfg.memory_budget else ', half of the available RAM'}: "
+            f"per cell {_gib(fp.per_cell)} = quantized stream {_gib(fp.stream)} + model copy {_gib(fp.model)}; "
+            f"shared {_gib(fp.shared)})"
+            + ("; even one cell exceeds the budget, so cells run one by one" if fp.shared + fp.per_cell > budget else ""))
+    return chunks
+
+
+def _run_alone(grid, todo, progress, stored_file, finished, failed) -> None:
+    t0 = time.perf_counter()
+    try:
+        result = run_cell(grid, todo, progress, stored_file(todo))
+    except KeyboardInterrupt:
+        failed(todo, "interrupted", "", time.perf_counter() - t0)
+        raise
+    except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
+        failed(todo, one_line(e), traceback.format_exc(limit=8), time.perf_counter() - t0)
+        return
+    finished(todo, result, time.perf_counter() - t0)
+
+
+def _finish(grid, todo, job, cost, schedule, progress, finished, failed) -> None:
+    """Record one cell of a pass and score its units (its own failure stays its own)."""
+    t0 = time.perf_counter()
+    if job.error is not None:
+        failed(todo, one_line(job.error), "".join(traceback.format_exception(job.error, limit=8)), job.seconds)
+        return
+    try:
+        rec = record_quantization(grid, todo, job.model, job.result(), job.seconds, cost.peak_bytes, cost.kind, schedule)
+        result = run_cell(grid, todo, progress, None, quantized=(job.model, *rec))
+    except Exception as e:
+        failed(todo, one_line(e), traceback.format_exc(limit=8), job.seconds + time.perf_counter() - t0)
+        return
+    finally:
+        job.model = None  # this cell's copy is no longer needed
+    finished(todo, result, job.seconds + time.perf_counter() - t0)
+
+
+def _run_pass(grid: Grid, chunk: list[Cell], started, finished, failed, progress, stored_file) -> None:
+    todos = []
+    for cell in chunk:
+        todo = started(cell)
+        if todo is None:
+            continue
+        if todo.quantize:
+            todos.append(todo)
+        else:  # done meanwhile, but for some units
+            _run_alone(grid, todo, progress, stored_file, finished, failed)
+    if not todos:
+        return
+    cfg = grid.cfg.quant
+    jobs = [Job(copy.deepcopy(grid.lm.model), grid.instances[t.instance_key]) for t in todos]
+    t0 = time.perf_counter()
+    pending = list(todos)
+    try:
+        with grid.profile.phase("quantization"), measure(grid.device) as cost:
+            quantize_models(jobs, grid.calib, grid.device, progress, cfg.quantize_vision, cfg.max_blocks, memo=grid.memo)
+        schedule = dict(kind="lockstep", cells=len(todos), pass_seconds=round(time.perf_counter() - t0, 3))
+        for todo, job in zip(todos, jobs):
+            _finish(grid, todo, job, cost, schedule, progress, finished, failed)
+            pending.remove(todo)
+    except KeyboardInterrupt:
+        for todo in pending:
+            failed(todo, "interrupted", "", time.perf_counter() - t0)
+        raise
+
+
+def run_lockstep(grid: Grid, cells: list[Cell], started, finished, failed, progress=None,
+                 stored_file=lambda cell: None, log=print) -> None:
+    """The pending cells: those only missing units one by one, the rest in lockstep passes."""
+    for cell in [c for c in cells if not c.quantize]:
+        todo = started(cell)
+        if todo is not None:
+            _run_alone(grid, todo, progress, stored_file, finished, failed)
+    for chunk in plan_chunks(grid, [c for c in cells if c.quantize], log):
+        _run_pass(grid, chunk, started, finished, failed, progress, stored_file)
