@@ -75,8 +75,8 @@ def _run_parameters() -> list[inspect.Parameter]:
     return params
 
 
-def run(**given):
-    """Quantize a model with every method x bits, evaluate, and store the results."""
+def _config(given: dict):
+    """The run's config from `bench run`'s flags (and --config)."""
     from ptqbench.config import SETTINGS, list_item_type, load_config, parse_list, parse_option
 
     config, option = given.pop("config"), given.pop("option")
@@ -90,7 +90,12 @@ def run(**given):
             m, k, v = parse_option(text)
             opts.setdefault(m, {})[k] = v
         overrides["options"] = opts
-    cfg = load_config(config, overrides)
+    return load_config(config, overrides)
+
+
+def run(**given):
+    """Quantize a model with every method x bits, evaluate, and store the results."""
+    cfg = _config(given)
 
     from ptqbench.grid.runner import run_grid
 
@@ -110,6 +115,35 @@ def run(**given):
 
 run.__signature__ = inspect.Signature(_run_parameters())
 app.command()(run)
+
+
+def perf(**given):
+    """Time the grid's quantization in both schedules (cells, lockstep) side by side; check identical results."""
+    import json
+
+    repeats, out = given.pop("repeats"), given.pop("json")
+    if repeats < 1:
+        err_console.print(f"repeats {repeats!r} is not accepted; accepted: a positive integer", markup=False)
+        raise typer.Exit(2)
+    cfg = _config(given)
+    from ptqbench.grid.perf import perf as run_perf, report_lines
+
+    res = run_perf(cfg, repeats, log=_log_line)
+    for line in report_lines(res):
+        _log_line(line)
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
+    if not res["identical"]:
+        raise typer.Exit(1)
+
+
+perf.__signature__ = inspect.Signature(_run_parameters() + [
+    inspect.Parameter("repeats", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                      default=typer.Option(2, "--repeats", help="interleaved rounds per schedule")),
+    inspect.Parameter("json", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                      default=typer.Option(None, "--json", help="also write the figures to this JSON file"))])
+app.command()(perf)
 
 
 def _print_summary(summary) -> None:

@@ -282,12 +282,16 @@ def _load_block(stack: _Stack, i: int, adapter: Adapter, device: torch.device) -
     return layer.to(device), storage
 
 
-def _job_block(stack: _Stack, i: int, device: torch.device, fp_block: nn.Module) -> tuple[nn.Module, torch.device]:
+def _job_block(stack: _Stack, i: int, device: torch.device, fp_block: nn.Module,
+               grad_flags: list[bool]) -> tuple[nn.Module, torch.device]:
     """Block i of a job after the pass's first: its own (still full-precision) layer moved to the device,
     or for a lazily built model a copy of the block the pass materialized (the same values: one seed)."""
     layer = stack.layers[i]
     if is_lazy(layer):
-        return copy.deepcopy(fp_block).requires_grad_(True), torch.device("cpu")
+        block = copy.deepcopy(fp_block)
+        for p, flag in zip(block.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        return block, torch.device("cpu")
     storage = next(layer.parameters()).device
     return layer.to(device), storage
 
@@ -376,13 +380,14 @@ def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.
             return
         t0 = time.perf_counter()
         first, storage = _load_block(live[0].stacks[k], i, live[0].adapter, device)
+        grad_flags = [p.requires_grad for p in first.parameters()]
         shared = SharedBlock(copy.deepcopy(first).requires_grad_(False), fp, cache=len(live) > 1)
         load_seconds = time.perf_counter() - t0
         last_ctx = None
         for n, job in enumerate(live):
             t1, before = time.perf_counter(), shared.seconds
             try:
-                block, home = (first, storage) if n == 0 else _job_block(job.stacks[k], i, device, shared.fp_block)
+                block, home = (first, storage) if n == 0 else _job_block(job.stacks[k], i, device, shared.fp_block, grad_flags)
                 _quantize_job_block(job, k, i, block, home, shared, device, dtype)
                 last_ctx = (job, block)
             except Exception as e:  # this cell failed; the pass goes on without it

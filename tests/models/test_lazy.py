@@ -115,3 +115,26 @@ def test_bad_random_specs(tmp_path):
         load_model(f"random:{tmp_path}/c.json")
     with pytest.raises(BadInput, match="image side"):
         load_model(f"random:{tmp_path}/c.json@x")
+
+
+def test_lazy_blocks_in_lockstep_equal_each_cell_alone(config_path, tmp_path):
+    """A lockstep pass materializes each lazy block once and hands every cell a copy: the same weights."""
+    import copy
+
+    from ptqbench.engine.blockwise import Job, quantize_models
+
+    lazy, proc = build_random(str(config_path), dtype=torch.float32, seed=3)
+    path = write_sharegpt(tmp_path, tiny_samples(proc, n=4))
+    calib = C.build_calibration(lazy, adapter_for(lazy), proc, str(path), 4, 512, 1, batch_size=2)
+    specs = [("gptaq", QuantSpec(bits=3, group_size=16)), ("rtn", QuantSpec(bits=2, group_size=16))]
+    alone = []
+    for name, spec in specs:
+        m = copy.deepcopy(lazy)
+        alone.append(quantize_model(m, adapter_for(m), calib, get_method(name)(spec), device="cpu").quantized)
+    jobs = [Job(copy.deepcopy(lazy), get_method(name)(spec)) for name, spec in specs]
+    quantize_models(jobs, calib, device="cpu", memo={})
+    for job, want in zip(jobs, alone):
+        assert job.error is None and job.quantized.keys() == want.keys()
+        for k, qw in job.quantized.items():
+            assert torch.equal(qw.qweight, want[k].qweight) and torch.equal(qw.scale, want[k].scale), k
+        assert not is_lazy(job.model)

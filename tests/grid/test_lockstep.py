@@ -1,0 +1,150 @@
+"""The lockstep schedule: identical results to one cell at a time, what it shares, chunks, failures, resume."""
+
+import copy
+import sqlite3
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ptqbench import cli
+from ptqbench.engine.blockwise import Job, quantize_model, quantize_models
+from ptqbench.grid import lockstep
+from ptqbench.grid.perf import digest
+from ptqbench.methods import QuantSpec, get_method
+from ptqbench.methods import mbq as mbq_module
+from ptqbench.models.adapters import adapter_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+METHODS = ("rtn", "gptq", "gptaq", "awq", "mbq", "vlmq", "smoothquant")
+
+
+def _solo(model, calib, method) -> str:
+    m = copy.deepcopy(model)
+    job = Job(m, method)
+    job.quantized, job.diag, job.info = (lambda r: (r.quantized, r.diagnostics, r.method_info))(
+        quantize_model(m, adapter_for(m), calib, method))
+    return digest(job)
+
+
+def test_every_method_at_two_widths_is_identical_in_lockstep(tiny_qwen, tiny_calib):
+    model = tiny_qwen[0]
+    specs = [QuantSpec(bits=b, group_size=32) for b in (2, 4)] + [QuantSpec(bits=4, group_size=32, act_bits=8)]
+    pairs = [(name, spec) for name in METHODS for spec in specs]
+    solo = [_solo(model, tiny_calib, get_method(n)(s)) for n, s in pairs]
+    jobs = [Job(copy.deepcopy(model), get_method(n)(s)) for n, s in pairs]
+    quantize_models(jobs, tiny_calib, memo={})
+    assert [j.error for j in jobs] == [None] * len(jobs)
+    assert [digest(j) for j in jobs] == solo
+    assert len(set(solo)) == len(solo)  # the digests do tell the cells apart
+
+
+def test_the_gradient_pass_runs_once_per_grid(tiny_qwen, tiny_calib, monkeypatch):
+    calls = []
+    real = mbq_module.modality_gradients
+    monkeypatch.setattr(mbq_module, "modality_gradients", lambda run, *a: calls.append(1) or real(run, *a))
+    memo: dict = {}
+    for bits in ((2, 3), (4,)):  # two passes (chunks) of one grid share it too
+        jobs = [Job(copy.deepcopy(tiny_qwen[0]), get_method("mbq")(QuantSpec(bits=b, group_size=32))) for b in bits]
+        quantize_models(jobs, tiny_calib, memo=memo, max_blocks=1)
+    assert len(calls) == 1
+    jobs = [Job(copy.deepcopy(tiny_qwen[0]), get_method("mbq")(QuantSpec(bits=b, group_size=32))) for b in (2, 4)]
+    quantize_models(jobs, tiny_calib, max_blocks=1)  # no memo: each cell computes its own
+    assert len(calls) == 3
+
+
+def test_a_failing_cell_leaves_the_pass_and_the_others_are_unchanged(tiny_qwen, tiny_calib, monkeypatch):
+    from ptqbench.methods import rtn
+
+    class Breaks(rtn.RTN):
+        def quantize_block(self, block):
+            if block.index == 1:
+                raise FloatingPointError("synthetic failure in block 1")
+            super().quantize_block(block)
+
+    spec = QuantSpec(bits=3, group_size=32)
+    want = _solo(tiny_qwen[0], tiny_calib, get_method("gptq")(spec))
+    jobs = [Job(copy.deepcopy(tiny_qwen[0]), Breaks(spec)), Job(copy.deepcopy(tiny_qwen[0]), get_method("gptq")(spec))]
+    quantize_models(jobs, tiny_calib, memo={})
+    assert "synthetic failure in block 1" in str(jobs[0].error)
+    assert jobs[1].error is None and digest(jobs[1]) == want
+
+
+def test_chunks_follow_the_budget():
+    fp = lockstep.Footprint(stream=100, model=900, shared=500)
+    assert lockstep.chunk_size(fp, 500 + 3 * 1000) == 3
+    assert lockstep.chunk_size(fp, 500 + 3 * 1000 - 1) == 2
+    assert lockstep.chunk_size(fp, 10) == 1  # even one cell over the budget: one at a time
+
+
+def _run(*args):
+    res = runner.invoke(cli.app, ["run", *args], catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+def _recon(path):
+    con = sqlite3.connect(path / "results.sqlite")
+    return sorted(con.execute("select method, bits, metric, value from results where task='recon'"))
+
+
+def test_both_schedules_store_the_same_numbers_and_the_log_says_how_cells_were_grouped(tmp_path):
+    common = ("--model", "tiny:qwen2-vl", "--methods", "rtn,gptq,mbq", "--bits", "2,4", "--calib-n", "4", "--no-latency")
+    code, out = _run(*common, "--runs", str(tmp_path / "a"), "--memory-budget", "1GiB", "--profile")
+    assert code == 0, out
+    assert "[schedule] lockstep: 6 cell(s) to quantize in 1 pass(es) of up to" in out and "budget 1.00 GiB" in out
+    assert "[profile] quantization" in out
+    code, out = _run(*common, "--runs", str(tmp_path / "b"), "--schedule", "cells")
+    assert code == 0, out
+    assert "[schedule]" not in out
+    assert _recon(tmp_path / "a") == _recon(tmp_path / "b") != []
+    code, out = _run(*common, "--runs", str(tmp_path / "c"), "--memory-budget", "1KiB")
+    assert code == 0 and "in 6 pass(es) of up to 1" in out and "even one cell exceeds the budget" in out, out
+    assert _recon(tmp_path / "c") == _recon(tmp_path / "a")
+
+
+def test_an_interrupted_pass_recomputes_only_its_unfinished_cells(tmp_path, monkeypatch):
+    args = ("--model", "tiny:qwen2-vl", "--methods", "rtn", "--bits", "2,3,4", "--calib-n", "2", "--no-latency",
+            "--runs", str(tmp_path))
+    real = lockstep.record_quantization
+    seen = []
+
+    def interrupt_second(grid, cell, *a, **k):
+        seen.append(cell.bits)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(grid, cell, *a, **k)
+
+    monkeypatch.setattr(lockstep, "record_quantization", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        runner.invoke(cli.app, ["run", *args], catch_exceptions=False)
+    monkeypatch.undo()
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    assert dict(con.execute("select bits, status from cells")) == {2: "done", 3: "failed", 4: "failed"}
+    code, out = _run(*args)
+    assert code == 0, out
+    assert "rtn w2: already done" in out and "[schedule] lockstep: 2 cell(s) to quantize" in out
+    assert dict(con.execute("select bits, status from cells")) == {2: "done", 3: "done", 4: "done"}
+
+
+def test_profile_json_in_every_run_folder(tmp_path):
+    import json
+
+    code, out = _run("--model", "tiny:llava", "--methods", "rtn", "--bits", "4", "--calib-n", "2", "--no-latency",
+                     "--runs", str(tmp_path), "--name", "r")
+    assert code == 0 and "[profile]" not in out
+    prof = json.loads((tmp_path / "r" / "profile.json").read_text())
+    assert {"model load", "calibration", "quantization", "saving", "other"} <= set(prof["phases"])
+    assert abs(sum(p["seconds"] for p in prof["phases"].values()) - prof["total_seconds"]) < 0.1
+
+
+def test_bench_perf_reports_identical_results_and_a_ratio(tmp_path):
+    import json
+
+    res = runner.invoke(cli.app, ["perf", "--model", "tiny:qwen2-vl", "--methods", "rtn,awq", "--bits", "3", "--calib-n", "2",
+                                  "--no-latency", "--repeats", "1", "--json", str(tmp_path / "p.json"),
+                                  "--runs", str(tmp_path / "runs")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "p.json").read_text())
+    assert got["identical"] is True and got["cells"] == 2 and got["ratio"] > 0
+    assert "lockstep / cells =" in res.output and not (tmp_path / "runs" / "results.sqlite").exists()
