@@ -17,6 +17,7 @@ Determinism: item ``i`` of split ``s`` with seed ``k`` is drawn from
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,6 +377,21 @@ def generate(split: str, n: int, seed: int | None = None) -> list[Item]:
         img = _render(scene, rng)
         items.append(Item(f"{split}-{seed}-{i:06d}", img, q, a, fam, _caption(scene)))
     return items
+
+
+def generate_shared(split: str, n: int, seed: int | None = None) -> list[Item]:
+    """:func:`generate`, computed once per ``(split, n, seed)`` in a process and shared (a fresh list of the
+    same items): every cell of a grid scores the same eval items with every task, and rendering them again
+    for each is wasted work. Callers must not mutate the items or their images: the scoring tasks only read them."""
+    split = _check_split(split)
+    n = _check_pos_int("n", n)
+    seed = DEFAULT_SEED[split] if seed is None else _check_pos_int("seed", seed)
+    return list(_generate_memo(split, n, seed))
+
+
+@functools.lru_cache(maxsize=4)  # a few (split, n, seed) per process; 200 items hold 30 MB of images
+def _generate_memo(split: str, n: int, seed: int) -> tuple[Item, ...]:
+    return tuple(generate(split, n, seed))
 
 
 def generate_multi(split: str, n: int, seed: int | None = None, start: int = 0,

@@ -453,9 +453,10 @@ class LmmsTask(Task):
                                random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
                                fewshot_random_seed=self.seed, process_docs_parallel=1)
 
-    def scores(self, model, processor, n=None, batch_size=16, progress=None) -> dict:
+    def scores(self, model, processor, n=None, batch_size=16, progress=None, cache=None) -> dict:
         """lmms-eval's aggregated metrics; their item count is lmms-eval's sample count (no per-item
-        outcomes are taken from it, so these scores carry n but no interval)."""
+        outcomes are taken from it, so these scores carry n but no interval). `cache` is not used: lmms-eval
+        builds its own batches."""
         results = self.run(model, processor, n, batch_size, progress)
         counts = results.get("n-samples", {}).get(self.name, {})
         n_items = int(counts.get("effective") or counts.get("original") or 0)

@@ -16,6 +16,7 @@ import math
 import random
 import string
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 from ptqbench.data import synthvqa as sv
 from ptqbench.data.synthvqa import INSTRUCTION  # defined with the data; importable from here too
+from ptqbench.eval.cache import EvalCache
 from ptqbench.engine.chat import ProgressReporter, encode_left, generation_prompt, stop_and_pad_ids, user_turn
 from ptqbench.errors import BadInput
 
@@ -78,6 +80,18 @@ def _encode(processor, texts, images, device):
     return encode_left(processor, texts, images, device)
 
 
+def _encode_items(processor, texts, chunk, device, cache: EvalCache | None = None):
+    """The left-padded batch of `texts` over the images of the items `chunk` (built once per grid with a cache)."""
+    images = [it.image for it in chunk]
+    if cache is None:
+        return _encode(processor, texts, images, device)
+    return cache.encode(processor, texts, images, tuple(it.id for it in chunk), device)
+
+
+def _tower_reuse(cache: EvalCache | None, model):
+    return cache.tower_reuse(model) if cache is not None else nullcontext()
+
+
 def answer_lengths(tokenizer, prompts: list[str], fulls: list[str]) -> list[int]:
     """Tokens each full text adds to its prompt, counted on the text alone (image placeholders are
     unexpanded there, and equal in both)."""
@@ -116,14 +130,15 @@ class Task:
     description: str = ""
 
     def scores(self, model, processor, n: int | None = None, batch_size: int = 16,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Score]:
-        """Metric name -> Score. ``progress``: None, a callable ``(done, total)`` or a rich Progress."""
+               progress: Callable[[int, int], None] | None = None, cache: EvalCache | None = None) -> dict[str, Score]:
+        """Metric name -> Score. ``progress``: None, a callable ``(done, total)`` or a rich Progress. ``cache``:
+        the grid's `EvalCache` (encodings and full-precision tower outputs reused; same scores), or None."""
         raise NotImplementedError
 
     def evaluate(self, model, processor, n: int | None = None, batch_size: int = 16,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                 progress: Callable[[int, int], None] | None = None, cache: EvalCache | None = None) -> dict[str, float]:
         """Metric name -> value."""
-        return {m: s.value for m, s in self.scores(model, processor, n, batch_size, progress).items()}
+        return {m: s.value for m, s in self.scores(model, processor, n, batch_size, progress, cache=cache).items()}
 
     def identity(self, n: int | None = None) -> dict:
         """Everything besides the model that decides this task's numbers: a stored score is keyed by it."""
@@ -142,7 +157,7 @@ class SynthVQAAccuracy(Task):
         return dict(super().identity(n), max_new_tokens=self.max_new_tokens, decoding="greedy")
 
     @torch.no_grad()
-    def predict(self, model, processor, items, batch_size: int = 16, progress=None) -> list[str]:
+    def predict(self, model, processor, items, batch_size: int = 16, progress=None, cache=None) -> list[str]:
         seed_everything(self.seed)
         device = _model_device(model)
         tok = processor.tokenizer
@@ -151,7 +166,7 @@ class SynthVQAAccuracy(Task):
         bar = ProgressReporter(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            enc = _encode(processor, _prompts(processor, chunk), [it.image for it in chunk], device)
+            enc = _encode_items(processor, _prompts(processor, chunk), chunk, device, cache)
             out = model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
                                  eos_token_id=eos, pad_token_id=pad)
             new = out[:, enc["input_ids"].shape[1]:]
@@ -160,11 +175,12 @@ class SynthVQAAccuracy(Task):
         bar.close()
         return preds
 
-    def scores(self, model, processor, n=None, batch_size=16, progress=None):
+    def scores(self, model, processor, n=None, batch_size=16, progress=None, cache=None):
         n, batch_size = check_n(n), check_batch_size(batch_size)
         model.eval()
-        items = sv.generate("eval", n, seed=self.seed)
-        preds = self.predict(model, processor, items, batch_size, progress)
+        items = sv.generate_shared("eval", n, seed=self.seed)
+        with _tower_reuse(cache, model):
+            preds = self.predict(model, processor, items, batch_size, progress, cache)
         hits = [float(normalize(p) == normalize(it.answer)) for it, p in zip(items, preds)]
         res = {"acc": _proportion(hits)}
         for f in sv.FAMILIES:
@@ -182,33 +198,13 @@ class SynthVQANLL(Task):
         self.seed = seed
 
     @torch.no_grad()
-    def scores(self, model, processor, n=None, batch_size=16, progress=None):
+    def scores(self, model, processor, n=None, batch_size=16, progress=None, cache=None):
         n, batch_size = check_n(n), check_batch_size(batch_size)
         seed_everything(self.seed)
         model.eval()
-        device = _model_device(model)
-        items = sv.generate("eval", n, seed=self.seed)
-        end = processor.tokenizer.eos_token or ""
-        nll, tokens = [], []  # per item: the answer's summed -log p and its token count
-        bar = ProgressReporter(progress, self.name, len(items))
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            prompts = _prompts(processor, chunk)
-            images = [it.image for it in chunk]
-            # the answer turn as the model must produce it: the word and the end-of-turn token that stops
-            # generation (a model that answers right but cannot stop fails exact match, so it counts here)
-            full = [p + it.answer + end for p, it in zip(prompts, chunk)]
-            n_ans = answer_lengths(processor.tokenizer, prompts, full)
-            enc = _encode(processor, full, images, device)
-            tok_lp, _ = teacher_forced(model, enc)  # (B, T-1)
-            T = enc["input_ids"].shape[1]
-            for b, it in enumerate(chunk):
-                k = max(n_ans[b], 0)
-                # left padding: the answer is the last k tokens; token t is predicted at t-1.
-                nll.append(float(-tok_lp[b, T - 1 - k:].sum()) if k else 0.0)
-                tokens.append(float(k))
-            bar.advance(len(chunk))
-        bar.close()
+        items = sv.generate_shared("eval", n, seed=self.seed)
+        with _tower_reuse(cache, model):
+            nll, tokens = self.item_nlls(model, processor, items, batch_size, progress, cache)
         res = {"nll": _ratio(nll, tokens)}
         family_sums = []
         for f in sv.FAMILIES:
@@ -219,6 +215,32 @@ class SynthVQANLL(Task):
         if sum(tokens):  # summed family by family, as the figures published before per-item scores were
             res["nll"].value = sum(family_sums) / sum(tokens)
         return res
+
+    @torch.no_grad()
+    def item_nlls(self, model, processor, items, batch_size=16, progress=None, cache=None):
+        """(the summed -log p of each item's answer, its token count), in item order."""
+        device = _model_device(model)
+        end = processor.tokenizer.eos_token or ""
+        nll, tokens = [], []
+        bar = ProgressReporter(progress, self.name, len(items))
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prompts = _prompts(processor, chunk)
+            # the answer turn as the model must produce it: the word and the end-of-turn token that stops
+            # generation (a model that answers right but cannot stop fails exact match, so it counts here)
+            full = [p + it.answer + end for p, it in zip(prompts, chunk)]
+            n_ans = answer_lengths(processor.tokenizer, prompts, full)
+            enc = _encode_items(processor, full, chunk, device, cache)
+            tok_lp, _ = teacher_forced(model, enc)  # (B, T-1)
+            T = enc["input_ids"].shape[1]
+            for b, it in enumerate(chunk):
+                k = max(n_ans[b], 0)
+                # left padding: the answer is the last k tokens; token t is predicted at t-1.
+                nll.append(float(-tok_lp[b, T - 1 - k:].sum()) if k else 0.0)
+                tokens.append(float(k))
+            bar.advance(len(chunk))
+        bar.close()
+        return nll, tokens
 
 
 def _proportion(hits: list[float]) -> Score:

@@ -142,7 +142,8 @@ def _score(grid: Grid, model, unit, progress) -> tuple[list[dict], dict]:
     """A task unit on the fake-quant weights (the method's exact output): (rows, per-item scores)."""
     task = grid.tasks[unit.name]
     seed_everything(grid.cfg.calib.seed)
-    scores = task.scores(model, grid.lm.processor, n=grid.cfg.eval.n, batch_size=EVAL_BATCH, progress=progress)
+    scores = task.scores(model, grid.lm.processor, n=grid.cfg.eval.n, batch_size=EVAL_BATCH, progress=progress,
+                         cache=grid.eval_cache)
     bad = nonfinite({m: sc.value for m, sc in scores.items()})
     if bad:
         raise FloatingPointError(f"task {unit.name}: {bad}")

@@ -13,6 +13,7 @@ import yaml
 from ptqbench.config import RunConfig
 from ptqbench.engine.calibration import CalibSet, build_calibration
 from ptqbench.errors import BadInput
+from ptqbench.eval.cache import EvalCache
 from ptqbench.eval.tasks import seed_everything
 from ptqbench.grid.preflight import make_run_dir, validate_inputs, write_atomic
 from ptqbench.grid.profile import Profile
@@ -98,6 +99,7 @@ class Grid:
     env: dict
     profile: Profile = field(default_factory=Profile)  # where the run's time goes (grid/profile.py)
     memo: dict = field(default_factory=dict)  # whole-run statistics shared by lockstep cells (RunView.memo)
+    eval_cache: EvalCache | None = None  # what scoring shares across the grid's cells (None: nothing shared)
 
     @property
     def manifest(self) -> dict:
@@ -206,7 +208,9 @@ def prepare(cfg: RunConfig, progress=None, log=print, new_run_dir: bool = True) 
     with profile.phase("calibration"):
         calib = _capture(cfg, lm, device, progress, log)
     run_dir = _write_run_dir(cfg, calib, log) if new_run_dir else Path(cfg.grid.runs) / (cfg.grid.name or "worker")
-    return Grid(cfg, lm, calib, instances, tasks, group_size, device, dtype, run_dir, env, profile)
+    # the vision tower's outputs are reused only while no cell quantizes it
+    eval_cache = None if lm.lazy else EvalCache(lm.model, None if cfg.quant.quantize_vision else lm.adapter.vision_tower_path)
+    return Grid(cfg, lm, calib, instances, tasks, group_size, device, dtype, run_dir, env, profile, eval_cache=eval_cache)
 
 
 # ---- the plan: cells and their units ------------------------------------------------------------------

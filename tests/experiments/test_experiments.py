@@ -62,3 +62,14 @@ def test_where_reader_learns_a_planted_position_and_not_noise():
     shuffled = [(i, SimpleNamespace(question=it.question, answer=sv.RELATIONS[int(r)], family="where"))
                 for (i, it), r in zip(items, torch.randint(0, 4, (n,), generator=g))]
     assert wl.train_reader(feats, shuffled, 250, log=quiet) < 0.45
+
+
+def test_eval_cache_benchmark_agrees_and_reports(tmp_path):
+    """experiments/eval_cache.py scores plain and cached alike (it exits 1 when the scores differ)."""
+    import json
+
+    ec = _load("eval_cache")
+    out = tmp_path / "figures.json"
+    assert ec.main(["--n", "2", "--bits", "2", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["median"]["plain"]) == {"fp", "rtn w2"} and figures["cache"]["tower_hits"] == 3

@@ -49,6 +49,10 @@ class Adapter:
     decoder_path: str = "model.language_model.layers"
     final_norm_path: str = "model.language_model.norm"
     vision_blocks_path: str | None = None
+    # The module the family calls once per image batch with the processor's pixel tensors (the whole vision
+    # encoder; Qwen's includes its merger): evaluation reuses its outputs across cells that keep it in full
+    # precision (`ptqbench.eval.cache`). None: never reused.
+    vision_tower_path: str | None = None
     projector_path: str | None = None
     lm_head_path: str = "lm_head"
 
@@ -87,6 +91,9 @@ class Adapter:
 
     def vision_blocks(self) -> nn.ModuleList | None:
         return get_module(self.model, self.vision_blocks_path) if self.vision_blocks_path else None
+
+    def vision_tower(self) -> nn.Module | None:
+        return get_module(self.model, self.vision_tower_path) if self.vision_tower_path else None
 
     def final_norm(self) -> nn.Module:
         return get_module(self.model, self.final_norm_path)

@@ -24,6 +24,7 @@ class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
     decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.visual.blocks"
+    vision_tower_path = "model.visual"
     projector_path = "model.visual.merger"
 
     def extra_model_inputs(self, inputs: dict) -> dict:
@@ -87,6 +88,7 @@ class LlavaAdapter(Adapter):
     model_types = ("llava",)
     decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.vision_tower.encoder.layers"
+    vision_tower_path = "model.vision_tower"
     projector_path = "model.multi_modal_projector"
 
 
@@ -95,6 +97,7 @@ class LlavaOnevisionAdapter(Adapter):
     model_types = ("llava_onevision",)
     decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.vision_tower.encoder.layers"
+    vision_tower_path = "model.vision_tower"
     projector_path = "model.multi_modal_projector"
 
 
@@ -106,6 +109,7 @@ class Idefics3Adapter(Adapter):
     decoder_path = "model.text_model.layers"
     final_norm_path = "model.text_model.norm"
     vision_blocks_path = "model.vision_model.encoder.layers"
+    vision_tower_path = "model.vision_model"
     projector_path = "model.connector"
 
 
@@ -115,6 +119,7 @@ class InternVLAdapter(Adapter):
     model_types = ("internvl",)
     decoder_layout = LLAMA_DECODER
     vision_blocks_path = "model.vision_tower.encoder.layer"
+    vision_tower_path = "model.vision_tower"
     projector_path = "model.multi_modal_projector"
 
 
