@@ -122,11 +122,11 @@ class RayExecutor:
 
     def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
             stored_file: Callable = lambda cell: None, log: Callable = print) -> None:
-        if grid.cfg.grid.schedule == "lockstep":
-            log("[schedule] the ray executor runs every cell as its own task (cells); lockstep needs one process")
         ray = _import_ray()
         if not cells:
             return
+        if grid.cfg.grid.schedule == "lockstep":
+            log("[schedule] the ray executor runs every cell as its own task (cells); lockstep needs one process")
         cfg_json, calib_hash = worker_config(grid), grid.calib.hash
         resources = dict(num_gpus=1) if grid.device.type == "cuda" else dict(num_cpus=1)
 

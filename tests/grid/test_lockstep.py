@@ -115,9 +115,14 @@ def test_an_interrupted_pass_recomputes_only_its_unfinished_cells(tmp_path, monk
             raise KeyboardInterrupt
         return real(grid, cell, *a, **k)
 
+    from ptqbench.config import RunConfig
+    from ptqbench.grid.runner import run_grid
+
     monkeypatch.setattr(lockstep, "record_quantization", interrupt_second)
+    cfg = RunConfig.from_flat(model="tiny:qwen2-vl", methods=["rtn"], bits=[2, 3, 4], calib_n=2, latency=False,
+                              runs=str(tmp_path))
     with pytest.raises(KeyboardInterrupt):
-        runner.invoke(cli.app, ["run", *args], catch_exceptions=False)
+        run_grid(cfg, log=lambda *a: None)
     monkeypatch.undo()
     con = sqlite3.connect(tmp_path / "results.sqlite")
     assert dict(con.execute("select bits, status from cells")) == {2: "done", 3: "failed", 4: "failed"}
