@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -104,6 +105,16 @@ def capture_linear_inputs(ctx: "BlockContext", module: nn.Module, names: list[st
     return got
 
 
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
 class SharedBlock:
     """What every cell of a lockstep pass shares for one block: the frozen full-precision copy, the FP
     stream into it, and what depends on those two alone, computed once however many cells quantize the
@@ -111,12 +122,30 @@ class SharedBlock:
     next FP stream. With one cell (`cache` False) nothing is kept beyond the call that needs it, so the
     cells schedule holds no more memory than it always did. Every value is the same either way."""
 
-    def __init__(self, fp_block: nn.Module, fp_in: list[torch.Tensor], cache: bool = False):
+    def __init__(self, fp_block: nn.Module, fp_in: list[torch.Tensor], cache: bool = False, memo_bytes: int = 0):
         self.fp_block, self.fp_in, self.cache = fp_block, fp_in, cache
+        self.memo_bytes = memo_bytes  # the most the methods' memo (`BlockView.memo`) may hold; oldest out first
+        self._memo: OrderedDict = OrderedDict()
         self._inputs: dict[tuple[str, int], torch.Tensor] = {}
         self._outputs: dict[int, tuple] = {}
         self._next: dict[int, torch.Tensor] = {}  # the next FP stream, always kept (as the stream itself is)
         self.seconds = 0.0  # spent computing shared values (split among the pass's cells)
+
+    def memo(self, key: tuple, compute):
+        if not self.cache:
+            return compute()
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key][0]
+        t0 = time.perf_counter()
+        value = compute()
+        self.seconds += time.perf_counter() - t0
+        size = _nbytes(value)
+        if size <= self.memo_bytes:
+            self._memo[key] = (value, size)
+            while sum(v[1] for v in self._memo.values()) > self.memo_bytes:
+                self._memo.popitem(last=False)
+        return value
 
     def linear_inputs(self, ctx: "BlockContext", names: list[str], b: int) -> dict[str, torch.Tensor]:
         if not self.cache:
@@ -207,6 +236,9 @@ class BlockContext(BlockView):
         if stream == "fp":
             return self.shared.linear_inputs(self, names, b)
         return capture_linear_inputs(self, self.block, names, b, "quant")
+
+    def memo(self, key: tuple, compute):
+        return self.shared.memo(key, compute)
 
     def commit(self, name: str, qw: QuantizedWeight) -> None:
         lin = self.module(name)
@@ -361,7 +393,8 @@ def _fail(job: Job, e: BaseException) -> None:
     job.q, job.stacks = [], []  # its streams and blocks are not needed any more
 
 
-def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.dtype, progress=None) -> None:
+def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.dtype, progress=None,
+                    memo_bytes: int = 0) -> None:
     """Stack k of every live job, in lockstep: per block, one FP copy, one FP stream and the FP values every
     job shares (`SharedBlock`); then each job quantizes its own copy of the block and advances its own stream."""
     live = [j for j in jobs if j.error is None]
@@ -381,7 +414,7 @@ def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.
         t0 = time.perf_counter()
         first, storage = _load_block(live[0].stacks[k], i, live[0].adapter, device)
         grad_flags = [p.requires_grad for p in first.parameters()]
-        shared = SharedBlock(copy.deepcopy(first).requires_grad_(False), fp, cache=len(live) > 1)
+        shared = SharedBlock(copy.deepcopy(first).requires_grad_(False), fp, cache=len(live) > 1, memo_bytes=memo_bytes)
         load_seconds = time.perf_counter() - t0
         last_ctx = None
         for n, job in enumerate(live):
@@ -442,10 +475,12 @@ def _decoder_start(job: Job, calib: CalibSet) -> None:
 
 
 def quantize_models(jobs: list[Job], calib: CalibSet, device: torch.device | str | None = None, progress=None,
-                    include_vision: bool = False, max_blocks: int | None = None, memo: dict | None = None) -> list[Job]:
+                    include_vision: bool = False, max_blocks: int | None = None, memo: dict | None = None,
+                    memo_bytes: int = 0) -> list[Job]:
     """Quantize every job's model in place, in one pass over the blocks (lockstep): the language-model decoder,
     and first the vision tower when `include_vision`. `memo` shares whole-run statistics of the full-precision
-    model (`RunView.memo`) across jobs and passes. A job's failure is recorded in it, not raised."""
+    model (`RunView.memo`) across jobs and passes; `memo_bytes` caps what methods share per block
+    (`BlockView.memo`). A job's failure is recorded in it, not raised."""
     for job in jobs:
         job.adapter = job.adapter or adapter_for(job.model)
     device = torch.device(device) if device is not None else next(jobs[0].model.parameters()).device
@@ -464,7 +499,7 @@ def quantize_models(jobs: list[Job], calib: CalibSet, device: torch.device | str
         job.seconds += time.perf_counter() - t0
     n_stacks = max((len(j.stacks) for j in jobs), default=0)
     for k in range(n_stacks):
-        _quantize_stack(k, jobs, device, dtype, progress)
+        _quantize_stack(k, jobs, device, dtype, progress, memo_bytes)
         if k == 0 and n_stacks > 1:
             for job in jobs:
                 if job.error is None:

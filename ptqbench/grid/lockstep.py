@@ -75,12 +75,26 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def plan_chunks(grid: Grid, cells: list[Cell], log) -> list[list[Cell]]:
-    """The cells to quantize, in plan order, grouped into chunks that fit the memory budget (logged)."""
+def budget_bytes(grid: Grid) -> int:
     cfg = grid.cfg.grid
-    budget = parse_size(cfg.memory_budget) if cfg.memory_budget else available_bytes() // 2
+    return parse_size(cfg.memory_budget) if cfg.memory_budget else available_bytes() // 2
+
+
+def memo_bytes(grid: Grid, n_cells: int) -> int:
+    """What a pass of `n_cells` leaves of the budget, for the values methods share per block (half of it)."""
+    fp = footprint(grid)
+    return max(0, (budget_bytes(grid) - fp.shared - fp.per_cell * n_cells) // 2)
+
+
+def plan_chunks(grid: Grid, cells: list[Cell], log) -> list[list[Cell]]:
+    """The cells to quantize grouped into chunks that fit the memory budget (logged). Cells of one format go
+    together, next to each other: within a block, what one shares with another (a search candidate of that
+    format) is then still held when the other asks for it."""
+    cfg = grid.cfg.grid
+    budget = budget_bytes(grid)
     fp = footprint(grid)
     size = chunk_size(fp, budget)
+    cells = sorted(cells, key=lambda c: (c.act_bits, c.bits))  # stable: methods keep their plan order
     chunks = [cells[i:i + size] for i in range(0, len(cells), size)]
     if cells:
         log(f"[schedule] lockstep: {len(cells)} cell(s) to quantize in {len(chunks)} pass(es) of up to {size} "
@@ -139,7 +153,8 @@ def _run_pass(grid: Grid, chunk: list[Cell], started, finished, failed, progress
     pending = list(todos)
     try:
         with grid.profile.phase("quantization"), measure(grid.device) as cost:
-            quantize_models(jobs, grid.calib, grid.device, progress, cfg.quantize_vision, cfg.max_blocks, memo=grid.memo)
+            quantize_models(jobs, grid.calib, grid.device, progress, cfg.quantize_vision, cfg.max_blocks, memo=grid.memo,
+                            memo_bytes=memo_bytes(grid, len(jobs)))
         schedule = dict(kind="lockstep", cells=len(todos), pass_seconds=round(time.perf_counter() - t0, 3))
         for todo, job in zip(todos, jobs):
             _finish(grid, todo, job, cost, schedule, progress, finished, failed)

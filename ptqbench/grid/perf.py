@@ -15,7 +15,7 @@ import time
 from ptqbench.config import RunConfig
 from ptqbench.deploy.measure import measure, rss_bytes
 from ptqbench.engine.blockwise import Job, quantize_models
-from ptqbench.grid.lockstep import GiB, chunk_size, footprint, plan_chunks
+from ptqbench.grid.lockstep import GiB, chunk_size, footprint, memo_bytes, plan_chunks
 from ptqbench.grid.plan import FP_METHOD, Grid, plan, prepare
 from ptqbench.grid.preflight import validate_inputs
 
@@ -36,21 +36,22 @@ def _jobs(grid: Grid, cells) -> list[Job]:
     return [Job(copy.deepcopy(grid.lm.model), copy.deepcopy(grid.instances[c.instance_key])) for c in cells]
 
 
-def _pass(grid: Grid, cells, schedule: str, log) -> tuple[float, int, list[str]]:
-    """(seconds, peak host bytes above the start, digests in cell order) of quantizing `cells`."""
+def _pass(grid: Grid, cells, schedule: str, log) -> tuple[float, int, dict[str, str]]:
+    """(seconds, peak host bytes above the start, {cell id: digest}) of quantizing `cells`."""
     q = grid.cfg.quant
     chunks = plan_chunks(grid, cells, log) if schedule == "lockstep" else [[c] for c in cells]
     memo = {} if schedule == "lockstep" else None
-    digests, base = [], rss_bytes()
+    digests, base = {}, rss_bytes()
     t0 = time.perf_counter()
     with measure(grid.device) as cost:
         for chunk in chunks:
             jobs = _jobs(grid, chunk)
-            quantize_models(jobs, grid.calib, grid.device, None, q.quantize_vision, q.max_blocks, memo=memo)
-            for job in jobs:
+            quantize_models(jobs, grid.calib, grid.device, None, q.quantize_vision, q.max_blocks, memo=memo,
+                            memo_bytes=memo_bytes(grid, len(jobs)) if memo is not None else 0)
+            for cell, job in zip(chunk, jobs):
                 if job.error is not None:
                     raise RuntimeError(f"{job.method.name} w{job.method.spec.bits}: {job.error}")
-                digests.append(digest(job))
+                digests[cell.cell_id] = digest(job)
             del jobs
     return time.perf_counter() - t0, max(0, cost.peak_bytes - base), digests
 

@@ -127,6 +127,13 @@ class BlockView:
         """Put the quantized weight into the block (every linear must be committed exactly once)."""
         raise NotImplementedError
 
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """`compute()`, a value of this block's full-precision copy, its FP inputs and what `key` names alone
+        (e.g. a search candidate's outputs for one format), which the engine may share with the other cells
+        of a lockstep pass that ask for the same key. `key` must name everything else it depends on. The
+        value is shared: read it, never change it."""
+        return compute()
+
 
 class RunBatch(NamedTuple):
     hidden: torch.Tensor  # (B, T, d) input of decoder layer 0

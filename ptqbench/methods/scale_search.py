@@ -209,8 +209,11 @@ def search_group_scale(block: BlockView, group: dict, xs: list[torch.Tensor], sp
     W0 = {n: block.fp_block.get_submodule(n).weight.detach().float() for n in names}
     masks = [block.masks(b) for b in range(len(xs))]
     kwargs = [block.kwargs(b) for b in range(len(xs))]
-    x_mean = _mean_abs_input(xs, masks)
-    refs = [run_inspect(fp_mod, x, kw, attention) for x, kw in zip(xs, kwargs)]
+    # what depends on the FP block, its inputs and the candidate's format alone is shared with every cell of a
+    # lockstep pass that searches the same group (AWQ and MBQ at one format differ only in their loss)
+    x_mean = block.memo(("scale_search.x_mean", inspect, tuple(names)), lambda: _mean_abs_input(xs, masks))
+    refs = block.memo(("scale_search.refs", inspect), lambda: [run_inspect(fp_mod, x, kw, attention)
+                                                              for x, kw in zip(xs, kwargs)])
     act_quant = ScaledInputQuantizer(spec.act_bits) if spec.quantizes_activations else None
     # on the candidate's copies of the group's linears only, as MBQ swaps in WALinears; the hooks go with `cand`
     if act_quant is not None:
@@ -220,10 +223,15 @@ def search_group_scale(block: BlockView, group: dict, xs: list[torch.Tensor], sp
     best, best_alpha, best_scales, history = float("inf"), None, None, []
     for alpha in alphas:
         s = scales_for(x_mean, alpha)
-        _set_candidate(cand, inspect, W0, s, spec, dtype, act_quant)
+
+        def candidate_outputs(s=s):
+            _set_candidate(cand, inspect, W0, s, spec, dtype, act_quant)
+            return [run_inspect(cand, x, kw, attention) for x, kw in zip(xs, kwargs)]
+
+        outs = block.memo(("scale_search.candidate", inspect, tuple(names), alpha, spec), candidate_outputs)
         acc = None
-        for x, kw, ref, m in zip(xs, kwargs, refs, masks):
-            p = loss.partial(run_inspect(cand, x, kw, attention), ref, m)
+        for out, ref, m in zip(outs, refs, masks):
+            p = loss.partial(out, ref, m)
             acc = p if acc is None else acc + p
         value = loss.value(acc)
         history.append(value)
