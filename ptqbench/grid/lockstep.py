@@ -100,7 +100,7 @@ def plan_chunks(grid: Grid, cells: list[Cell], log) -> list[list[Cell]]:
         log(f"[schedule] lockstep: {len(cells)} cell(s) to quantize in {len(chunks)} pass(es) of up to {size} "
             f"(host memory budget {_gib(budget)}{'' if cfg.memory_budget else ', half of the available RAM'}: "
             f"per cell {_gib(fp.per_cell)} = quantized stream {_gib(fp.stream)} + model copy {_gib(fp.model)}; "
-            f"shared {_gib(fp.shared)})"
+            f"shared {_gib(fp.shared)}; values methods share within a block: up to {_gib(memo_bytes(grid, len(chunks[0])))})"
             + ("; even one cell exceeds the budget, so cells run one by one" if fp.shared + fp.per_cell > budget else ""))
     return chunks
 

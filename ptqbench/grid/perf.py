@@ -15,7 +15,7 @@ import time
 from ptqbench.config import RunConfig
 from ptqbench.deploy.measure import measure, rss_bytes
 from ptqbench.engine.blockwise import Job, quantize_models
-from ptqbench.grid.lockstep import GiB, chunk_size, footprint, memo_bytes, plan_chunks
+from ptqbench.grid.lockstep import GiB, budget_bytes, chunk_size, footprint, memo_bytes, plan_chunks
 from ptqbench.grid.plan import FP_METHOD, Grid, plan, prepare
 from ptqbench.grid.preflight import validate_inputs
 
@@ -76,12 +76,13 @@ def perf(cfg: RunConfig, repeats: int = 2, log=print) -> dict:
         same = same and got["cells"] == got["lockstep"]
     load.append(os.getloadavg())
     med = {s: statistics.median(v) for s, v in times.items()}
-    budget_cells = chunk_size(fp, 2**62)
+    budget = budget_bytes(grid)
+    n = min(len(cells), chunk_size(fp, budget))
     return dict(cells=len(cells), repeats=repeats, seconds=times, median=med,
                 ratio=med["lockstep"] / med["cells"], pair_ratios=[b / a for a, b in zip(times["cells"], times["lockstep"])],
                 identical=same, peak_bytes=peaks,
-                footprint=dict(per_cell=fp.per_cell, shared=fp.shared,
-                               lockstep_estimate=fp.shared + fp.per_cell * min(len(cells), budget_cells)),
+                footprint=dict(per_cell=fp.per_cell, shared=fp.shared, budget=budget, memo_cap=memo_bytes(grid, n),
+                               lockstep_estimate=fp.shared + fp.per_cell * n),
                 load_before=load[0], load_after=load[1], cpu_count=os.cpu_count(), torch_threads=_threads())
 
 
@@ -102,5 +103,6 @@ def report_lines(res: dict) -> list[str]:
         f"  lockstep / cells = {res['ratio']:.3f} (per round: {', '.join('%.3f' % x for x in res['pair_ratios'])})",
         f"  identical weights, diagnostics and method info: {'yes' if res['identical'] else 'NO'}",
         f"  peak memory above the start: lockstep {max(res['peak_bytes']['lockstep']) / GiB:.2f} GiB "
-        f"(estimate {fpr['lockstep_estimate'] / GiB:.2f} GiB), cells {max(res['peak_bytes']['cells']) / GiB:.2f} GiB",
+        f"(streams and copies estimated at {fpr['lockstep_estimate'] / GiB:.2f} GiB, plus up to {fpr['memo_cap'] / GiB:.2f} GiB "
+        f"of shared values; budget {fpr['budget'] / GiB:.2f} GiB), cells {max(res['peak_bytes']['cells']) / GiB:.2f} GiB",
     ]
