@@ -167,7 +167,9 @@ def _run_pass(grid: Grid, chunk: list[Cell], started, finished, failed, progress
 
 def run_lockstep(grid: Grid, cells: list[Cell], started, finished, failed, progress=None,
                  stored_file=lambda cell: None, log=print) -> None:
-    """The pending cells: those only missing units one by one, the rest in lockstep passes."""
+    """The pending cells: those only missing units one by one, the rest in lockstep passes (the list is put in
+    that order, so the log numbers cells as they run)."""
+    cells.sort(key=lambda c: (c.quantize, c.act_bits, c.bits))  # stable: plan order within a format
     for cell in [c for c in cells if not c.quantize]:
         todo = started(cell)
         if todo is not None:
