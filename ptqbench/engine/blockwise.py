@@ -511,8 +511,9 @@ def _decoder_start(job: Job, calib: CalibSet) -> None:
     model, adapter, spec = job.model, job.adapter, job.method.spec
     vision = job.stacks[0]
     prefix = vision.prefix
-    hooks = install_format_quantizers([(lin, job.quantized[f"{prefix}.{i}.{n}"]) for i, blk in enumerate(vision.layers)
-                                       for n, lin in adapter.block_linears(blk).items()], spec)
+    hooks = (install_format_quantizers([(lin, job.quantized[f"{prefix}.{i}.{n}"]) for i, blk in enumerate(vision.layers)
+                                        for n, lin in adapter.block_linears(blk).items()], spec)
+             if spec.quantizes_activations else [])
     try:
         job.q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
     finally:
