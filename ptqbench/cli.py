@@ -168,7 +168,7 @@ def _print_summary(summary) -> None:
     for c in summary.cells:
         vals = [("—" if c.metrics.get(m) is None else f"{c.metrics[m]:.4g}") for m in shown]
         status = {"failed": "[red]failed[/red]", "cached": "cached", "busy": "other run"}.get(c.status, f"{c.seconds:.1f}s")
-        bits = str(c.bits) if c.act_bits >= 16 else f"{c.bits} a{c.act_bits}"  # weights only as always; W4A8: "4 a8"
+        bits = str(c.bits) if c.act_bits >= 16 else f"{c.bits} a{c.act_bits}" + ("t" if c.act_scheme == "tensor" else "")  # W4A8: "4 a8"; static: "4 a8t"
         table.add_row(c.method, bits, status, *vals)
     out.print(table)
     if len(shown) < len(metrics):

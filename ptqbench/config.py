@@ -19,7 +19,7 @@ from typing import Any, Callable, get_type_hints
 import yaml
 
 from ptqbench.errors import BadInput, one_of
-from ptqbench.methods.quant import GRIDS, QuantSpec
+from ptqbench.methods.quant import ACT_SCHEMES, GRIDS, QuantSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -114,6 +114,8 @@ class QuantConfig:
     bits: list[int] = setting([2, 3, 4], "comma-separated weight bits, 2-8 (default 2,3,4)", check=_check_bits)
     act_bits: list[int] = setting([16], "comma-separated activation bits, 4-8, or 16 (weights only, the default)",
                                   check=_check_act_bits)
+    act_scheme: str = setting("token", "activation quantizer: token (per-token dynamic, the default) or tensor "
+                              "(per-tensor static, scales calibrated by the engine)", check=choice(ACT_SCHEMES))
     group_size: int | None = setting(None, "-1 per-channel; default: the model's natural size (models/sources.py)")
     sym: bool = setting(False, "symmetric grid (default asymmetric)", flags=("--sym/--asym",))
     rounding: str = setting("minmax", "rounding grid: minmax (AWQ/MBQ convention, default) or gptq", key="grid",

@@ -53,6 +53,7 @@ CASES = [
     ("act-bits-9", ["--act-bits", "9"], {}, "act-bits 9"),
     ("act-bits-word", ["--act-bits", "x"], {}, "'x'"),
     ("act-bits-twice", ["--act-bits", "8,8"], {}, "twice"),
+    ("act-scheme-unknown", ["--act-scheme", "channel"], {}, "act-scheme 'channel'"),
     ("smoothquant-alpha-out-of-range", ["--methods", "smoothquant", "-o", "smoothquant.alpha=2"], {}, "alpha=2.0"),
     ("group-size-not-dividing", ["--group-size", "48"], {}, "48"),
     ("group-size-zero", ["--group-size", "0"], {}, "0"),

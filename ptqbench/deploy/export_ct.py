@@ -159,6 +159,10 @@ def export_compressed_tensors(cell_path, out_dir, model_name: str | None = None,
     out = check_output_dir(out_dir, overwrite)
     weights, other, meta, name = _load_cell(src, out, model_name, activations=True)
     act_bits = cell_act_bits(meta)
+    scheme = (meta.get("options") or {}).get("act_scheme", "token") if isinstance(meta.get("options"), dict) else "token"
+    if act_bits < 16 and scheme != "token":  # the config below describes per-token dynamic activations only
+        raise BadInput(f"{src} quantizes activations per tensor (static, act_scheme {scheme!r}), which this export "
+                       "does not write yet; accepted: act_scheme 'token' (per-token dynamic) cells")
     layout = WEIGHT_ONLY_LAYOUT if act_bits >= 16 else WEIGHT_ACTIVATION_LAYOUT
     p = pack_ct_layers(weights, layout)
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqbench.errors import BadInput, one_of
-from ptqbench.methods.quant import QuantizedWeight, quantize_activation
+from ptqbench.methods.quant import QuantizedWeight, quantize_activation, quantize_activation_static
 
 KERNELS = ("int4pack", "int8pack", "dequant", "fake", "int8dyn")
 CHOICES = ("auto",) + KERNELS
@@ -119,6 +119,8 @@ def _int8dyn_unsupported(qw: QuantizedWeight, device: torch.device, dtype: torch
     """Where int8dyn would not compute exactly the fake-quant reference, why (None: it can run)."""
     if not qw.spec.quantizes_activations:
         return "int8dyn quantizes activations; this weight's format is weight-only (act_bits 16)"
+    if qw.spec.static_activations:
+        return "int8dyn quantizes activations per token (dynamic); this weight's format is per-tensor static (act_scheme tensor)"
     if device.type != "cpu":
         return f"int8dyn is verified on cpu only (torch._int_mm elsewhere has shape limits), not {device.type}"
     if qw.scale.shape[1] != 1:
@@ -257,6 +259,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = qw.qweight.shape
         self.bits, self.group_size, self.kernel = qw.spec.bits, qw.spec.group_size, kernel
         self.act_bits = qw.spec.act_bits  # < 16: inputs are quantized per token (int8dyn: for real)
+        self.act_scale = _static_scale(qw)  # per-tensor static format: its calibrated scale (else None)
         self.layout = device.type
         self.note = ""  # why deploy fell back to this kernel, if it did
         self.register_buffer("perm", None)
@@ -389,7 +392,9 @@ class QuantLinear(nn.Module):
         """(M, K) in the compute dtype -> (M, N) without bias; a weight-activation layer's input quantized first."""
         if self.kernel == "int8dyn":
             return self._int8dyn_mm(x2)
-        if self.act_bits < 16:  # no integer kernel for this layer: the activation quantizer is simulated
+        if self.act_scale is not None:  # a static format: simulated with its calibrated per-tensor scale
+            x2 = quantize_activation_static(x2, self.act_scale, self.act_bits)
+        elif self.act_bits < 16:  # no integer kernel for this layer: the activation quantizer is simulated
             x2 = quantize_activation(x2, self.act_bits)
         if self.kernel == "fake":
             return F.linear(x2, self.weight)
@@ -429,12 +434,22 @@ class QuantLinear(nn.Module):
         """The kernel as result rows name it: a simulated activation quantizer shows as '+fakeA<bits>'."""
         if self.act_bits >= 16 or self.kernel == "int8dyn":
             return self.kernel
-        return f"{self.kernel}+fakeA{self.act_bits}"
+        return f"{self.kernel}+fakeA{self.act_bits}" + ("t" if self.act_scale is not None else "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"act_bits={self.act_bits}, group_size={self.group_size}, kernel={self.label}, dtype={self.dtype}, "
                 f"bias={self.bias is not None}{', act-order perm' if self.perm is not None else ''}")
+
+
+def _static_scale(qw: QuantizedWeight) -> torch.Tensor | None:
+    """A per-tensor static layer's calibrated input scale (the engine stores it in extras["act_scale"])."""
+    if not qw.spec.static_activations:
+        return None
+    if "act_scale" not in qw.extras:
+        raise BadInput("a per-tensor static weight-activation layer carries no calibrated act_scale; "
+                       "accepted: the engine's output or a saved cell (which stores it)")
+    return qw.extras["act_scale"].float()
 
 
 # ---- choosing and deploying -------------------------------------------------------------------------
@@ -478,7 +493,11 @@ def verify_layer(layer: QuantLinear, qw: QuantizedWeight, rows: int = 3, seed: i
     x = torch.randn(rows, layer.in_features, generator=g).to(layer.dtype).to(dev)
     with torch.no_grad():
         got = layer._mm(x).float()
-        xr = quantize_activation(x.float(), qw.spec.act_bits) if qw.spec.quantizes_activations else x.float()
+        xr = x.float()
+        if layer.act_scale is not None:
+            xr = quantize_activation_static(xr, layer.act_scale, qw.spec.act_bits)
+        elif qw.spec.quantizes_activations:
+            xr = quantize_activation(xr, qw.spec.act_bits)
         ref = xr @ qw.dequantize().to(dev).t()
     return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
 

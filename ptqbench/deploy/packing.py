@@ -9,7 +9,8 @@ exactly as stored (pass scale_dtype=torch.float32 to keep them bit-exact too).
 
 Tensors of one packed weight: qweight int32 (out, words), scales (out, groups), qzeros int32 (out,
 zwords) -- or zeros float32 when some zero is not an in-range integer --, g_idx int32 (in,), and
-qmeta int32 [bits, group_size, sym, grid, in_features, n_groups].
+qmeta int32 [bits, group_size, sym, grid, in_features, n_groups]; and for a per-tensor static
+weight-activation layer act_scale, its calibrated 0-d fp32 input scale (QuantizedWeight.extras["act_scale"]).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ptqbench.errors import BadInput
 from ptqbench.methods.quant import GRIDS, QuantizedWeight, QuantSpec
 
 FORMAT = "ptqbench-packed-v1"
-FIELDS = ("qweight", "scales", "qzeros", "zeros", "g_idx", "qmeta")
+FIELDS = ("qweight", "scales", "qzeros", "zeros", "g_idx", "qmeta", "act_scale")
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -86,6 +87,8 @@ def pack(qw: QuantizedWeight, scale_dtype: torch.dtype = torch.float16) -> dict[
         t["qzeros"] = pack_bits(z.round().to(torch.int64), spec.bits)
     else:  # off-grid zeros (a method's own convention): keep them exact rather than wrong
         t["zeros"] = z.to(torch.float32).contiguous()
+    if "act_scale" in qw.extras:  # a static activation scale is part of the deployed layer: always fp32
+        t["act_scale"] = qw.extras["act_scale"].detach().to("cpu", torch.float32).reshape(()).contiguous()
     return t
 
 
@@ -100,7 +103,8 @@ def unpack(tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
         zero = unpack_bits(tensors["qzeros"], bits, n_groups).to(torch.float32)
     else:
         zero = tensors["zeros"].to(torch.float32)
-    return QuantizedWeight(q, tensors["scales"].to(torch.float32), zero, tensors["g_idx"].to(torch.int32), spec)
+    extras = {"act_scale": tensors["act_scale"].to(torch.float32)} if "act_scale" in tensors else {}
+    return QuantizedWeight(q, tensors["scales"].to(torch.float32), zero, tensors["g_idx"].to(torch.int32), spec, extras)
 
 
 def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -112,7 +116,7 @@ def save_quantized(path, named_weights: dict[str, QuantizedWeight], other_state:
                    metadata: dict | None = None, scale_dtype: torch.dtype = torch.float16) -> int:  # fmt: skip
     """Write one safetensors file: every quantized weight packed as `<name>.<field>`, the other
     parameters as they are. Written to a temporary file then renamed, so a crash never leaves half a
-    file. Returns the file size in bytes. QuantizedWeight.extras (diagnostics) are not saved."""
+    file. Returns the file size in bytes. Of QuantizedWeight.extras only a static activation scale ("act_scale") is saved."""
     from safetensors.torch import save_file
 
     state, seen = {}, set()

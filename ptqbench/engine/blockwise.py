@@ -19,6 +19,7 @@ statistics: methods read inputs through the views of `ptqbench.methods.base` and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from torch import nn
 from ptqbench.engine.calibration import CalibSet
 from ptqbench.errors import BadInput
 from ptqbench.methods.base import BlockView, Method, RunBatch, RunView
-from ptqbench.methods.quant import QuantizedWeight, install_activation_quantizers
+from ptqbench.methods.quant import (QuantizedWeight, install_activation_quantizers, install_format_quantizers,
+                                   install_static_activation_quantizers, static_act_scale)
 from ptqbench.models.adapters import Adapter, adapter_for, move
 from ptqbench.models.lazy import block_seed, is_lazy, materialize_block
 
@@ -361,9 +363,50 @@ def _after(stack: _Stack, adapter: Adapter):
     return (lambda i, h, e: h) if stack.is_vision else adapter.after_layer
 
 
+@torch.no_grad()
+def _static_act_scales(ctx: BlockContext, bits: int) -> dict[str, torch.Tensor]:
+    """Per-tensor static input scales of the block's linears, calibrated on the job's quantized stream through
+    the finished (quantized-weight) block with no activation quantizer: each linear's input absmax over the
+    valid tokens of every batch (padding masked out), max(absmax, 1e-5) / (2^(b-1)-1) (`static_act_scale`)."""
+    absmax = {n: torch.zeros((), dtype=torch.float32, device=ctx.device) for n in ctx.linear_names}
+    for b in range(ctx.n_batches):
+        valid = ctx.masks(b)["valid"]
+
+        def observe(mod, args, n):
+            x = args[0].detach()
+            # a linear that sees a token subset (e.g. routed experts) has no per-token mask: all its rows count
+            x = x[valid] if tuple(x.shape[:-1]) == tuple(valid.shape) else x.reshape(-1, x.shape[-1])
+            if x.numel():
+                absmax[n] = torch.maximum(absmax[n], x.float().abs().amax())
+        hooks = [ctx.block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: observe(m, a, n))
+                 for n in ctx.linear_names]
+        try:
+            ctx.run(ctx.block, ctx.stream("quant", b), b)
+        finally:
+            for h in hooks:
+                h.remove()
+    return {n: static_act_scale(a.cpu(), bits) for n, a in absmax.items()}
+
+
+def _to_static_activations(ctx: BlockContext, spec, act_hooks: list) -> list:
+    """Swap the block's per-token quantizers for calibrated per-tensor static ones (the scale goes into each
+    committed weight's extras["act_scale"], so it travels with the weights); returns the new hook handles."""
+    for h in act_hooks:
+        h.remove()
+    act_hooks.clear()
+    scales = _static_act_scales(ctx, spec.act_bits)
+    for n, scale in scales.items():
+        qw = ctx.committed[n]
+        ctx.committed[n] = dataclasses.replace(qw, extras={**qw.extras, "act_scale": scale})
+    return install_static_activation_quantizers([(ctx.block.get_submodule(n), s) for n, s in scales.items()],
+                                                spec.act_bits)
+
+
 def _quantize_job_block(job: Job, k: int, i: int, block: nn.Module, storage: torch.device, shared: SharedBlock,
                         device: torch.device, dtype: torch.dtype) -> None:
-    """Job's block i of stack k: quantize, measure, advance its quantized stream, store the block."""
+    """Job's block i of stack k: quantize, measure, advance its quantized stream, store the block. A per-tensor
+    static format quantizes with the per-token quantizer (the methods' statistics and searches see it), then
+    calibrates its static scales and measures and advances with them (`_to_static_activations`)."""
     stack, adapter, method, spec = job.stacks[k], job.adapter, job.method, job.method.spec
     names = list(adapter.block_linears(block))
     act_hooks = (install_activation_quantizers([block.get_submodule(n) for n in names], spec.act_bits)
@@ -375,6 +418,8 @@ def _quantize_job_block(job: Job, k: int, i: int, block: nn.Module, storage: tor
         missing = [n for n in names if n not in ctx.committed]
         if missing:
             raise RuntimeError(f"method {method.name!r} left linears of {stack.prefix}.{i} unquantized: {missing}")
+        if spec.static_activations:
+            act_hooks += _to_static_activations(ctx, spec, act_hooks)
         job.q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, job.q)
     finally:
         for h in act_hooks:  # the stored model holds weights only; evaluation installs its own quantizers
@@ -465,8 +510,10 @@ def _decoder_start(job: Job, calib: CalibSet) -> None:
     """After a quantized vision tower: the decoder's quantized stream starts from what it produces."""
     model, adapter, spec = job.model, job.adapter, job.method.spec
     vision = job.stacks[0]
-    hooks = (install_activation_quantizers([blk.get_submodule(n) for blk in vision.layers for n in adapter.block_linears(blk)],
-                                           spec.act_bits) if spec.quantizes_activations else [])
+    prefix = vision.prefix
+    hooks = (install_format_quantizers([(lin, job.quantized[f"{prefix}.{i}.{n}"]) for i, blk in enumerate(vision.layers)
+                                        for n, lin in adapter.block_linears(blk).items()], spec)
+             if spec.quantizes_activations else [])
     try:
         job.q_start = [adapter.capture(move(b.inputs, next(model.parameters()).device))[0].cpu() for b in calib.batches]
     finally:

@@ -17,7 +17,7 @@ from ptqbench.engine.blockwise import EngineResult, quantize_model
 from ptqbench.errors import one_line
 from ptqbench.eval.tasks import seed_everything
 from ptqbench.grid.plan import EVAL_BATCH, FP_METHOD, Cell, Grid
-from ptqbench.methods.quant import install_activation_quantizers
+from ptqbench.methods.quant import QuantSpec, QuantizedWeight, install_format_quantizers
 from ptqbench.models.adapters import adapter_for
 
 CELL_FILE = "model.safetensors"
@@ -83,7 +83,7 @@ def _save(grid: Grid, cell: Cell, quantized: dict, other: dict) -> str:
     return str(out.relative_to(Path(cfg.grid.runs)))
 
 
-def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict, list[str]]:
+def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict, dict]:
     """Quantize `model` in place with the cell's method: (recon rows, artifacts, the quantized linears)."""
     cfg, device = grid.cfg, grid.device
     inst = grid.instances[cell.instance_key]
@@ -94,7 +94,7 @@ def quantize(grid: Grid, cell: Cell, model, progress) -> tuple[list[dict], dict,
 
 
 def record_quantization(grid: Grid, cell: Cell, model, result: EngineResult, seconds: float, peak_bytes: int,
-                        memory_kind: str, schedule: dict | None = None) -> tuple[list[dict], dict, list[str]]:
+                        memory_kind: str, schedule: dict | None = None) -> tuple[list[dict], dict, dict]:
     """The stored record of a quantized model: recon rows, artifacts (the packed file saved), its linears."""
     for name, qw in result.quantized.items():  # a NaN weight fails this cell, not the grid
         if not (torch.isfinite(qw.scale).all() and torch.isfinite(qw.zero).all()):
@@ -113,12 +113,12 @@ def record_quantization(grid: Grid, cell: Cell, model, result: EngineResult, sec
     if grid.cfg.grid.save_model:
         with grid.profile.phase("saving"):
             artifacts["model_file"] = _save(grid, cell, result.quantized, other)
-    return rows, artifacts, list(result.quantized)
+    return rows, artifacts, dict(result.quantized)
 
 
-def reload(model, path: Path) -> list[str]:
+def reload(model, path: Path) -> dict[str, QuantizedWeight]:
     """Put a cell's saved packed weights into `model` (its fake-quant form, exactly as quantized); returns the
-    quantized linears' names."""
+    quantized linears by name (with a static format's calibrated activation scales in their extras)."""
     weights, other, _ = load_quantized(path)
     unexpected = model.load_state_dict(other, strict=False).unexpected_keys
     if unexpected:
@@ -126,16 +126,19 @@ def reload(model, path: Path) -> list[str]:
     for name, qw in weights.items():
         lin = model.get_submodule(name)
         lin.weight.data = qw.dequantize().to(lin.weight.device, lin.weight.dtype)
-    return list(weights)
+    return weights
 
 
-def install_cell_activations(cell: Cell, model, names: list[str]) -> list:
-    """A weight-activation cell is evaluated as deployed: its activation quantizer (fake-quant, per token) at
-    the input of every linear it quantized (`names`, as the engine or the saved file lists them). Returns the
-    hook handles (none for a weight-only cell)."""
+def install_cell_activations(cell: Cell, model, weights) -> list:
+    """A weight-activation cell is evaluated as deployed: its activation quantizer (fake-quant: per token, or
+    per tensor with the calibrated scales the weights carry) at the input of every linear it quantized
+    (`weights`: name -> QuantizedWeight, as the engine or the saved file gives them; a list of names is enough
+    for a per-token cell). Returns the hook handles (none for a weight-only cell)."""
     if cell.act_bits >= 16:
         return []
-    return install_activation_quantizers([model.get_submodule(n) for n in names], cell.act_bits)
+    spec = QuantSpec(act_bits=cell.act_bits, act_scheme=cell.act_scheme)
+    named = weights if isinstance(weights, dict) else dict.fromkeys(weights)
+    return install_format_quantizers([(model.get_submodule(n), qw) for n, qw in named.items()], spec)
 
 
 def _score(grid: Grid, model, unit, progress) -> tuple[list[dict], dict]:
@@ -153,14 +156,14 @@ def _score(grid: Grid, model, unit, progress) -> tuple[list[dict], dict]:
 
 
 def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = None, quantized=None) -> dict:
-    """Quantize the cell (or reload its stored weights, or take `quantized`: (model, rows, artifacts, names) from
+    """Quantize the cell (or reload its stored weights, or take `quantized`: (model, rows, artifacts, weights) from
     a lockstep pass), then compute each of its missing units. Returns {"quant": {"rows", "artifacts"} | None,
     "units": [...]}, each unit {"unit", "kind", "key", "rows", "error"}. An exception in the quantization
     propagates (the cell fails); one in a unit is that unit's error."""
     seed_everything(grid.cfg.calib.seed)
     out: dict = {"quant": None, "units": []}
     if quantized is not None:
-        model, rows, artifacts, names = quantized
+        model, rows, artifacts, weights = quantized
         out["quant"] = dict(rows=rows, artifacts=artifacts)
     else:
         model = copy.deepcopy(grid.lm.model)
@@ -168,11 +171,11 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
         if quantized is not None:
             pass
         elif cell.quantize or stored_file is None:
-            rows, artifacts, names = quantize(grid, cell, model, progress)
+            rows, artifacts, weights = quantize(grid, cell, model, progress)
             out["quant"] = dict(rows=rows, artifacts=artifacts)
         else:
-            names = reload(model, stored_file)
-        install_cell_activations(cell, model, names)  # the model is this cell's copy: the hooks go with it
+            weights = reload(model, stored_file)
+        install_cell_activations(cell, model, weights)  # the model is this cell's copy: the hooks go with it
     if cell.units:
         model.to(grid.device)
     for unit in cell.units:

@@ -17,7 +17,7 @@ from ptqbench.deploy.kernels import deploy
 from ptqbench.deploy.latency import measure_interleaved
 from ptqbench.errors import BadInput, one_line
 from ptqbench.grid.cell import nonfinite
-from ptqbench.grid.plan import FORMAT_METHOD, FP_METHOD, Cell, CellOutcome, Grid, Unit, fp_key, identity
+from ptqbench.grid.plan import FORMAT_METHOD, FP_METHOD, Cell, CellOutcome, Grid, Unit, act_options, fp_key, identity
 from ptqbench.grid.store import ResultsStore
 from ptqbench.methods import QuantSpec
 from ptqbench.methods.quant import quantize_rtn
@@ -41,15 +41,16 @@ def plan_formats(grid: Grid) -> list[Cell]:
     cells = [Cell(FP_METHOD, 16, fp, ResultsStore.cell_id(**fp), [unit], quantize=False)]
     for bits in cfg.quant.bits:
         for act_bits in cfg.quant.act_bits:
-            # the method cells' convention (plan.plan): act_bits in the options only when activations are
-            # quantized, so a weight-only format keeps its key (and its stored latency) and W4A8 never serves W4
-            options = {"act_bits": act_bits} if act_bits < 16 else {}
+            # the method cells' convention (plan.act_options): act_bits in the options only when activations are
+            # quantized, act_scheme only when static, so a weight-only format keeps its key (and its stored
+            # latency), W4A8 never serves W4, and a static W4A8t never serves the dynamic W4A8
+            options = act_options(act_bits, cfg.quant.act_scheme)
             if cfg.quant.quantize_vision:
                 options["quantize_vision"] = True
             fkey = dict(identity(grid), method=FORMAT_METHOD, method_options=options, bits=bits,
                         group_size=grid.group_size, sym=cfg.quant.sym, grid=cfg.quant.rounding, calib_hash="-")
             cells.append(Cell(FORMAT_METHOD, bits, fkey, ResultsStore.cell_id(**fkey), [unit], quantize=False,
-                              act_bits=act_bits))
+                              act_bits=act_bits, act_scheme=cfg.quant.act_scheme if act_bits < 16 else "token"))
     return cells
 
 
@@ -79,9 +80,13 @@ def format_model(grid: Grid, cell: Cell):
 
 
 def _claim_formats(grid: Grid, store, owner: str, log) -> list[tuple[str, Cell]]:
-    todo = []
+    todo, static = [], []
     for cell in plan_formats(grid):
-        label = "FP" if cell.method == FP_METHOD else format_label(cell.bits, cell.act_bits, grid.group_size)
+        label = "FP" if cell.method == FP_METHOD else format_label(cell.bits, cell.act_bits, grid.group_size,
+                                                                   cell.act_scheme)
+        if cell.act_scheme == "tensor":  # its RTN format model would need calibrated static scales
+            static.append(label)
+            continue
         if not grid.cfg.grid.force and cell.units[0].unit_id in store.done_units(cell.cell_id):
             continue
         busy = store.claim(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=grid.cfg.to_dict(),
@@ -90,6 +95,9 @@ def _claim_formats(grid: Grid, store, owner: str, log) -> list[tuple[str, Cell]]
             log(f"[BUSY] latency {label}: being measured by {busy}; left to it")
             continue
         todo.append((label, cell))
+    if static:
+        log(f"[latency] NOT MEASURED: {', '.join(static)}: a per-tensor static format's deployment needs calibrated "
+            "activation scales, which the RTN format model does not compute (per-token formats are timed)")
     return todo
 
 
@@ -114,9 +122,10 @@ def _record(store, label: str, cell: Cell, r) -> CellOutcome:
         return CellOutcome(f"latency {label}", cell.bits, "failed", error=str(e), act_bits=cell.act_bits)
 
 
-def format_label(bits: int, act_bits: int, group_size: int) -> str:
-    """A format in log lines: W4 g64, W4A8 g64, W8A8 per-channel."""
-    return f"W{bits}" + (f"A{act_bits}" if act_bits < 16 else "") + (" per-channel" if group_size == -1 else f" g{group_size}")
+def format_label(bits: int, act_bits: int, group_size: int, act_scheme: str = "token") -> str:
+    """A format in log lines: W4 g64, W4A8 g64, W8A8 per-channel, W4A8t g64 (per-tensor static activations)."""
+    act = f"A{act_bits}" + ("t" if act_scheme == "tensor" else "") if act_bits < 16 else ""
+    return f"W{bits}{act}" + (" per-channel" if group_size == -1 else f" g{group_size}")
 
 
 def run_formats(grid: Grid, store, owner: str, log) -> list[CellOutcome]:

@@ -24,9 +24,18 @@ from ptqbench.models.sources import LoadedModel, load_model, resolve_device, res
 EVAL_BATCH = 16  # items per evaluation batch (part of a task unit's identity: padding can move a logit)
 
 
-def format_name(bits: int, act_bits: int = 16) -> str:
-    """A cell's format in log lines and summaries: w4 (weights only, as always), w4a8 (weights and activations)."""
-    return f"w{bits}" + (f"a{act_bits}" if act_bits < 16 else "")
+def format_name(bits: int, act_bits: int = 16, act_scheme: str = "token") -> str:
+    """A cell's format in log lines and summaries: w4 (weights only, as always), w4a8 (weights and per-token
+    dynamic activations), w4a8t (per-tensor static activations)."""
+    return f"w{bits}" + (f"a{act_bits}" + ("t" if act_scheme == "tensor" else "") if act_bits < 16 else "")
+
+
+def act_options(act_bits: int, act_scheme: str) -> dict:
+    """The activation quantizer in a cell's options: nothing for weights only (its key is what it always was),
+    act_bits for W/A, and act_scheme only when static ("tensor"), so per-token W/A keys stay as they were."""
+    if act_bits >= 16:
+        return {}
+    return dict(act_bits=act_bits, **({"act_scheme": act_scheme} if act_scheme != "token" else {}))
 
 
 @dataclass
@@ -38,10 +47,11 @@ class CellOutcome:
     error: str | None = None
     seconds: float = 0.0
     act_bits: int = 16
+    act_scheme: str = "token"
 
     @property
     def fmt(self) -> str:
-        return format_name(self.bits, self.act_bits)
+        return format_name(self.bits, self.act_bits, self.act_scheme)
 
 
 @dataclass
@@ -72,10 +82,11 @@ class Cell:
     units: list[Unit] = field(default_factory=list)
     quantize: bool = True  # False: the quantization is stored, only units are missing
     act_bits: int = 16  # activation bits (16: weights only)
+    act_scheme: str = "token"  # the activation quantizer: per-token dynamic or per-tensor static ("tensor")
 
     @property
     def fmt(self) -> str:
-        return format_name(self.bits, self.act_bits)
+        return format_name(self.bits, self.act_bits, self.act_scheme)
 
     @property
     def instance_key(self) -> tuple[str, int, int]:
@@ -152,7 +163,8 @@ def _quantized_widths(cfg: RunConfig, lm: LoadedModel, methods: dict) -> set[int
 
 def _instances(cfg: RunConfig, lm: LoadedModel, methods: dict, group_size: int) -> dict:
     q = cfg.quant
-    specs = {(b, a): QuantSpec(bits=b, group_size=group_size, sym=q.sym, grid=q.rounding, act_bits=a)
+    specs = {(b, a): QuantSpec(bits=b, group_size=group_size, sym=q.sym, grid=q.rounding, act_bits=a,
+                               act_scheme=q.act_scheme)
              for b in q.bits for a in q.act_bits}
     specs[(q.bits[0], q.act_bits[0])].check_widths(sorted(_quantized_widths(cfg, lm, methods)))
     return {(m, b, a): cls(spec, **q.options.get(m, {})) for m, cls in methods.items() for (b, a), spec in specs.items()}
@@ -242,13 +254,13 @@ def plan(grid: Grid) -> list[Cell]:
         cells.append(Cell(FP_METHOD, 16, key, ResultsStore.cell_id(**key), list(todo), quantize=False))
     for (method, bits, act_bits), inst in grid.instances.items():
         options = inst.options_dict()
-        if act_bits < 16:
-            options["act_bits"] = act_bits
+        options.update(act_options(act_bits, cfg.quant.act_scheme))
         if cfg.quant.quantize_vision:
             options["quantize_vision"] = True  # part of the cell's identity
         if cfg.quant.max_blocks is not None:
             options["max_blocks"] = cfg.quant.max_blocks  # a partial (cost) cell is never mistaken for a whole one
         key = dict(shared, method=method, method_options=options, bits=bits, group_size=grid.group_size,
                    sym=cfg.quant.sym, grid=cfg.quant.rounding, seed=cfg.calib.seed, calib_hash=grid.calib.hash)
-        cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key), list(todo), act_bits=act_bits))
+        cells.append(Cell(method, bits, key, ResultsStore.cell_id(**key), list(todo), act_bits=act_bits,
+                          act_scheme=inst.spec.act_scheme))
     return cells

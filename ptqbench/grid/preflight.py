@@ -56,7 +56,7 @@ def validate_inputs(cfg: RunConfig) -> dict:
         for b in q.bits:
             for a in q.act_bits:
                 cls(QuantSpec(bits=b, group_size=q.group_size if q.group_size is not None else 128, sym=q.sym,
-                              grid=q.rounding, act_bits=a), **q.options.get(m, {}))
+                              grid=q.rounding, act_bits=a, act_scheme=q.act_scheme), **q.options.get(m, {}))
     device = resolve_device(cfg.model.device)
     check_model_source(cfg.model.source, allow_pickle=cfg.model.allow_pickle)
     check_source(c.source, c.n, c.seed, c.image_root)

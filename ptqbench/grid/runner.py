@@ -89,7 +89,7 @@ class Bookkeeper:
     def _cached(self, cell: Cell, why: str) -> None:
         rows = self.store.rows(cell_id=cell.cell_id, status="ok")
         self.outcomes.append(CellOutcome(cell.method, cell.bits, "cached", _metrics(rows, self.planned[cell.cell_id]),
-                                         act_bits=cell.act_bits))
+                                         act_bits=cell.act_bits, act_scheme=cell.act_scheme))
         self.log(f"{cell.method} {cell.fmt}: {why} (cell {cell.cell_id}), skipped"
                  + ("; use --force to recompute" if why == "already done" else ""))
 
@@ -99,7 +99,7 @@ class Bookkeeper:
         busy = store.claim(cell.cell_id, self._record_of(cell), self.owner)
         if busy:
             self.outcomes.append(CellOutcome(cell.method, cell.bits, "busy", error=f"claimed by {busy}",
-                                             act_bits=cell.act_bits))
+                                             act_bits=cell.act_bits, act_scheme=cell.act_scheme))
             self.log(f"[BUSY] {cell.method} {cell.fmt}: cell {cell.cell_id} is being computed by {busy}; left to it")
             return None
         todo = missing(store, cell, self.grid.cfg.grid.force)
@@ -143,7 +143,7 @@ class Bookkeeper:
         rows = self.store.rows(cell_id=cell.cell_id, status="ok")
         status = "failed" if errors else "done"
         self.outcomes.append(CellOutcome(cell.method, cell.bits, status, _metrics(rows, self.planned[cell.cell_id]),
-                                         "; ".join(errors) or None, seconds, cell.act_bits))
+                                         "; ".join(errors) or None, seconds, cell.act_bits, cell.act_scheme))
         for e in errors:
             self.log(f"[FAILED] {cell.method} {cell.fmt}: {e}")
         self._progress_line(cell, seconds, status)
@@ -153,7 +153,7 @@ class Bookkeeper:
             self.store.fail_cell(cell.cell_id, error + "\n" + detail)
         self.store.release(cell.cell_id, self.owner)
         self.outcomes.append(CellOutcome(cell.method, cell.bits, "failed", error=error, seconds=seconds,
-                                         act_bits=cell.act_bits))
+                                         act_bits=cell.act_bits, act_scheme=cell.act_scheme))
         self.log(f"[FAILED] {cell.method} {cell.fmt}: {error}")
         self._progress_line(cell, seconds, "failed")
 

@@ -106,8 +106,13 @@ def _failure(error) -> str:
     return "failed: " + (first if len(first) <= 300 else first[:299] + "…")
 
 
-def _format_label(bits: int, group_size: int, sym: bool, act_bits: int = 16) -> str:
-    return f"W{bits}" + (f"A{act_bits}" if act_bits < 16 else "") + " " + ("per-channel" if group_size == -1 else f"g{group_size}") + (" sym" if sym else "")
+def _act_label(act_bits: int, act_scheme: str = "token") -> str:
+    """A8 (per-token dynamic), A8t (per-tensor static), nothing for weights only."""
+    return f"A{act_bits}" + ("t" if act_scheme == "tensor" else "") if act_bits < 16 else ""
+
+
+def _format_label(bits: int, group_size: int, sym: bool, act_bits: int = 16, act_scheme: str = "token") -> str:
+    return f"W{bits}" + _act_label(act_bits, act_scheme) + " " + ("per-channel" if group_size == -1 else f"g{group_size}") + (" sym" if sym else "")
 
 
 
@@ -117,9 +122,14 @@ def _act_bits(opts: dict) -> int:
     return int(opts.get("act_bits", 16))
 
 
+def _act_scheme(opts: dict) -> str:
+    """A static (per-tensor) W/A cell names its scheme in its options; per-token ones, as always, do not."""
+    return str(opts.get("act_scheme", "token"))
+
+
 def _format_of(r) -> tuple:
     opts = _opts(r.get("method_options"))
-    return int(r["bits"]), int(r.get("group_size") or 0), bool(r.get("sym")), bool(opts.get("quantize_vision")), _act_bits(opts)
+    return int(r["bits"]), int(r.get("group_size") or 0), bool(r.get("sym")), bool(opts.get("quantize_vision")), _act_bits(opts), _act_scheme(opts)
 
 
 def _entries(rows: list[dict], cells: list[dict], units: list[dict]) -> list[Entry]:
@@ -148,10 +158,11 @@ def _entries(rows: list[dict], cells: list[dict], units: list[dict]) -> list[Ent
         key = (r["method"], int(r["bits"])) if fp else (r["method"], json.dumps(opts, sort_keys=True), int(r["bits"]), gs, sym, calib)
         if key not in entries:
             act = _act_bits(opts)  # shown in the format, not as an option
-            parts = [f"{k}={v}" for k, v in sorted(opts.items()) if k in varying.get(r["method"], ()) and k != "act_bits"]
+            parts = [f"{k}={v}" for k, v in sorted(opts.items())
+                     if k in varying.get(r["method"], ()) and k not in ("act_bits", "act_scheme")]
             parts += [f"calib {calib[:8]}"] if several_calibs and not fp else []
-            label = f"FP ({dtypes.get(r['cell_id']) or 'dtype not recorded'})" if fp else _format_label(int(r["bits"]), gs, sym, act)
-            acts = [f"A{act}"] if act < 16 else []
+            label = f"FP ({dtypes.get(r['cell_id']) or 'dtype not recorded'})" if fp else _format_label(int(r["bits"]), gs, sym, act, _act_scheme(opts))
+            acts = [_act_label(act, _act_scheme(opts))] if act < 16 else []
             series = " ".join([r["method"], *parts] + ([] if fp else acts + [label.split(" ", 1)[1]]))
             entries[key] = Entry(r["method"], int(r["bits"]), " ".join(parts), series, fp, label, json.dumps(opts, sort_keys=True),
                                  act_bits=act)

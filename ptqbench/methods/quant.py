@@ -25,6 +25,7 @@ from ptqbench.errors import BadInput, one_of
 
 GRIDS = ("minmax", "gptq")
 ACT_BITS = (4, 5, 6, 7, 8, 16)  # 16: weights only, activations stay in the compute dtype
+ACT_SCHEMES = ("token", "tensor")  # per-token dynamic (default) | per-tensor static (scales calibrated)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class QuantSpec:
     sym: bool = False
     grid: str = "minmax"
     act_bits: int = 16  # activation bits at every quantized linear's input; 16 = weights only
+    act_scheme: str = "token"  # "token": per-token dynamic; "tensor": per-tensor static (ignored when act_bits 16)
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -44,6 +46,8 @@ class QuantSpec:
             raise one_of("grid", self.grid, GRIDS)
         if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS:
             raise BadInput(f"act-bits {self.act_bits!r} is not accepted; accepted: 4..8, or 16 (weights only)")
+        if self.act_scheme not in ACT_SCHEMES:
+            raise one_of("act-scheme", self.act_scheme, ACT_SCHEMES)
 
     @property
     def maxq(self) -> int:
@@ -68,12 +72,17 @@ class QuantSpec:
     @property
     def label(self) -> str:
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        a = f"a{self.act_bits}" if self.quantizes_activations else ""
+        a = f"a{self.act_bits}{'t' if self.static_activations else ''}" if self.quantizes_activations else ""
         return f"w{self.bits}{g}{'s' if self.sym else ''}{a}"
 
     @property
     def quantizes_activations(self) -> bool:
         return self.act_bits < 16
+
+    @property
+    def static_activations(self) -> bool:
+        """Per-tensor static activation scales (calibrated once, stored with the weights)."""
+        return self.quantizes_activations and self.act_scheme == "tensor"
 
 
 def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,3 +193,47 @@ class ActivationQuantizer:
 def install_activation_quantizers(modules, bits: int) -> list:
     """Hook the activation quantizer onto each linear of `modules`; returns the hook handles (remove() them)."""
     return [m.register_forward_pre_hook(ActivationQuantizer(bits)) for m in modules]
+
+
+def static_act_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """A per-tensor static scale from a calibrated input absmax: max(absmax, 1e-5) / (2^(b-1)-1), 0-d fp32."""
+    return torch.as_tensor(absmax, dtype=torch.float32).clamp(min=1e-5) / (2 ** (bits - 1) - 1)
+
+
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-tensor static symmetric fake quantization with a calibrated scale: clamp(round(x/scale), -2^(b-1),
+    2^(b-1)-1) * scale, in fp32, returned in x's dtype (values beyond the calibrated range saturate)."""
+    q_max = 2 ** (bits - 1) - 1
+    s = scale.to(x.device, torch.float32)
+    return (torch.clamp(torch.round(x.float() / s), -q_max - 1, q_max) * s).to(x.dtype)
+
+
+class StaticActivationQuantizer:
+    """A forward pre-hook that fake-quantizes a linear's input with one calibrated per-tensor scale."""
+
+    def __init__(self, scale: torch.Tensor, bits: int):
+        self.scale, self.bits = scale.float(), bits
+
+    def __call__(self, module, args):
+        return (quantize_activation_static(args[0], self.scale, self.bits),) + tuple(args[1:])
+
+
+def install_static_activation_quantizers(modules_and_scales, bits: int) -> list:
+    """Hook a static quantizer onto each (linear, scale) pair; returns the hook handles (remove() them)."""
+    return [m.register_forward_pre_hook(StaticActivationQuantizer(s, bits)) for m, s in modules_and_scales]
+
+
+
+def install_format_quantizers(modules_and_weights, spec: QuantSpec) -> list:
+    """The activation quantizer of a weight-activation format at each (linear, its QuantizedWeight): per-tensor
+    static with the weight's calibrated extras["act_scale"], or per token; none for weights only."""
+    pairs = list(modules_and_weights)
+    if not spec.quantizes_activations:
+        return []
+    if spec.static_activations:
+        missing = [i for i, (_, qw) in enumerate(pairs) if "act_scale" not in qw.extras]
+        if missing:
+            raise BadInput(f"{len(missing)} linear(s) of a per-tensor static format carry no calibrated act_scale; "
+                           "accepted: weights from the engine or a saved static cell")
+        return install_static_activation_quantizers([(m, qw.extras["act_scale"]) for m, qw in pairs], spec.act_bits)
+    return install_activation_quantizers([m for m, _ in pairs], spec.act_bits)
