@@ -9,7 +9,8 @@ quantized, the merger) named in `ignore`, and for each quantized linear `<name>`
   codes of each output row as one dense little-endian bit stream (code i at bits [i*bits, (i+1)*bits),
   straddling words at 3/5/6/7 bits); `weight_shape` int64 [out, in].
 - weight-activation cells (W*A8 ...), format "int-quantized": `weight` int8 (out, in), the signed codes.
-  Their config adds `input_activations`: per-token dynamic symmetric int of the cell's activation bits.
+  Their config adds `input_activations`: per-token dynamic symmetric int of the cell's activation bits, or per-tensor
+  static with each linear's calibrated `input_scale` (`--act-scheme tensor`).
 - `weight_scale` (out, n_groups), and `weight_zero_point` for asymmetric weights only: int8 (out, n_groups)
   in int-quantized, packed like the codes along the output dim in pack-quantized (ceil(out*bits/32), n_groups).
 
@@ -101,6 +102,8 @@ def pack_ct_layer(qw: QuantizedWeight, layout: str, sym: bool, scale_dtype: torc
         raise BadInput(f"compressed-tensors layout {layout!r} is not accepted; accepted: "
                        f"{WEIGHT_ONLY_LAYOUT}, {WEIGHT_ACTIVATION_LAYOUT}")
     t["weight_scale"] = qw.scale.to(scale_dtype).contiguous()
+    if "act_scale" in qw.extras:  # a static per-tensor activation scale, fp32 as calibrated
+        t["input_scale"] = qw.extras["act_scale"].to(torch.float32).reshape(1).contiguous()
     return t
 
 
@@ -122,15 +125,18 @@ def pack_ct_layers(weights: dict[str, QuantizedWeight], layout: str) -> _CtLayer
     return p
 
 
-def ct_quantization_config(p: _CtLayers, layout: str, act_bits: int, ignore: list[str], meta: dict) -> dict:
+def ct_quantization_config(p: _CtLayers, layout: str, act_bits: int, ignore: list[str], meta: dict,
+                           act_scheme: str = "token") -> dict:
     """config.json's quantization_config, field for field as compressed-tensors 0.20 writes it."""
     from ptqbench import __version__
 
     weights = {"dynamic": False, "group_size": None if p.group_size == -1 else p.group_size, "num_bits": p.bits,
                "strategy": "channel" if p.group_size == -1 else "group", "symmetric": p.sym, "type": "int"}
-    # ptqbench's activation quantizer: per token, dynamic, symmetric (quant.quantize_activation)
-    acts = None if act_bits >= 16 else {"dynamic": True, "group_size": None, "num_bits": act_bits,
-                                        "strategy": "token", "symmetric": True, "type": "int"}
+    # ptqbench's activation quantizers: per token, dynamic, symmetric (quant.quantize_activation); or per
+    # tensor, static, symmetric with each linear's calibrated `input_scale` (quant.quantize_activation_static)
+    static = act_scheme == "tensor"
+    acts = None if act_bits >= 16 else {"dynamic": not static, "group_size": None, "num_bits": act_bits,
+                                        "strategy": "tensor" if static else "token", "symmetric": True, "type": "int"}
     group = {"format": layout, "input_activations": acts, "output_activations": None, "targets": ["Linear"],
              "weights": weights}
     return {
@@ -153,16 +159,19 @@ def export_compressed_tensors(cell_path, out_dir, model_name: str | None = None,
                               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
     """Write the quantized cell `cell_path` (a cell directory or its model.safetensors) as a
     compressed-tensors checkpoint directory `out_dir`: pack-quantized for a weight-only cell,
-    int-quantized with per-token dynamic activations for a weight-activation cell. `model_name` as in
+    int-quantized with per-token dynamic (or per-tensor static, `input_scale`) activations for a
+    weight-activation cell. `model_name` as in
     `export_gptq`. The directory appears complete or not at all."""
     src = cell_file(cell_path)
     out = check_output_dir(out_dir, overwrite)
     weights, other, meta, name = _load_cell(src, out, model_name, activations=True)
     act_bits = cell_act_bits(meta)
     scheme = (meta.get("options") or {}).get("act_scheme", "token") if isinstance(meta.get("options"), dict) else "token"
-    if act_bits < 16 and scheme != "token":  # the config below describes per-token dynamic activations only
-        raise BadInput(f"{src} quantizes activations per tensor (static, act_scheme {scheme!r}), which this export "
-                       "does not write yet; accepted: act_scheme 'token' (per-token dynamic) cells")
+    if act_bits < 16 and scheme == "tensor":
+        lacking = [n for n, qw in weights.items() if "act_scale" not in qw.extras]
+        if lacking:
+            raise BadInput(f"{src} is a static (per-tensor) activation cell but {lacking[0]} has no calibrated "
+                           "act_scale; accepted: a cell saved by bench run --act-scheme tensor")
     layout = WEIGHT_ONLY_LAYOUT if act_bits >= 16 else WEIGHT_ACTIVATION_LAYOUT
     p = pack_ct_layers(weights, layout)
 
@@ -174,7 +183,8 @@ def export_compressed_tensors(cell_path, out_dir, model_name: str | None = None,
     ignore = [n for n, _ in model.named_modules() if n in linears and n not in weights]  # model order
     qmeta = {k: meta.get(k) for k in ("model", "method", "bits", "options", "group_size", "sym", "calib_hash")}
     cfg_dict = config.to_dict()
-    cfg_dict["quantization_config"] = ct_quantization_config(p, layout, act_bits, ignore, qmeta)
+    cfg_dict["quantization_config"] = ct_quantization_config(p, layout, act_bits, ignore, qmeta,
+                                                             scheme if act_bits < 16 else "token")
     cfg_dict["dtype"] = str(_float_dtype(other)).removeprefix("torch.")
     cfg_dict.pop("torch_dtype", None)
 

@@ -19,7 +19,8 @@ from ptqbench.errors import BadInput, one_line
 from ptqbench.grid.cell import nonfinite
 from ptqbench.grid.plan import FORMAT_METHOD, FP_METHOD, Cell, CellOutcome, Grid, Unit, act_options, fp_key, identity
 from ptqbench.grid.store import ResultsStore
-from ptqbench.methods import QuantSpec
+from ptqbench.engine.blockwise import quantize_model
+from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods.quant import quantize_rtn
 from ptqbench.models.adapters import adapter_for
 
@@ -63,15 +64,20 @@ def format_model(grid: Grid, cell: Cell):
     if cell.method == FORMAT_METHOD:
         adapter = adapter_for(model)
         spec = QuantSpec(bits=cell.bits, group_size=grid.group_size, sym=cfg.quant.sym, grid=cfg.quant.rounding,
-                         act_bits=cell.act_bits)
-        stacks = [(adapter.decoder_path, adapter.decoder_layers())]
-        if cfg.quant.quantize_vision:
-            stacks.append((adapter.vision_blocks_path, adapter.vision_blocks()))
-        for prefix, blocks in stacks:
-            for i, blk in enumerate(blocks):
-                for n, lin in adapter.block_linears(blk).items():
-                    quantized[f"{prefix}.{i}.{n}"] = qw = quantize_rtn(lin.weight.data.float(), spec)
-                    lin.weight.data = qw.dequantize().to(lin.weight.dtype)
+                         act_bits=cell.act_bits, act_scheme=cell.act_scheme)
+        if spec.quantizes_activations and spec.act_scheme == "tensor":
+            # static activation scales need calibrating: RTN through the engine, which observes them
+            quantized = quantize_model(model, adapter, grid.calib, get_method("rtn")(spec), device=grid.device,
+                                       include_vision=cfg.quant.quantize_vision).quantized
+        else:
+            stacks = [(adapter.decoder_path, adapter.decoder_layers())]
+            if cfg.quant.quantize_vision:
+                stacks.append((adapter.vision_blocks_path, adapter.vision_blocks()))
+            for prefix, blocks in stacks:
+                for i, blk in enumerate(blocks):
+                    for n, lin in adapter.block_linears(blk).items():
+                        quantized[f"{prefix}.{i}.{n}"] = qw = quantize_rtn(lin.weight.data.float(), spec)
+                        lin.weight.data = qw.dequantize().to(lin.weight.dtype)
     dtype = getattr(torch, cfg.deploy.infer_dtype)
     model.to(dtype).to(grid.device)
     if quantized:
@@ -80,13 +86,10 @@ def format_model(grid: Grid, cell: Cell):
 
 
 def _claim_formats(grid: Grid, store, owner: str, log) -> list[tuple[str, Cell]]:
-    todo, static = [], []
+    todo = []
     for cell in plan_formats(grid):
         label = "FP" if cell.method == FP_METHOD else format_label(cell.bits, cell.act_bits, grid.group_size,
                                                                    cell.act_scheme)
-        if cell.act_scheme == "tensor":  # its RTN format model would need calibrated static scales
-            static.append(label)
-            continue
         if not grid.cfg.grid.force and cell.units[0].unit_id in store.done_units(cell.cell_id):
             continue
         busy = store.claim(cell.cell_id, dict(cell.key, run_id=grid.run_dir.name, env=grid.env, config=grid.cfg.to_dict(),
@@ -95,9 +98,6 @@ def _claim_formats(grid: Grid, store, owner: str, log) -> list[tuple[str, Cell]]
             log(f"[BUSY] latency {label}: being measured by {busy}; left to it")
             continue
         todo.append((label, cell))
-    if static:
-        log(f"[latency] NOT MEASURED: {', '.join(static)}: a per-tensor static format's deployment needs calibrated "
-            "activation scales, which the RTN format model does not compute (per-token formats are timed)")
     return todo
 
 

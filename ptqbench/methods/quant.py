@@ -223,7 +223,6 @@ def install_static_activation_quantizers(modules_and_scales, bits: int) -> list:
     return [m.register_forward_pre_hook(StaticActivationQuantizer(s, bits)) for m, s in modules_and_scales]
 
 
-
 def install_format_quantizers(modules_and_weights, spec: QuantSpec) -> list:
     """The activation quantizer of a weight-activation format at each (linear, its QuantizedWeight): per-tensor
     static with the weight's calibrated extras["act_scale"], or per token; none for weights only."""

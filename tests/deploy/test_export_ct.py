@@ -361,3 +361,39 @@ def test_a_real_smoothquant_w4a8_cell(tmp_path, inputs, tiny_qwen):
     ct_convention_hooks(ref, weights, 8)
     m = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
     assert torch.equal(logits(m, inputs), logits(ref, inputs))
+
+
+def test_a_static_w8a8_cell_exports_its_input_scales(tmp_path, inputs, tiny_qwen):
+    """A per-tensor static cell (`--act-scheme tensor`) exports with static `input_activations` and each
+    linear's calibrated scale as `input_scale`; with compressed-tensors installed, transformers runs it to
+    exactly our model's logits (a static scale leaves no convention to differ on)."""
+    from ptqbench.config import RunConfig
+    from ptqbench.grid.runner import run_grid
+    from ptqbench.grid.store import ResultsStore
+    from ptqbench.methods.quant import install_static_activation_quantizers
+
+    cfg = RunConfig.from_flat(model="tiny:qwen2-vl", methods=["rtn"], bits=[8], act_bits=[8], act_scheme="tensor",
+                              group_size=-1, sym=True, calib_n=2, runs=str(tmp_path / "runs"), name="r", tasks=[],
+                              device="cpu", latency=False)
+    assert [c.status for c in run_grid(cfg, log=lambda *a: None).cells] == ["done"]
+    (row,) = ResultsStore(tmp_path / "runs").cells(method="rtn")
+    cell = tmp_path / "runs" / "r" / "cells" / row["cell_id"] / "model.safetensors"
+    export_cell(cell, tmp_path / "out")
+    (group,) = qconfig(tmp_path / "out")["config_groups"].values()
+    assert group["input_activations"] == {"dynamic": False, "group_size": None, "num_bits": 8, "strategy": "tensor",
+                                          "symmetric": True, "type": "int"}
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    weights, other, _ = load_quantized(cell)
+    for n, qw in weights.items():
+        assert torch.equal(state[f"{n}.input_scale"], qw.extras["act_scale"].reshape(1)), n
+    if not HAVE_CT:
+        return
+    from transformers import AutoModelForImageTextToText
+
+    ref = copy.deepcopy(tiny_qwen[0])
+    ref.load_state_dict({**other, **{f"{n}.weight": qw.dequantize() for n, qw in weights.items()}})
+    install_static_activation_quantizers([(ref.get_submodule(n), qw.extras["act_scale"]) for n, qw in weights.items()], 8)
+    m = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
+    assert torch.allclose(logits(m, inputs), logits(ref, inputs), atol=1e-5, rtol=0)

@@ -144,3 +144,19 @@ def test_latency_of_activation_formats_is_measured_and_keyed_by_act_bits(tmp_pat
     deploy_rows = [line for line in md.splitlines() if line.startswith("| rtn | W4")]
     assert any("W4A8 per-channel" in r and "int8dyn[bf16]" in r for r in deploy_rows)
     assert any("W4A8 g32" in r and "int4pack+fakeA8[bf16]" in r for r in deploy_rows)
+
+
+def test_latency_of_a_static_format_is_measured_with_its_own_key(tmp_path, monkeypatch):
+    """W4A8t (per-tensor static) is timed on an RTN model whose scales the engine calibrated: its own row,
+    labelled as the simulated static quantizer it runs."""
+    fast = functools.partial(formats.measure_interleaved, min_rounds=1, max_rounds=2)
+    monkeypatch.setattr(formats, "measure_interleaved", fast)
+    code, out = run("run", "--model", "tiny:qwen2-vl", "--methods", "rtn", "--bits", "4", "--act-bits", "8",
+                    "--act-scheme", "tensor", "--group-size", "32", "--calib-n", "2", "--device", "cpu", "--runs", tmp_path,
+                    "--no-save-model", "--latency-tokens", "2")
+    assert code == 0, out
+    assert "NOT MEASURED" not in out and "[latency] timing 2 format(s)" in out and "W4A8t g32" in out
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    kernels = {json.loads(o).get("act_scheme", "token"): k for o, k in con.execute(
+        "select method_options, kernel from results where method = 'format' and metric = 'decode_tok_s'")}
+    assert kernels == {"tensor": "int4pack+fakeA8t[bf16]"}
