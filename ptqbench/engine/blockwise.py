@@ -461,13 +461,11 @@ def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.
         grad_flags = [p.requires_grad for p in first.parameters()]
         shared = SharedBlock(copy.deepcopy(first).requires_grad_(False), fp, cache=len(live) > 1, memo_bytes=memo_bytes)
         load_seconds = time.perf_counter() - t0
-        last_ctx = None
         for n, job in enumerate(live):
             t1, before = time.perf_counter(), shared.seconds
             try:
                 block, home = (first, storage) if n == 0 else _job_block(job.stacks[k], i, device, shared.fp_block, grad_flags)
                 _quantize_job_block(job, k, i, block, home, shared, device, dtype)
-                last_ctx = (job, block)
             except Exception as e:  # this cell failed; the pass goes on without it
                 _fail(job, e)
             job.seconds += (time.perf_counter() - t1) - (shared.seconds - before)

@@ -8,37 +8,24 @@ store, resume and failure handling are the same whatever runs the cells.
 
 from __future__ import annotations
 
-import time
-import traceback
 from typing import Callable
 
 from ptqbench.config import EXECUTORS
-from ptqbench.errors import BadInput, one_line, one_of
+from ptqbench.errors import BadInput, one_of
 
 
 class LocalExecutor:
     def run(self, grid, cells, started: Callable, finished: Callable, failed: Callable, progress=None,
             stored_file: Callable = lambda cell: None, log: Callable = print) -> None:
-        from ptqbench.grid.cell import run_cell
-        from ptqbench.grid.lockstep import run_lockstep
+        from ptqbench.grid.lockstep import run_alone, run_lockstep
 
         if grid.cfg.grid.schedule == "lockstep":
             return run_lockstep(grid, cells, started, finished, failed, progress, stored_file, log)
 
         for cell in cells:
             todo = started(cell)  # None: claimed by another live run, or done meanwhile
-            if todo is None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                result = run_cell(grid, todo, progress, stored_file(todo))
-            except KeyboardInterrupt:
-                failed(todo, "interrupted", "", time.perf_counter() - t0)
-                raise
-            except Exception as e:  # a failing cell is recorded, loudly, and the grid goes on
-                failed(todo, one_line(e), traceback.format_exc(limit=8), time.perf_counter() - t0)
-                continue
-            finished(todo, result, time.perf_counter() - t0)
+            if todo is not None:
+                run_alone(grid, todo, progress, stored_file, finished, failed)
 
 
 def get_executor(name: str, address: str | None = None):

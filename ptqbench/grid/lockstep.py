@@ -105,7 +105,8 @@ def plan_chunks(grid: Grid, cells: list[Cell], log) -> list[list[Cell]]:
     return chunks
 
 
-def _run_alone(grid, todo, progress, stored_file, finished, failed) -> None:
+def run_alone(grid, todo, progress, stored_file, finished, failed) -> None:
+    """One claimed cell by itself (the cells schedule, or a cell missing only units): its failure is recorded."""
     t0 = time.perf_counter()
     try:
         result = run_cell(grid, todo, progress, stored_file(todo))
@@ -144,7 +145,7 @@ def _run_pass(grid: Grid, chunk: list[Cell], started, finished, failed, progress
         if todo.quantize:
             todos.append(todo)
         else:  # done meanwhile, but for some units
-            _run_alone(grid, todo, progress, stored_file, finished, failed)
+            run_alone(grid, todo, progress, stored_file, finished, failed)
     if not todos:
         return
     cfg = grid.cfg.quant
@@ -173,6 +174,6 @@ def run_lockstep(grid: Grid, cells: list[Cell], started, finished, failed, progr
     for cell in [c for c in cells if not c.quantize]:
         todo = started(cell)
         if todo is not None:
-            _run_alone(grid, todo, progress, stored_file, finished, failed)
+            run_alone(grid, todo, progress, stored_file, finished, failed)
     for chunk in plan_chunks(grid, [c for c in cells if c.quantize], log):
         _run_pass(grid, chunk, started, finished, failed, progress, stored_file)
