@@ -162,19 +162,17 @@ def run_cell(grid: Grid, cell: Cell, progress=None, stored_file: Path | None = N
     propagates (the cell fails); one in a unit is that unit's error."""
     seed_everything(grid.cfg.calib.seed)
     out: dict = {"quant": None, "units": []}
-    if quantized is not None:
+    if quantized is not None:  # quantized in a lockstep pass
         model, rows, artifacts, weights = quantized
         out["quant"] = dict(rows=rows, artifacts=artifacts)
     else:
         model = copy.deepcopy(grid.lm.model)
-    if cell.method != FP_METHOD:
-        if quantized is not None:
-            pass
-        elif cell.quantize or stored_file is None:
+        if cell.method != FP_METHOD and (cell.quantize or stored_file is None):
             rows, artifacts, weights = quantize(grid, cell, model, progress)
             out["quant"] = dict(rows=rows, artifacts=artifacts)
-        else:
+        elif cell.method != FP_METHOD:
             weights = reload(model, stored_file)
+    if cell.method != FP_METHOD:
         install_cell_activations(cell, model, weights)  # the model is this cell's copy: the hooks go with it
     if cell.units:
         model.to(grid.device)
