@@ -80,29 +80,37 @@ def budget_bytes(grid: Grid) -> int:
     return parse_size(cfg.memory_budget) if cfg.memory_budget else available_bytes() // 2
 
 
-def memo_bytes(grid: Grid, n_cells: int) -> int:
-    """What a pass of `n_cells` leaves of the budget, for the values methods share per block (half of it)."""
-    fp = footprint(grid)
-    return max(0, (budget_bytes(grid) - fp.shared - fp.per_cell * n_cells) // 2)
+@dataclass
+class PassPlan:
+    """The cells to quantize in passes, with the footprint and budget (read once) they were grouped by."""
+
+    chunks: list[list[Cell]]
+    footprint: Footprint
+    budget: int
+
+    def memo_bytes(self, n_cells: int) -> int:
+        """What a pass of `n_cells` leaves of the budget, for the values methods share per block (half of it)."""
+        return max(0, (self.budget - self.footprint.shared - self.footprint.per_cell * n_cells) // 2)
 
 
-def plan_chunks(grid: Grid, cells: list[Cell], log) -> list[list[Cell]]:
+def plan_chunks(grid: Grid, cells: list[Cell], log) -> PassPlan:
     """The cells to quantize grouped into chunks that fit the memory budget (logged). Cells of one format go
     together, next to each other: within a block, what one shares with another (a search candidate of that
     format) is then still held when the other asks for it."""
     cfg = grid.cfg.grid
-    budget = budget_bytes(grid)
-    fp = footprint(grid)
+    plan = PassPlan([], footprint(grid), budget_bytes(grid))
+    fp, budget = plan.footprint, plan.budget
     size = chunk_size(fp, budget)
     cells = sorted(cells, key=lambda c: (c.act_bits, c.bits))  # stable: methods keep their plan order
-    chunks = [cells[i:i + size] for i in range(0, len(cells), size)]
+    plan.chunks = [cells[i:i + size] for i in range(0, len(cells), size)]
     if cells:
-        log(f"[schedule] lockstep: {len(cells)} cell(s) to quantize in {len(chunks)} pass(es) of up to {size} "
+        log(f"[schedule] lockstep: {len(cells)} cell(s) to quantize in {len(plan.chunks)} pass(es) of up to {size} "
             f"(host memory budget {_gib(budget)}{'' if cfg.memory_budget else ', half of the available RAM'}: "
             f"per cell {_gib(fp.per_cell)} = quantized stream {_gib(fp.stream)} + model copy {_gib(fp.model)}; "
-            f"shared {_gib(fp.shared)}; values methods share within a block: up to {_gib(memo_bytes(grid, len(chunks[0])))})"
+            f"shared {_gib(fp.shared)}; values methods share within a block: up to "
+            f"{_gib(plan.memo_bytes(len(plan.chunks[0])))})"
             + ("; even one cell exceeds the budget, so cells run one by one" if fp.shared + fp.per_cell > budget else ""))
-    return chunks
+    return plan
 
 
 def run_alone(grid, todo, progress, stored_file, finished, failed) -> None:
@@ -136,7 +144,7 @@ def _finish(grid, todo, job, cost, schedule, progress, finished, failed) -> None
     finished(todo, result, job.seconds + time.perf_counter() - t0)
 
 
-def _run_pass(grid: Grid, chunk: list[Cell], started, finished, failed, progress, stored_file) -> None:
+def _run_pass(grid: Grid, chunk: list[Cell], memo_bytes: int, started, finished, failed, progress, stored_file) -> None:
     todos = []
     for cell in chunk:
         todo = started(cell)
@@ -155,7 +163,7 @@ def _run_pass(grid: Grid, chunk: list[Cell], started, finished, failed, progress
     try:
         with grid.profile.phase("quantization"), measure(grid.device) as cost:
             quantize_models(jobs, grid.calib, grid.device, progress, cfg.quantize_vision, cfg.max_blocks, memo=grid.memo,
-                            memo_bytes=memo_bytes(grid, len(jobs)))
+                            memo_bytes=memo_bytes)
         schedule = dict(kind="lockstep", cells=len(todos), pass_seconds=round(time.perf_counter() - t0, 3))
         for todo, job in zip(todos, jobs):
             _finish(grid, todo, job, cost, schedule, progress, finished, failed)
@@ -175,5 +183,6 @@ def run_lockstep(grid: Grid, cells: list[Cell], started, finished, failed, progr
         todo = started(cell)
         if todo is not None:
             run_alone(grid, todo, progress, stored_file, finished, failed)
-    for chunk in plan_chunks(grid, [c for c in cells if c.quantize], log):
-        _run_pass(grid, chunk, started, finished, failed, progress, stored_file)
+    plan = plan_chunks(grid, [c for c in cells if c.quantize], log)
+    for chunk in plan.chunks:
+        _run_pass(grid, chunk, plan.memo_bytes(len(chunk)), started, finished, failed, progress, stored_file)

@@ -15,7 +15,7 @@ import time
 from ptqbench.config import RunConfig
 from ptqbench.deploy.measure import measure, rss_bytes
 from ptqbench.engine.blockwise import Job, quantize_models
-from ptqbench.grid.lockstep import GiB, budget_bytes, chunk_size, footprint, memo_bytes, plan_chunks
+from ptqbench.grid.lockstep import GiB, PassPlan, plan_chunks
 from ptqbench.grid.plan import FP_METHOD, Grid, plan, prepare
 from ptqbench.grid.preflight import validate_inputs
 
@@ -36,18 +36,19 @@ def _jobs(grid: Grid, cells) -> list[Job]:
     return [Job(copy.deepcopy(grid.lm.model), copy.deepcopy(grid.instances[c.instance_key])) for c in cells]
 
 
-def _pass(grid: Grid, cells, schedule: str, log) -> tuple[float, int, dict[str, str]]:
-    """(seconds, peak host bytes above the start, {cell id: digest}) of quantizing `cells`."""
+def _pass(grid: Grid, cells, lockstep: PassPlan | None) -> tuple[float, int, dict[str, str]]:
+    """(seconds, peak host bytes above the start, {cell id: digest}) of quantizing `cells`: in the lockstep
+    plan's passes, or (None) one cell at a time."""
     q = grid.cfg.quant
-    chunks = plan_chunks(grid, cells, log) if schedule == "lockstep" else [[c] for c in cells]
-    memo = {} if schedule == "lockstep" else None
+    chunks = lockstep.chunks if lockstep is not None else [[c] for c in cells]
+    memo = {} if lockstep is not None else None
     digests, base = {}, rss_bytes()
     t0 = time.perf_counter()
     with measure(grid.device) as cost:
         for chunk in chunks:
             jobs = _jobs(grid, chunk)
             quantize_models(jobs, grid.calib, grid.device, None, q.quantize_vision, q.max_blocks, memo=memo,
-                            memo_bytes=memo_bytes(grid, len(jobs)) if memo is not None else 0)
+                            memo_bytes=lockstep.memo_bytes(len(jobs)) if lockstep is not None else 0)
             for cell, job in zip(chunk, jobs):
                 if job.error is not None:
                     raise RuntimeError(f"{job.method.name} w{job.method.spec.bits}: {job.error}")
@@ -60,7 +61,8 @@ def perf(cfg: RunConfig, repeats: int = 2, log=print) -> dict:
     validate_inputs(cfg)
     grid = prepare(cfg, log=lambda *a: None, new_run_dir=False)
     cells = [c for c in plan(grid) if c.method != FP_METHOD]
-    fp = footprint(grid)
+    passes = plan_chunks(grid, cells, log)  # one plan for every round, so the rounds are alike
+    fp, n = passes.footprint, len(passes.chunks[0]) if passes.chunks else 0
     load = [os.getloadavg()]
     times: dict[str, list[float]] = {"cells": [], "lockstep": []}
     peaks: dict[str, list[int]] = {"cells": [], "lockstep": []}
@@ -68,7 +70,7 @@ def perf(cfg: RunConfig, repeats: int = 2, log=print) -> dict:
     for r in range(repeats):
         got = {}
         for schedule in ("cells", "lockstep"):
-            seconds, peak, digests = _pass(grid, cells, schedule, log if r == 0 and schedule == "lockstep" else lambda *a: None)
+            seconds, peak, digests = _pass(grid, cells, passes if schedule == "lockstep" else None)
             times[schedule].append(seconds)
             peaks[schedule].append(peak)
             got[schedule] = digests
@@ -76,12 +78,10 @@ def perf(cfg: RunConfig, repeats: int = 2, log=print) -> dict:
         same = same and got["cells"] == got["lockstep"]
     load.append(os.getloadavg())
     med = {s: statistics.median(v) for s, v in times.items()}
-    budget = budget_bytes(grid)
-    n = min(len(cells), chunk_size(fp, budget))
     return dict(cells=len(cells), repeats=repeats, seconds=times, median=med,
                 ratio=med["lockstep"] / med["cells"], pair_ratios=[b / a for a, b in zip(times["cells"], times["lockstep"])],
                 identical=same, peak_bytes=peaks,
-                footprint=dict(per_cell=fp.per_cell, shared=fp.shared, budget=budget, memo_cap=memo_bytes(grid, n),
+                footprint=dict(per_cell=fp.per_cell, shared=fp.shared, budget=passes.budget, memo_cap=passes.memo_bytes(n),
                                lockstep_estimate=fp.shared + fp.per_cell * n),
                 load_before=load[0], load_after=load[1], cpu_count=os.cpu_count(), torch_threads=_threads())
 
