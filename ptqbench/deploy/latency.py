@@ -306,6 +306,16 @@ def measure_interleaved(models: dict, processor, *, device=None, new_tokens: int
     of variation at or under `cv_target`. Returns, per key, measure_inference's row fields over all its
     rounds plus `prefill_ms_cv`, `decode_tok_s_cv`, `repeats` and `rounds_capped` (True: still noisier
     than the target), or the exception that format raised (the others go on without it)."""
+    gc.collect()
+    gc.freeze()  # what lives now is not garbage: each round's collection (_PeakMemory) walks only newer objects
+    try:
+        return _interleaved(models, processor, device, new_tokens, batch_size, min_rounds, max_rounds, cv_target, warmup)
+    finally:
+        gc.unfreeze()
+
+
+def _interleaved(models: dict, processor, device, new_tokens: int, batch_size: int, min_rounds: int, max_rounds: int,
+                 cv_target: float, warmup: int) -> dict:
     out: dict = {}
     timed = {k: {"prefill": [], "decode": [], "peak": 0, "first": None} for k in models}
     for k, m in models.items():  # warm-up: kernels' first calls, allocator, caches

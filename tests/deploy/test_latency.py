@@ -83,3 +83,26 @@ def test_deploy_and_measure_gives_a_row(tiny_qwen):
     assert set(r["kernels_used"]) == set(quantized) and fp["kernels_used"] == {}
     lin = sum(qw.qweight.numel() for qw in quantized.values())
     assert fp["model_bytes"] - r["model_bytes"] > lin * (4 - 3 / 8 - 5 / 32) * 0.99  # 3-bit codes + scale/zero
+
+
+def test_interleaved_rounds_walk_only_new_objects(monkeypatch):
+    """measure_interleaved collects once and freezes what lives, so each round's gc.collect (the peak-memory
+    baseline) walks only objects made since; every exit unfreezes. A failing format leaves the others timed."""
+    import gc
+
+    seen = []
+
+    def fake(model, processor, **kw):
+        seen.append(gc.get_freeze_count())
+        if model == "bad":
+            raise RuntimeError("no kernel")
+        return dict(prefill_ms_all=[1.0], decode_tok_s_all=[10.0], infer_peak_bytes=0, model_bytes=1, kernel="dense")
+
+    monkeypatch.setattr(L, "measure_inference", fake)
+    out = L.measure_interleaved({"a": "ok", "b": "bad"}, None, min_rounds=2, max_rounds=3)
+    assert all(n > 0 for n in seen) and gc.get_freeze_count() == 0
+    assert isinstance(out["b"], RuntimeError) and out["a"]["repeats"] == 2
+    monkeypatch.setattr(L, "_interleaved", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        L.measure_interleaved({"a": "ok"}, None)
+    assert gc.get_freeze_count() == 0
