@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -402,35 +403,124 @@ def _to_static_activations(ctx: BlockContext, spec, act_hooks: list) -> list:
                                                 spec.act_bits)
 
 
-def _quantize_job_block(job: Job, k: int, i: int, block: nn.Module, storage: torch.device, shared: SharedBlock,
-                        device: torch.device, dtype: torch.dtype) -> None:
-    """Job's block i of stack k: quantize, measure, advance its quantized stream, store the block. A per-tensor
-    static format quantizes with the per-token quantizer (the methods' statistics and searches see it), then
-    calibrates its static scales and measures and advances with them (`_to_static_activations`)."""
+@dataclass
+class _Open:
+    """A job's block while its method works on it: the method's generator (None once it is done) and the pieces
+    of work it waits on (`Together`)."""
+
+    job: Job
+    k: int
+    ctx: BlockContext
+    act_hooks: list
+    storage: torch.device
+    gen: object = None
+    asked: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.asked)
+
+
+def _begin_job_block(job: Job, k: int, i: int, block: nn.Module, storage: torch.device, shared: SharedBlock,
+                     device: torch.device) -> _Open:
+    """Install the format's activation quantizers on the job's block i of stack k and start its method on it:
+    a plain `quantize_block` runs to the end here; a generator runs to the first work it hands over."""
     stack, adapter, method, spec = job.stacks[k], job.adapter, job.method, job.method.spec
     names = list(adapter.block_linears(block))
     act_hooks = (install_activation_quantizers([block.get_submodule(n) for n in names], spec.act_bits)
                  if spec.quantizes_activations else [])
     ctx = BlockContext(i, f"{stack.prefix}.{i}", block, shared.fp_block, names, adapter.sequential_groups(names),
                        shared.fp_in, job.q, stack.batches, adapter, device, is_vision=stack.is_vision, shared=shared)
+    state = _Open(job, k, ctx, act_hooks, storage)
     try:
-        method.quantize_block(ctx)
-        missing = [n for n in names if n not in ctx.committed]
+        gen = method.quantize_block(ctx)
+        if inspect.isgenerator(gen):
+            state.gen = gen
+            _step(state, None)
+    except BaseException:
+        _close(state)
+        raise
+    return state
+
+
+def _step(state: _Open, results: list | None) -> None:
+    """Hand the method its results (None: start it); it asks for more work or is done (gen None)."""
+    try:
+        failed = next((r for r in results or [] if isinstance(r, BaseException)), None)
+        if failed is not None:
+            state.asked = list(state.gen.throw(failed))
+        else:
+            state.asked = list(state.gen.send(results) if results is not None else next(state.gen))
+    except StopIteration:
+        state.gen, state.asked = None, []
+
+
+def _run_together(states: list[_Open]) -> list[_Open]:
+    """One round: every piece the waiting jobs asked for, pieces of one kind and key in one `run_together`
+    call (its time split evenly among them); each job then gets its results. Returns the jobs that failed."""
+    groups: dict = {}
+    for st in states:
+        for j, piece in enumerate(st.asked):
+            groups.setdefault((type(piece), piece.key()), []).append((st, j, piece))
+    results = {id(st): [None] * len(st.asked) for st in states}
+    for (cls, _), items in groups.items():
+        t0 = time.perf_counter()
+        try:
+            outs = cls.run_together([piece for _, _, piece in items])
+        except Exception as e:  # noqa: BLE001 - every piece of the call fails with it
+            outs = [e] * len(items)
+        share = (time.perf_counter() - t0) / len(items)
+        for (st, j, _), out in zip(items, outs):
+            results[id(st)][j] = out
+            st.seconds += share
+    failed = []
+    for st in states:
+        t0, before = time.perf_counter(), st.ctx.shared.seconds
+        try:
+            _step(st, results[id(st)])
+        except Exception as e:
+            _close(st)
+            _fail(st.job, e)
+            failed.append(st)
+        st.seconds += (time.perf_counter() - t0) - (st.ctx.shared.seconds - before)
+    return failed
+
+
+def _finish_job_block(state: _Open, dtype: torch.dtype) -> None:
+    """After the method: check every linear was committed, calibrate static activation scales (per-tensor
+    static formats: the method quantized with the per-token quantizer, which its statistics and searches saw),
+    measure, advance the job's quantized stream, store the block and the committed weights."""
+    job, ctx, k = state.job, state.ctx, state.k
+    stack, adapter, method, spec = job.stacks[k], job.adapter, job.method, job.method.spec
+    try:
+        missing = [n for n in ctx.linear_names if n not in ctx.committed]
         if missing:
-            raise RuntimeError(f"method {method.name!r} left linears of {stack.prefix}.{i} unquantized: {missing}")
+            raise RuntimeError(f"method {method.name!r} left linears of {ctx.prefix} unquantized: {missing}")
         if spec.static_activations:
-            act_hooks += _to_static_activations(ctx, spec, act_hooks)
+            state.act_hooks += _to_static_activations(ctx, spec, state.act_hooks)
         job.q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, job.q)
     finally:
-        for h in act_hooks:  # the stored model holds weights only; evaluation installs its own quantizers
-            h.remove()
-        stack.layers[i] = block.to(storage)
+        _close(state)
     for n, e in _err_final(lin_acc).items():
-        job.diag["linears"][f"{stack.prefix}.{i}.{n}"] = e
-    job.diag["vision_blocks" if stack.is_vision else "blocks"][i] = _err_final(blk_acc)
+        job.diag["linears"][f"{ctx.prefix}.{n}"] = e
+    job.diag["vision_blocks" if stack.is_vision else "blocks"][ctx.index] = _err_final(blk_acc)
     for n, qw in ctx.committed.items():
-        job.quantized[f"{stack.prefix}.{i}.{n}"] = QuantizedWeight(qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(),
-                                                                   qw.g_idx.cpu(), qw.spec, qw.extras)
+        job.quantized[f"{ctx.prefix}.{n}"] = QuantizedWeight(qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(),
+                                                             qw.g_idx.cpu(), qw.spec, qw.extras)
+
+
+def _close(state: _Open) -> None:
+    """The stored model holds weights only (evaluation installs its own quantizers); the block goes home."""
+    for h in state.act_hooks:
+        h.remove()
+    state.act_hooks = []
+    if state.gen is not None:
+        state.gen.close()
+        state.gen = None
+    job, ctx = state.job, state.ctx
+    if job.stacks:
+        job.stacks[state.k].layers[ctx.index] = ctx.block.to(state.storage)
 
 
 def _fail(job: Job, e: BaseException) -> None:
@@ -461,16 +551,47 @@ def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.
         grad_flags = [p.requires_grad for p in first.parameters()]
         shared = SharedBlock(copy.deepcopy(first).requires_grad_(False), fp, cache=len(live) > 1, memo_bytes=memo_bytes)
         load_seconds = time.perf_counter() - t0
-        for n, job in enumerate(live):
+        spent = {id(j): 0.0 for j in live}  # each job's own seconds on this block
+        waiting: list[_Open] = []
+
+        def timed(job: Job, fn, *args):
             t1, before = time.perf_counter(), shared.seconds
             try:
-                block, home = (first, storage) if n == 0 else _job_block(job.stacks[k], i, device, shared.fp_block, grad_flags)
-                _quantize_job_block(job, k, i, block, home, shared, device, dtype)
+                return fn(*args)
             except Exception as e:  # this cell failed; the pass goes on without it
                 _fail(job, e)
-            job.seconds += (time.perf_counter() - t1) - (shared.seconds - before)
+            finally:
+                spent[id(job)] += (time.perf_counter() - t1) - (shared.seconds - before)
+
+        def advance(waiting: list[_Open]) -> list[_Open]:
+            """One round of the work the open jobs wait on; the jobs their methods are done with are finished."""
+            _run_together(waiting)
+            still = []
+            for st in waiting:
+                spent[id(st.job)] += st.seconds
+                st.seconds = 0.0
+                if st.job.error is None and st.gen is None:
+                    timed(st.job, _finish_job_block, st, dtype)
+                elif st.job.error is None:
+                    still.append(st)
+            return still
+
+        for n, job in enumerate(live):
+            while waiting and sum(st.nbytes for st in waiting) > memo_bytes:  # what waits at once stays bounded
+                waiting = advance(waiting)
+            block, home = timed(job, lambda: (first, storage) if n == 0 else
+                                _job_block(job.stacks[k], i, device, shared.fp_block, grad_flags)) or (None, None)
+            state = timed(job, _begin_job_block, job, k, i, block, home, shared, device) if block is not None else None
+            if state is not None and state.gen is None:
+                timed(job, _finish_job_block, state, dtype)
+            elif state is not None:
+                waiting.append(state)
+        while waiting:
+            waiting = advance(waiting)
+        for job in live:
+            job.seconds += spent[id(job)]
             key = "vision_block_seconds" if st0.is_vision else "block_seconds"
-            job.diag.setdefault(key, {})[i] = round(time.perf_counter() - t1 + load_seconds, 3)
+            job.diag.setdefault(key, {})[i] = round(spent[id(job)] + load_seconds, 3)
             if progress:
                 progress.advance(tasks[id(job)])
         survivors = [j for j in live if j.error is None]

@@ -6,6 +6,7 @@ Lifecycle (driven by the engine, which never knows a method by name):
     m.on_start(run)                       # once, before block 0 (e.g. MBQ's whole-model gradient pass)
     for every block:                      # block by block, two activation streams kept by the engine
         m.quantize_block(block)           # read inputs, own statistics, commit a QuantizedWeight per linear
+                                          # (a generator may hand work to the engine: `Together`)
         m.comparable_output(block, name, y)   # per-linear diagnostics (identity unless outputs were rescaled)
     info = m.on_end(run)                  # method-level facts stored with the result
 
@@ -183,6 +184,27 @@ class RunView:
         cells (the lockstep schedule). `key` names everything besides those two that it depends on. The
         value is shared: read it, never change it."""
         return compute()
+
+
+# ---- work the engine may run together across cells --------------------------------------------------
+class Together:
+    """A piece of a method's block work that the engine may run together with like pieces of other cells of a
+    lockstep pass, which saves per-call overhead where the pieces are small (GPTQ's column loop, `gptq.Solve`).
+    `quantize_block` may be a generator: it yields a list of pieces and receives their results, in order (a
+    piece that failed is thrown into it as its exception). Pieces with equal `(type, key())` run in one
+    `run_together` call, which must give every piece, bit for bit, what it gives that piece alone."""
+
+    def key(self) -> tuple:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Memory the piece holds while it waits (the engine bounds how much waits at once)."""
+        return 0
+
+    @classmethod
+    def run_together(cls, items: list) -> list:
+        """A result per item, in order, or the exception that item raised."""
+        raise NotImplementedError
 
 
 # ---- statistics accumulators ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ptqbench.methods.base import BlockView, Method, option
-from ptqbench.methods.gptq import SolverOptions, input_stats, solve
+from ptqbench.methods.gptq import Solve, SolverOptions, input_stats
 
 
 @dataclass
@@ -31,9 +31,10 @@ class GPTAQ(Method):
     Options = GPTAQOptions
     streams = "both"
 
-    def quantize_block(self, block: BlockView) -> None:
+    def quantize_block(self, block: BlockView):
         for group in block.groups:
             stats = input_stats(block, group, stream="both")
-            for name in group:
-                st = stats[name]
-                block.commit(name, solve(block.weight(name), st.H, self.spec, dXXT=st.dXXT, **self.opts.solver_kwargs()))
+            done = yield [Solve(block.weight(n), stats[n].H, self.spec, dXXT=stats[n].dXXT, **self.opts.solver_kwargs())
+                          for n in group]
+            for name, qw in zip(group, done):
+                block.commit(name, qw)

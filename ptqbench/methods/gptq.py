@@ -14,28 +14,67 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqbench.methods.base import BlockView, CrossTerm, Hessian, Method, option
+from ptqbench.methods.base import BlockView, CrossTerm, Hessian, Method, Together, option
 from ptqbench.methods.quant import QuantizedWeight, QuantSpec, fake_quant, grid_params
 
 
+@dataclass(eq=False)
+class Solve(Together):
+    """One linear's GPTQ solve, as a method hands it to the engine (`Together`): the solves of several cells
+    with the same shape and options run as one column loop (`solve_many`), each getting what `solve` gives it
+    alone. `solve(weight, H, spec, ...)` is the direct call."""
+
+    weight: torch.Tensor
+    H: torch.Tensor
+    spec: QuantSpec
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    dXXT: torch.Tensor | None = None
+    alpha: float = 0.25
+
+    def key(self) -> tuple:
+        s = self.spec  # the bits may differ within a batch (each problem keeps its own maxq)
+        return (tuple(self.weight.shape), str(self.weight.device), s.group_size, s.sym, s.grid, self.blocksize,
+                self.act_order, self.static_groups, self.dXXT is None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.H, self.dXXT) if t is not None)
+
+    @classmethod
+    def run_together(cls, items: list["Solve"]) -> list:
+        return solve_many(items)
+
+
 @torch.no_grad()
-def solve(
-    weight: torch.Tensor,
-    H: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = False,
-    dXXT: torch.Tensor | None = None,
-    alpha: float = 0.25,
-) -> QuantizedWeight:
-    W = weight.detach().clone().float()
+def solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, **options) -> QuantizedWeight:
+    (out,) = solve_many([Solve(weight, H, spec, **options)])
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+@dataclass
+class _Problem:
+    """A solve after its set-up: weights, Cholesky factor R (H^-1 = R^T R), GPTAQ's P, permutation, groups."""
+
+    W: torch.Tensor
+    R: torch.Tensor
+    P: torch.Tensor | None
+    perm: torch.Tensor
+    g_idx: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g: int
+
+
+def _setup(s: Solve) -> _Problem:
+    W = s.weight.detach().clone().float()
     rows, cols = W.shape
-    g = spec.groups_for(cols)
-    H = H.detach().clone().float()
-    dXXT = None if dXXT is None else dXXT.detach().clone().float()
+    g = s.spec.groups_for(cols)
+    H = s.H.detach().clone().float()
+    dXXT = None if s.dXXT is None else s.dXXT.detach().clone().float()
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -46,69 +85,104 @@ def solve(
     n_groups = cols // g
     scale = torch.zeros(rows, n_groups, device=W.device)
     zero = torch.zeros(rows, n_groups, device=W.device)
-    if static_groups:  # grids from the original (dead-zeroed) weights, before any update
+    if s.static_groups:  # grids from the original (dead-zeroed) weights, before any update
         for k in range(n_groups):
-            scale[:, k], zero[:, k] = grid_params(W[:, k * g:(k + 1) * g], spec)
+            scale[:, k], zero[:, k] = grid_params(W[:, k * g:(k + 1) * g], s.spec)
 
     perm = torch.arange(cols, device=W.device)
-    if act_order:
+    if s.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         if dXXT is not None:
             dXXT = dXXT[perm][:, perm]
     # g_idx: which group each (original) column belongs to.
     g_idx = torch.empty(cols, dtype=torch.long, device=W.device)
-    if static_groups or not act_order:
+    if s.static_groups or not s.act_order:
         g_idx[:] = torch.arange(cols, device=W.device) // g
     else:  # act-order with dynamic groups: groups follow the permuted order
         g_idx[perm] = torch.arange(cols, device=W.device) // g
 
-    damp = percdamp * torch.mean(torch.diag(H))
+    damp = s.percdamp * torch.mean(torch.diag(H))
     idx = torch.arange(cols, device=W.device)
     H[idx, idx] += damp
     R = torch.linalg.cholesky(H)
     R = torch.cholesky_inverse(R)
     R = torch.linalg.cholesky(R, upper=True)  # H^-1 = R^T R
-    P = None
-    if dXXT is not None:
-        P = alpha * ((dXXT @ R.T).triu_(diagonal=1)) @ R
+    P = None if dXXT is None else s.alpha * ((dXXT @ R.T).triu_(diagonal=1)) @ R
+    return _Problem(W, R, P, perm, g_idx, scale, zero, g)
 
+
+@torch.no_grad()
+def solve_many(items: list[Solve]) -> list:
+    """GPTQ's column loop for several problems of one `Solve.key` at once: the weights stacked along a leading
+    axis, so each column costs one set of elementwise kernel launches for all of them. Every step is
+    elementwise (the rank-1 updates as broadcast products, exact as the K=1 matmuls they replace) or per
+    problem (set-up, the grids, the lazy block updates), so each problem gets, bit for bit, what it gets
+    alone. Returns a QuantizedWeight per problem, or the exception its set-up or result raised."""
+    out: list = [None] * len(items)
+    probs = []
+    for n, s in enumerate(items):
+        try:
+            probs.append((n, _setup(s)))
+        except Exception as e:  # noqa: BLE001 - that problem fails, the others go on
+            out[n] = e
+    if not probs:
+        return out
+    idx, ps = [n for n, _ in probs], [p for _, p in probs]
+    specs = [items[n].spec for n in idx]
+    blocksize, static_groups = items[idx[0]].blocksize, items[idx[0]].static_groups
+    W = torch.stack([p.W for p in ps])  # (problems, rows, cols)
+    R = torch.stack([p.R for p in ps])
+    P = None if ps[0].P is None else torch.stack([p.P for p in ps])
+    cols, g = W.shape[2], ps[0].g
+    maxq = torch.tensor([float(s.maxq) for s in specs], device=W.device)[:, None]
+    group_of = torch.stack([p.g_idx[p.perm] for p in ps])  # (problems, cols): the group of each (permuted) column
+    shared_group = (group_of == group_of[:1]).all(dim=0).tolist()  # the same group in every problem (no act-order)
+    group_of, every = group_of.T.tolist(), torch.arange(len(ps), device=W.device)
+    scales, zeros = torch.stack([p.scale for p in ps]), torch.stack([p.zero for p in ps])  # (problems, rows, groups)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, :, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        R1 = R[i1:i2, i1:i2]
-        P1 = None if P is None else P[i1:i2, i1:i2]
+        R1 = R[:, i1:i2, i1:i2]
+        P1 = None if P is None else P[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            gi = int(g_idx[perm[col]])
+            gis = group_of[col]
             if not static_groups and col % g == 0:
                 # Up-to-date weights of the group: this block's updated columns, then later ones.
-                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scale[:, gi], zero[:, gi] = grid_params(cur, spec)
-            w = W1[:, i].clone()
-            d = R1[i, i]
-            q = fake_quant(w[:, None], scale[:, gi], zero[:, gi], spec.maxq).flatten()
-            Q1[:, i] = q
-            err = (w - q) / d
-            upd = err[:, None] @ R1[i, i:][None, :]
+                for k in range(len(ps)):
+                    cur = torch.cat([W1[k, :, i:], W[k, :, i2:]], dim=1)[:, :g]
+                    scales[k, :, gis[k]], zeros[k, :, gis[k]] = grid_params(cur, specs[k])
+            if shared_group[col]:
+                scale, zero = scales[:, :, gis[0]], zeros[:, :, gis[0]]  # (problems, rows)
+            else:
+                at = torch.tensor(gis, device=W.device)
+                scale, zero = scales[every, :, at], zeros[every, :, at]
+            w = W1[:, :, i]
+            q = scale * (torch.minimum(torch.clamp(torch.round(w / scale) + zero, min=0), maxq) - zero)
+            Q1[:, :, i] = q
+            err = (w - q) / R1[:, i, i][:, None]
+            upd = err[:, :, None] * R1[:, None, i, i:]
             if P1 is not None:
-                upd = upd - w[:, None] @ P1[i, i:][None, :]
-            W1[:, i:] -= upd
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        upd = Err1 @ R[i1:i2, i2:]
-        if P is not None:
-            upd = upd - W1 @ P[i1:i2, i2:]
-        W[:, i2:] -= upd
-
-    invperm = torch.argsort(perm)
-    Q = Q[:, invperm]
-    if not torch.isfinite(Q).all():
-        raise FloatingPointError("GPTQ produced non-finite weights (Hessian ill-conditioned?)")
-    return QuantizedWeight.from_dequantized(Q, scale, zero, g_idx, spec)
+                upd = upd - w[:, :, None] * P1[:, None, i, i:]
+            W1[:, :, i:] -= upd
+            Err1[:, :, i] = err
+        Q[:, :, i1:i2] = Q1
+        for k in range(len(ps)):  # the lazy block update: one matmul per problem, as alone
+            upd = Err1[k] @ R[k, i1:i2, i2:]
+            if P is not None:
+                upd = upd - W1[k] @ P[k, i1:i2, i2:]
+            W[k, :, i2:] -= upd
+    for k, (n, p) in enumerate(probs):
+        Qk = Q[k][:, torch.argsort(p.perm)]
+        if not torch.isfinite(Qk).all():
+            out[n] = FloatingPointError("GPTQ produced non-finite weights (Hessian ill-conditioned?)")
+        else:
+            out[n] = QuantizedWeight.from_dequantized(Qk, scales[k], zeros[k], p.g_idx, specs[k])
+    return out
 
 
 # ---- input statistics ---------------------------------------------------------------------------------
@@ -185,11 +259,13 @@ class GPTQ(Method):
     Options = GPTQOptions
     streams = "quant"
 
-    def quantize_block(self, block: BlockView) -> None:
+    def quantize_block(self, block: BlockView):
         if not self.opts.true_sequential:  # every statistic from one pass before anything changes
             stats = input_stats(block, block.linear_names, stream="quant")
         for group in block.groups:
             if self.opts.true_sequential:
                 stats = input_stats(block, group, stream="quant")
-            for name in group:
-                block.commit(name, solve(block.weight(name), stats[name].H, self.spec, **self.opts.solver_kwargs()))
+            # the engine runs the solves, together with other cells' where it can (`Together`)
+            done = yield [Solve(block.weight(n), stats[n].H, self.spec, **self.opts.solver_kwargs()) for n in group]
+            for name, qw in zip(group, done):
+                block.commit(name, qw)

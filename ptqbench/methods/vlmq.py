@@ -21,7 +21,7 @@ from torch import nn
 
 from ptqbench.methods.base import BlockLayout, BlockView, Method, option, require_layout
 from ptqbench.methods.gptaq import GPTAQOptions
-from ptqbench.methods.gptq import input_stats, solve
+from ptqbench.methods.gptq import Solve, input_stats
 
 
 @dataclass
@@ -186,7 +186,7 @@ class VLMQ(Method):
         return out
 
     # ---- quantization ------------------------------------------------------------------------
-    def quantize_block(self, block: BlockView) -> None:
+    def quantize_block(self, block: BlockView):
         o = self.opts
         factors, info = self.importance(block)  # before any commit: FP weights, one backward pass
         self.blocks_info.append(info)
@@ -200,10 +200,10 @@ class VLMQ(Method):
                 stats.update(input_stats(block, weighted, stream=stream, weights=weights))
             if plain:
                 stats.update(input_stats(block, plain, stream=stream))
-            for name in group:
-                st = stats[name]
-                dXXT = st.dXXT if o.base == "gptaq" else None
-                block.commit(name, solve(block.weight(name), st.H, self.spec, dXXT=dXXT, **o.solver_kwargs()))
+            done = yield [Solve(block.weight(n), stats[n].H, self.spec, dXXT=stats[n].dXXT if o.base == "gptaq" else None,
+                                **o.solver_kwargs()) for n in group]
+            for name, qw in zip(group, done):
+                block.commit(name, qw)
 
     def on_end(self, run) -> dict:
         fb = [i["block"] for i in self.blocks_info if i.get("fallback")]
