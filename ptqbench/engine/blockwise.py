@@ -258,15 +258,25 @@ class EngineResult:
     method_info: dict
 
 
-def _err_update(acc: dict, key: str, y: torch.Tensor, ref: torch.Tensor, masks: dict) -> None:
-    d = (y.float() - ref.float()).pow(2).sum(-1)
-    r = ref.float().pow(2).sum(-1)
+def _token_sets(masks: dict) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per token type (and "all" valid tokens), the flat indices of its tokens and their number: selecting by
+    index gives the same elements in the same order as the boolean mask, without finding them again per call."""
+    out = {}
+    for t in ("all",) + TOKEN_TYPES:
+        idx = masks["valid" if t == "all" else t].reshape(-1).nonzero().squeeze(1)
+        out[t] = (idx, int(idx.numel()))
+    return out
+
+
+def _err_update(acc: dict, key: str, y: torch.Tensor, ref: torch.Tensor, tokens: dict) -> None:
+    d = (y.float() - ref.float()).pow(2).sum(-1).reshape(-1)
+    r = ref.float().pow(2).sum(-1).reshape(-1)
     e = acc.setdefault(key, {t: [0.0, 0.0, 0] for t in ("all",) + TOKEN_TYPES})
     for t in ("all",) + TOKEN_TYPES:
-        m = masks["valid" if t == "all" else t]
-        e[t][0] += float(d[m].sum())
-        e[t][1] += float(r[m].sum())
-        e[t][2] += int(m.sum())
+        idx, n = tokens[t]
+        e[t][0] += float(d[idx].sum())
+        e[t][1] += float(r[idx].sum())
+        e[t][2] += n
 
 
 def _err_final(acc: dict) -> dict:
@@ -302,6 +312,7 @@ class Job:
     run: RunContext | None = None
     q: list = field(default_factory=list)  # its quantized stream into the current block
     q_start: list | None = None  # the decoder's quantized stream input (after a quantized vision tower)
+    q_is_fp: bool = False  # `q` holds the FP stream's values (before the stack's first block)
 
     def result(self) -> EngineResult:
         return EngineResult(self.quantized, self.diag, self.info or {})
@@ -333,17 +344,18 @@ def _job_block(stack: _Stack, i: int, device: torch.device, fp_block: nn.Module,
 
 @torch.no_grad()
 def _measure_and_advance(ctx: BlockContext, method: Method, stack: _Stack, adapter: Adapter, dtype: torch.dtype,
-                         q: list[torch.Tensor]) -> tuple[list, dict, dict]:
+                         q: list[torch.Tensor], q_is_fp: bool = False) -> tuple[list, dict, dict]:
     """Per-linear and block errors on the FP stream, then the job's quantized stream through its block
-    (the FP side comes from the pass's `SharedBlock`). Returns the next quantized stream and the two error
-    accumulators."""
+    (the FP side comes from the pass's `SharedBlock`; `q_is_fp`: the quantized stream still holds the FP
+    stream's values, so the block's output on it is the one just computed). Returns the next quantized stream
+    and the two error accumulators."""
     block, names, i = ctx.block, ctx.linear_names, ctx.index
     after = _after(stack, adapter)
     lin_acc: dict = {}
     blk_acc: dict = {}
     new_q = []
     for b in range(len(q)):
-        masks = ctx.masks(b)
+        tokens = _token_sets(ctx.masks(b))
         extras = move(stack.batches[b].extras, ctx.device, dtype)
         out_fp, ys_fp, next_fp = ctx.shared.outputs(ctx, b, after, extras)
         ys_q = {}
@@ -352,10 +364,10 @@ def _measure_and_advance(ctx: BlockContext, method: Method, stack: _Stack, adapt
         for h in hooks:
             h.remove()
         for n in names:
-            _err_update(lin_acc, n, method.comparable_output(ctx, n, ys_q[n]), ys_fp[n], masks)
-        _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, masks)
-        out_q = after(i, ctx.run(block, ctx.stream("quant", b), b), extras)
-        _err_update(blk_acc, "stream", out_q, next_fp.to(out_q.device), masks)
+            _err_update(lin_acc, n, method.comparable_output(ctx, n, ys_q[n]), ys_fp[n], tokens)
+        _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, tokens)
+        out_q = after(i, out_qfp if q_is_fp else ctx.run(block, ctx.stream("quant", b), b), extras)
+        _err_update(blk_acc, "stream", out_q, next_fp.to(out_q.device), tokens)
         new_q.append(out_q.to(q[b].device))
     return new_q, lin_acc, blk_acc
 
@@ -499,7 +511,8 @@ def _finish_job_block(state: _Open, dtype: torch.dtype) -> None:
             raise RuntimeError(f"method {method.name!r} left linears of {ctx.prefix} unquantized: {missing}")
         if spec.static_activations:
             state.act_hooks += _to_static_activations(ctx, spec, state.act_hooks)
-        job.q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, job.q)
+        job.q, lin_acc, blk_acc = _measure_and_advance(ctx, method, stack, adapter, dtype, job.q, job.q_is_fp)
+        job.q_is_fp = False
     finally:
         _close(state)
     for n, e in _err_final(lin_acc).items():
@@ -538,7 +551,8 @@ def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.
     st0 = live[0].stacks[k]
     fp = [b.hidden.to(dtype) for b in st0.batches]
     for job in live:
-        job.q = [h.to(dtype) for h in job.q_start] if job.q_start is not None and not st0.is_vision else [h.clone() for h in fp]
+        job.q_is_fp = job.q_start is None or st0.is_vision
+        job.q = [h.clone() for h in fp] if job.q_is_fp else [h.to(dtype) for h in job.q_start]
     label = "vision" if st0.is_vision else "blocks"
     tasks = {id(j): progress.add_task(f"{j.method.name} {j.method.spec.label} {label}", total=st0.n_blocks)
              for j in live} if progress else {}

@@ -36,8 +36,8 @@ class Solve(Together):
 
     def key(self) -> tuple:
         s = self.spec  # the bits may differ within a batch (each problem keeps its own maxq)
-        return (tuple(self.weight.shape), str(self.weight.device), s.group_size, s.sym, s.grid, self.blocksize,
-                self.act_order, self.static_groups, self.dXXT is None)
+        return (self.weight.shape[1], str(self.weight.device), s.group_size, s.sym, s.grid, self.blocksize,
+                self.act_order, self.static_groups)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.H, self.dXXT) if t is not None)
@@ -114,10 +114,11 @@ def _setup(s: Solve) -> _Problem:
 
 @torch.no_grad()
 def solve_many(items: list[Solve]) -> list:
-    """GPTQ's column loop for several problems of one `Solve.key` at once: the weights stacked along a leading
-    axis, so each column costs one set of elementwise kernel launches for all of them. Every step is
-    elementwise (the rank-1 updates as broadcast products, exact as the K=1 matmuls they replace) or per
-    problem (set-up, the grids, the lazy block updates), so each problem gets, bit for bit, what it gets
+    """GPTQ's column loop for several problems of one `Solve.key` (the same columns and options) at once: the
+    weights stacked along a leading axis (fewer rows padded, problems with a cross term first), so each column
+    costs one set of elementwise kernel launches for all of them. Every step is elementwise on a problem's own
+    rows (the rank-1 updates as broadcast products, exact as the K=1 matmuls they replace) or per problem on its
+    real rows (set-up, the grids, the lazy block updates), so each problem gets, bit for bit, what it gets
     alone. Returns a QuantizedWeight per problem, or the exception its set-up or result raised."""
     out: list = [None] * len(items)
     probs = []
@@ -128,18 +129,23 @@ def solve_many(items: list[Solve]) -> list:
             out[n] = e
     if not probs:
         return out
-    idx, ps = [n for n, _ in probs], [p for _, p in probs]
-    specs = [items[n].spec for n in idx]
-    blocksize, static_groups = items[idx[0]].blocksize, items[idx[0]].static_groups
-    W = torch.stack([p.W for p in ps])  # (problems, rows, cols)
+    probs.sort(key=lambda np_: np_[1].P is None)  # stable: those with GPTAQ's P first, so P applies to a prefix
+    ps, specs = [p for _, p in probs], [items[n].spec for n, _ in probs]
+    n_p = sum(p.P is not None for p in ps)
+    blocksize, static_groups = items[probs[0][0]].blocksize, items[probs[0][0]].static_groups
+    rows = [p.W.shape[0] for p in ps]
+    cols, g, dev = ps[0].W.shape[1], ps[0].g, ps[0].W.device
+    W = torch.zeros(len(ps), max(rows), cols, device=dev)  # (problems, rows, cols)
+    scales = torch.ones(len(ps), max(rows), ps[0].scale.shape[1], device=dev)  # padding rows: scale 1, zero 0
+    zeros = torch.zeros_like(scales)
+    for k, (p, r) in enumerate(zip(ps, rows)):
+        W[k, :r], scales[k, :r], zeros[k, :r] = p.W, p.scale, p.zero
     R = torch.stack([p.R for p in ps])
-    P = None if ps[0].P is None else torch.stack([p.P for p in ps])
-    cols, g = W.shape[2], ps[0].g
-    maxq = torch.tensor([float(s.maxq) for s in specs], device=W.device)[:, None]
+    P = torch.stack([p.P for p in ps[:n_p]]) if n_p else None
+    maxq = torch.tensor([float(s.maxq) for s in specs], device=dev)[:, None]
     group_of = torch.stack([p.g_idx[p.perm] for p in ps])  # (problems, cols): the group of each (permuted) column
     shared_group = (group_of == group_of[:1]).all(dim=0).tolist()  # the same group in every problem (no act-order)
-    group_of, every = group_of.T.tolist(), torch.arange(len(ps), device=W.device)
-    scales, zeros = torch.stack([p.scale for p in ps]), torch.stack([p.zero for p in ps])  # (problems, rows, groups)
+    group_of, every = group_of.T.tolist(), torch.arange(len(ps), device=dev)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -153,13 +159,13 @@ def solve_many(items: list[Solve]) -> list:
             gis = group_of[col]
             if not static_groups and col % g == 0:
                 # Up-to-date weights of the group: this block's updated columns, then later ones.
-                for k in range(len(ps)):
-                    cur = torch.cat([W1[k, :, i:], W[k, :, i2:]], dim=1)[:, :g]
-                    scales[k, :, gis[k]], zeros[k, :, gis[k]] = grid_params(cur, specs[k])
+                for k, r in enumerate(rows):
+                    cur = torch.cat([W1[k, :r, i:], W[k, :r, i2:]], dim=1)[:, :g]
+                    scales[k, :r, gis[k]], zeros[k, :r, gis[k]] = grid_params(cur, specs[k])
             if shared_group[col]:
                 scale, zero = scales[:, :, gis[0]], zeros[:, :, gis[0]]  # (problems, rows)
             else:
-                at = torch.tensor(gis, device=W.device)
+                at = torch.tensor(gis, device=dev)
                 scale, zero = scales[every, :, at], zeros[every, :, at]
             w = W1[:, :, i]
             q = scale * (torch.minimum(torch.clamp(torch.round(w / scale) + zero, min=0), maxq) - zero)
@@ -167,21 +173,21 @@ def solve_many(items: list[Solve]) -> list:
             err = (w - q) / R1[:, i, i][:, None]
             upd = err[:, :, None] * R1[:, None, i, i:]
             if P1 is not None:
-                upd = upd - w[:, :, None] * P1[:, None, i, i:]
+                upd[:n_p] = upd[:n_p] - w[:n_p, :, None] * P1[:, None, i, i:]
             W1[:, :, i:] -= upd
             Err1[:, :, i] = err
         Q[:, :, i1:i2] = Q1
-        for k in range(len(ps)):  # the lazy block update: one matmul per problem, as alone
-            upd = Err1[k] @ R[k, i1:i2, i2:]
-            if P is not None:
-                upd = upd - W1[k] @ P[k, i1:i2, i2:]
-            W[k, :, i2:] -= upd
-    for k, (n, p) in enumerate(probs):
-        Qk = Q[k][:, torch.argsort(p.perm)]
+        for k, r in enumerate(rows):  # the lazy block update: one matmul per problem on its rows, as alone
+            upd = Err1[k, :r] @ R[k, i1:i2, i2:]
+            if k < n_p:
+                upd = upd - W1[k, :r] @ P[k, i1:i2, i2:]
+            W[k, :r, i2:] -= upd
+    for k, ((n, p), r) in enumerate(zip(probs, rows)):
+        Qk = Q[k, :r][:, torch.argsort(p.perm)]
         if not torch.isfinite(Qk).all():
             out[n] = FloatingPointError("GPTQ produced non-finite weights (Hessian ill-conditioned?)")
         else:
-            out[n] = QuantizedWeight.from_dequantized(Qk, scales[k], zeros[k], p.g_idx, specs[k])
+            out[n] = QuantizedWeight.from_dequantized(Qk, scales[k, :r], zeros[k, :r], p.g_idx, specs[k])
     return out
 
 
