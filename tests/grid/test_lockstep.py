@@ -13,6 +13,8 @@ from ptqbench.grid import lockstep
 from ptqbench.grid.perf import digest
 from ptqbench.methods import QuantSpec, get_method
 from ptqbench.methods import mbq as mbq_module
+from ptqbench.methods import rtn as rtn_module
+from ptqbench.methods.base import Together
 from ptqbench.models.adapters import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,3 +168,53 @@ def test_bench_perf_reports_identical_results_and_a_ratio(tmp_path):
     got = json.loads((tmp_path / "p.json").read_text())
     assert got["identical"] is True and got["cells"] == 2 and got["ratio"] > 0
     assert "lockstep / cells =" in res.output and not (tmp_path / "runs" / "results.sqlite").exists()
+
+
+class _Piece(Together):
+    """A piece of work run together (methods.base.Together): doubles its value, or fails."""
+
+    calls: list = []
+
+    def __init__(self, value, fail=False):
+        self.value, self.fail = value, fail
+
+    def key(self):
+        return ("piece",)
+
+    def nbytes(self):
+        return 10
+
+    @classmethod
+    def run_together(cls, items):
+        cls.calls.append(len(items))
+        return [ValueError("bad piece") if p.fail else 2 * p.value for p in items]
+
+
+class _HandsOver(rtn_module.RTN):
+    fail = False
+
+    def quantize_block(self, block):
+        got = yield [_Piece(1, self.fail), _Piece(2)]
+        assert got == [2, 4]
+        super().quantize_block(block)
+
+
+class _HandsOverBadly(_HandsOver):
+    fail = True
+
+
+@pytest.mark.parametrize("memo_bytes", [1000, 0])
+def test_work_handed_over_runs_together_within_the_allowance(tiny_qwen, tiny_calib, memo_bytes):
+    """A generator method's pieces: those of every cell of a pass in one call when the allowance holds them,
+    one cell's at a time when it does not; a failing piece fails its cell only; results as a plain method's."""
+    spec = QuantSpec(bits=3, group_size=32)
+    _Piece.calls = []
+    want = _solo(tiny_qwen[0], tiny_calib, get_method("rtn")(spec))
+    jobs = [Job(copy.deepcopy(tiny_qwen[0]), m(spec)) for m in (_HandsOver, _HandsOverBadly, _HandsOver)]
+    quantize_models(jobs, tiny_calib, memo={}, memo_bytes=memo_bytes)
+    assert "bad piece" in str(jobs[1].error)
+    assert jobs[0].error is None and jobs[2].error is None
+    assert digest(jobs[0]) == want and digest(jobs[2]) == want
+    n_blocks = len(adapter_for(tiny_qwen[0]).decoder_layers())
+    # block 0: all three cells' pieces in one call (or each cell's alone); later blocks: the two cells left
+    assert _Piece.calls == ([6] + [4] * (n_blocks - 1) if memo_bytes else [2] * (2 * n_blocks + 1))

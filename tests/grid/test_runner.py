@@ -47,7 +47,7 @@ def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise FloatingPointError("synthetic failure")
 
-    monkeypatch.setattr(gptq, "solve", broken)
+    monkeypatch.setattr(gptq, "solve_many", broken)
     code, out = run("--model", "tiny:llava", "--methods", "gptq,rtn", "--bits", "2,4", "--calib-n", "2",
                     "--runs", str(tmp_path), "--no-save-model", "--no-latency")
     assert code == 1
