@@ -35,9 +35,9 @@ class Solve(Together):
     alpha: float = 0.25
 
     def key(self) -> tuple:
-        s = self.spec  # the bits may differ within a batch (each problem keeps its own maxq)
+        s = self.spec  # bits, rows, damping, act-order and the cross term may differ within a batch
         return (self.weight.shape[1], str(self.weight.device), s.group_size, s.sym, s.grid, self.blocksize,
-                self.act_order, self.static_groups)
+                self.static_groups)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.H, self.dXXT) if t is not None)

@@ -107,7 +107,7 @@ def test_solves_run_together_give_each_what_it_gets_alone():
     from ptqbench.methods.gptq import Solve, solve_many
 
     torch.manual_seed(3)
-    for act_order in (False, True):
+    for static_groups in (False, True):
         items = []
         for k, rows in enumerate((24, 8, 16, 24, 8)):
             x = torch.randn(64, 200) * torch.linspace(0.1, 3, 64)[:, None]
@@ -115,15 +115,15 @@ def test_solves_run_together_give_each_what_it_gets_alone():
             if k == 1:
                 H[5, :] = H[:, 5] = 0  # a dead column
             items.append(Solve(torch.randn(rows, 64), H, QuantSpec(bits=2 + k % 3, group_size=16), blocksize=16,
-                               percdamp=0.01 * (1 + k % 2), act_order=act_order,
+                               percdamp=0.01 * (1 + k % 2), act_order=k in (0, 3), static_groups=static_groups,
                                dXXT=torch.randn(64, 64) * 0.01 if k % 2 else None, alpha=0.25 + 0.25 * (k % 2)))
         items.append(Solve(torch.randn(8, 64), -torch.eye(64), QuantSpec(bits=3, group_size=16), blocksize=16,
-                           act_order=act_order))
+                           static_groups=static_groups))
         got = solve_many(items)
         assert isinstance(got[-1], Exception)  # not positive definite: this problem only
         for s, q in zip(items[:-1], got[:-1]):
-            alone = solve(s.weight, s.H, s.spec, blocksize=16, percdamp=s.percdamp, act_order=act_order, dXXT=s.dXXT,
-                          alpha=s.alpha)
+            alone = solve(s.weight, s.H, s.spec, blocksize=16, percdamp=s.percdamp, act_order=s.act_order,
+                          static_groups=static_groups, dXXT=s.dXXT, alpha=s.alpha)
             for a, b in ((q.qweight, alone.qweight), (q.scale, alone.scale), (q.zero, alone.zero), (q.g_idx, alone.g_idx)):
                 assert torch.equal(a, b)
-        assert len({s.key() for s in items}) == 1  # rows, bits, cross term and damping do not split a batch
+        assert len({s.key() for s in items}) == 1  # rows, bits, act-order, cross term, damping: one batch
