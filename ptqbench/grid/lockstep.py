@@ -89,7 +89,8 @@ class PassPlan:
     budget: int
 
     def memo_bytes(self, n_cells: int) -> int:
-        """What a pass of `n_cells` leaves of the budget, for the values methods share per block (half of it)."""
+        """Half of what a pass of `n_cells` leaves of the budget: the most the values methods share per block
+        may hold, and again the most the work waiting to run together across cells (`Together`) may hold."""
         return max(0, (self.budget - self.footprint.shared - self.footprint.per_cell * n_cells) // 2)
 
 
@@ -107,8 +108,8 @@ def plan_chunks(grid: Grid, cells: list[Cell], log) -> PassPlan:
         log(f"[schedule] lockstep: {len(cells)} cell(s) to quantize in {len(plan.chunks)} pass(es) of up to {size} "
             f"(host memory budget {_gib(budget)}{'' if cfg.memory_budget else ', half of the available RAM'}: "
             f"per cell {_gib(fp.per_cell)} = quantized stream {_gib(fp.stream)} + model copy {_gib(fp.model)}; "
-            f"shared {_gib(fp.shared)}; values methods share within a block: up to "
-            f"{_gib(plan.memo_bytes(len(plan.chunks[0])))})"
+            f"shared {_gib(fp.shared)}; values methods share within a block, and work waiting to run together: "
+            f"up to {_gib(plan.memo_bytes(len(plan.chunks[0])))} each)"
             + ("; even one cell exceeds the budget, so cells run one by one" if fp.shared + fp.per_cell > budget else ""))
     return plan
 

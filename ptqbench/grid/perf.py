@@ -104,5 +104,6 @@ def report_lines(res: dict) -> list[str]:
         f"  identical weights, diagnostics and method info: {'yes' if res['identical'] else 'NO'}",
         f"  peak memory above the start: lockstep {max(res['peak_bytes']['lockstep']) / GiB:.2f} GiB "
         f"(streams and copies estimated at {fpr['lockstep_estimate'] / GiB:.2f} GiB, plus up to {fpr['memo_cap'] / GiB:.2f} GiB "
-        f"of shared values; budget {fpr['budget'] / GiB:.2f} GiB), cells {max(res['peak_bytes']['cells']) / GiB:.2f} GiB",
+        f"of shared values and as much of work waiting to run together; budget {fpr['budget'] / GiB:.2f} GiB), "
+        f"cells {max(res['peak_bytes']['cells']) / GiB:.2f} GiB",
     ]
