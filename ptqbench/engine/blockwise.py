@@ -132,6 +132,7 @@ class SharedBlock:
         self._inputs: dict[tuple[str, int], torch.Tensor] = {}
         self._outputs: dict[int, tuple] = {}
         self._next: dict[int, torch.Tensor] = {}  # the next FP stream, always kept (as the stream itself is)
+        self._ref_sums: dict[int, dict] = {}  # per batch: the diagnostics' FP denominators (a few floats)
         self.seconds = 0.0  # spent computing shared values (split among the pass's cells)
 
     def memo(self, key: tuple, compute):
@@ -182,6 +183,19 @@ class SharedBlock:
             self._outputs[b] = (out.to(home), {n: y.to(home) for n, y in ys.items()}, nxt)
         self.seconds += time.perf_counter() - t0
         return out, ys, nxt
+
+    def ref_sums(self, b: int, ys: dict, out: torch.Tensor, nxt: torch.Tensor, tokens: dict) -> dict[str, list[float]]:
+        """The FP side of the diagnostics' ratios on batch b, per linear and for the block and stream errors:
+        sum ||y_fp||^2 per token type (`_ref_sums`), the same for every cell of the pass."""
+        if b in self._ref_sums:
+            return self._ref_sums[b]
+        t0 = time.perf_counter()
+        sums = {n: _ref_sums(y, tokens) for n, y in ys.items()}
+        sums.update(block_on_fp_input=_ref_sums(out, tokens), stream=_ref_sums(nxt, tokens))
+        if self.cache:
+            self._ref_sums[b] = sums
+        self.seconds += time.perf_counter() - t0
+        return sums
 
     def next_stream(self, ctx: "BlockContext", after, extras_of) -> list[torch.Tensor]:
         """The FP stream after this block (computed here for batches no cell's measurement reached)."""
@@ -268,14 +282,19 @@ def _token_sets(masks: dict) -> dict[str, tuple[torch.Tensor, int]]:
     return out
 
 
-def _err_update(acc: dict, key: str, y: torch.Tensor, ref: torch.Tensor, tokens: dict) -> None:
-    d = (y.float() - ref.float()).pow(2).sum(-1).reshape(-1)
+def _ref_sums(ref: torch.Tensor, tokens: dict) -> list[float]:
+    """sum ||y_fp||^2 over each token type's tokens (the denominators of `_err_final`)."""
     r = ref.float().pow(2).sum(-1).reshape(-1)
+    return [float(r[tokens[t][0]].sum()) for t in ("all",) + TOKEN_TYPES]
+
+
+def _err_update(acc: dict, key: str, y: torch.Tensor, ref: torch.Tensor, tokens: dict, ref_sums: list[float]) -> None:
+    d = (y.float() - ref.float()).pow(2).sum(-1).reshape(-1)
     e = acc.setdefault(key, {t: [0.0, 0.0, 0] for t in ("all",) + TOKEN_TYPES})
-    for t in ("all",) + TOKEN_TYPES:
+    for t, r in zip(("all",) + TOKEN_TYPES, ref_sums):
         idx, n = tokens[t]
         e[t][0] += float(d[idx].sum())
-        e[t][1] += float(r[idx].sum())
+        e[t][1] += r
         e[t][2] += n
 
 
@@ -363,11 +382,12 @@ def _measure_and_advance(ctx: BlockContext, method: Method, stack: _Stack, adapt
         out_qfp = ctx.run(block, ctx.stream("fp", b), b)
         for h in hooks:
             h.remove()
+        refs = ctx.shared.ref_sums(b, ys_fp, out_fp, next_fp.to(out_fp.device), tokens)
         for n in names:
-            _err_update(lin_acc, n, method.comparable_output(ctx, n, ys_q[n]), ys_fp[n], tokens)
-        _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, tokens)
+            _err_update(lin_acc, n, method.comparable_output(ctx, n, ys_q[n]), ys_fp[n], tokens, refs[n])
+        _err_update(blk_acc, "block_on_fp_input", out_qfp, out_fp, tokens, refs["block_on_fp_input"])
         out_q = after(i, out_qfp if q_is_fp else ctx.run(block, ctx.stream("quant", b), b), extras)
-        _err_update(blk_acc, "stream", out_q, next_fp.to(out_q.device), tokens)
+        _err_update(blk_acc, "stream", out_q, next_fp.to(out_q.device), tokens, refs["stream"])
         new_q.append(out_q.to(q[b].device))
     return new_q, lin_acc, blk_acc
 

@@ -43,16 +43,26 @@ class TokenLoss:
     power: int = 2
     shared_denominator: bool = False
 
-    def partial(self, out: torch.Tensor, ref: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-term [sum, element count] for one batch (float64, shape (n_terms, 2))."""
+    def selection(self, masks: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        """Per term, the flat indices of its tokens (in its mask and valid) and their number: found once per batch,
+        they select the same elements in the same order as the boolean mask does."""
+        out = []
+        for key, _ in self.terms:
+            idx = (masks[key] & masks["valid"]).reshape(-1).nonzero().squeeze(1)
+            out.append((idx, int(idx.numel())))
+        return out
+
+    def partial(self, out: torch.Tensor, ref: torch.Tensor, masks: dict[str, torch.Tensor] | list) -> torch.Tensor:
+        """Per-term [sum, element count] for one batch (float64, shape (n_terms, 2)); `masks` may be the batch's
+        `selection`, to find the tokens once for many candidates."""
+        chosen = masks if isinstance(masks, list) else self.selection(masks)
         d = out.float() - ref.float()
         d = d.abs() if self.power == 1 else d.pow(2)
-        rows = []
-        for key, _ in self.terms:
-            m = masks[key] & masks["valid"]
-            # boolean selection (not multiplication): padded rows may hold anything, even NaN
-            rows.append(torch.stack([d[m].sum().double(), torch.tensor(float(int(m.sum()) * d.shape[-1]), dtype=torch.float64, device=d.device)]))
-        return torch.stack(rows)
+        flat = d.reshape(-1, d.shape[-1])
+        # selection by index (not multiplication by the mask): padded rows may hold anything, even NaN
+        return torch.stack([torch.stack([flat[idx].sum().double(),
+                                         torch.tensor(float(n * d.shape[-1]), dtype=torch.float64, device=d.device)])
+                            for idx, n in chosen])
 
     def value(self, acc: torch.Tensor) -> float:
         sums, counts = acc[:, 0].tolist(), acc[:, 1].tolist()
@@ -220,6 +230,7 @@ def search_group_scale(block: BlockView, group: dict, xs: list[torch.Tensor], sp
         for n in names:
             cand.get_submodule(_relative(n, inspect)).register_forward_pre_hook(act_quant)
 
+    chosen = [loss.selection(m) for m in masks]  # each term's tokens, found once for every candidate
     best, best_alpha, best_scales, history = float("inf"), None, None, []
     for alpha in alphas:
         s = scales_for(x_mean, alpha)
@@ -230,7 +241,7 @@ def search_group_scale(block: BlockView, group: dict, xs: list[torch.Tensor], sp
 
         outs = block.memo(("scale_search.candidate", inspect, tuple(names), alpha, spec), candidate_outputs)
         acc = None
-        for out, ref, m in zip(outs, refs, masks):
+        for out, ref, m in zip(outs, refs, chosen):
             p = loss.partial(out, ref, m)
             acc = p if acc is None else acc + p
         value = loss.value(acc)
