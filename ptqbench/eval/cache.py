@@ -75,6 +75,17 @@ class EvalCache:
         self._towers: dict[str, object] = {}
         self._tags: dict[int, tuple[weakref.ref, str]] = {}  # id of a handed-out tensor -> its digest
         self._processors: list = []  # kept alive: encodings are keyed by the processor's id
+        self._texts: dict[tuple, object] = {}  # prompts and answer lengths per batch (strings and ints)
+
+    def text(self, processor, key: tuple, compute):
+        """A small text-side value of a batch (its prompts, its answers' token counts), the same for every cell:
+        `compute()` once per (processor, key). `key` must name everything else it depends on."""
+        key = (id(processor),) + key
+        if key not in self._texts:
+            self._texts[key] = compute()
+            if processor not in self._processors:  # keyed by its id: kept alive
+                self._processors.append(processor)
+        return self._texts[key]
 
     def _fits(self, nbytes: int) -> bool:
         return self.nbytes + nbytes <= self.max_bytes

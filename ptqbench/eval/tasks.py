@@ -72,8 +72,11 @@ def check_batch_size(batch_size):
     return batch_size
 
 
-def _prompts(processor, items) -> list[str]:
-    return [generation_prompt(processor, user_text(it.question), 1) for it in items]
+def _prompts(processor, items, cache: EvalCache | None = None) -> list[str]:
+    def make():
+        return [generation_prompt(processor, user_text(it.question), 1) for it in items]
+
+    return make() if cache is None else cache.text(processor, ("prompts", tuple(it.question for it in items)), make)
 
 
 def _encode(processor, texts, images, device):
@@ -166,7 +169,7 @@ class SynthVQAAccuracy(Task):
         bar = ProgressReporter(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            enc = _encode_items(processor, _prompts(processor, chunk), chunk, device, cache)
+            enc = _encode_items(processor, _prompts(processor, chunk, cache), chunk, device, cache)
             out = model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
                                  eos_token_id=eos, pad_token_id=pad)
             new = out[:, enc["input_ids"].shape[1]:]
@@ -225,11 +228,13 @@ class SynthVQANLL(Task):
         bar = ProgressReporter(progress, self.name, len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = _prompts(processor, chunk)
+            prompts = _prompts(processor, chunk, cache)
             # the answer turn as the model must produce it: the word and the end-of-turn token that stops
             # generation (a model that answers right but cannot stop fails exact match, so it counts here)
             full = [p + it.answer + end for p, it in zip(prompts, chunk)]
-            n_ans = answer_lengths(processor.tokenizer, prompts, full)
+            n_ans = (answer_lengths(processor.tokenizer, prompts, full) if cache is None else
+                     cache.text(processor, ("answer_lengths", tuple(prompts), tuple(full)),
+                                lambda: answer_lengths(processor.tokenizer, prompts, full)))
             enc = _encode_items(processor, full, chunk, device, cache)
             tok_lp, _ = teacher_forced(model, enc)  # (B, T-1)
             T = enc["input_ids"].shape[1]

@@ -151,3 +151,28 @@ def test_generate_shared():
         sv.generate_shared("eval", 0)
     with pytest.raises(BadInput):
         sv.generate_shared("valid", 2)
+
+
+def test_prompts_and_answer_lengths_are_built_once_per_grid(tiny_qwen, monkeypatch):
+    """The text side of a batch (prompts, answers' token counts) is the same for every cell: with a cache the
+    second scoring renders no prompt and tokenizes no answer, and the scores are those without a cache."""
+    model, proc = tiny_qwen.model, tiny_qwen.processor
+    calls = {"prompt": 0, "lengths": 0}
+    real_prompt, real_lengths = T.generation_prompt, T.answer_lengths
+
+    def prompt(*a, **k):
+        calls["prompt"] += 1
+        return real_prompt(*a, **k)
+
+    def lengths(*a, **k):
+        calls["lengths"] += 1
+        return real_lengths(*a, **k)
+
+    monkeypatch.setattr(T, "generation_prompt", prompt)
+    monkeypatch.setattr(T, "answer_lengths", lengths)
+    want = score_all(model, proc)
+    cache = EvalCache()
+    assert score_all(model, proc, cache) == want
+    first = dict(calls)
+    assert score_all(copy.deepcopy(model), proc, cache) == want
+    assert calls == first  # nothing rendered or tokenized again
