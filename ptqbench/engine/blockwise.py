@@ -561,6 +561,54 @@ def _fail(job: Job, e: BaseException) -> None:
     job.q, job.stacks = [], []  # its streams and blocks are not needed any more
 
 
+def _quantize_block(live: list[Job], k: int, i: int, first: nn.Module, storage: torch.device, shared: SharedBlock,
+                    device: torch.device, dtype: torch.dtype, memo_bytes: int) -> dict[int, float]:
+    """Block i of stack k for every live job: each starts its method on its own copy (the first job on the
+    block the pass loaded); work the methods hand over runs together (`_run_together`), within the
+    allowance; each job is finished as soon as its method is. Returns each job's own seconds (by id)."""
+    grad_flags = [p.requires_grad for p in first.parameters()]
+    spent = {id(j): 0.0 for j in live}  # each job's own seconds on this block
+    waiting: list[_Open] = []
+
+    def timed(job: Job, fn, *args):
+        t1, before = time.perf_counter(), shared.seconds
+        try:
+            return fn(*args)
+        except Exception as e:  # this cell failed; the pass goes on without it
+            _fail(job, e)
+        finally:
+            spent[id(job)] += (time.perf_counter() - t1) - (shared.seconds - before)
+
+    def advance(waiting: list[_Open]) -> list[_Open]:
+        """One round of the work the open jobs wait on; the jobs their methods are done with are finished."""
+        _run_together(waiting)
+        still = []
+        for st in waiting:
+            spent[id(st.job)] += st.seconds
+            st.seconds = 0.0
+            if st.job.error is None and st.gen is None:
+                timed(st.job, _finish_job_block, st, dtype)
+            elif st.job.error is None:
+                still.append(st)
+        return still
+
+    # what waits at once stays within the pass's allowance and, on a GPU, half of its free memory
+    wait_bytes = memo_bytes if device.type != "cuda" else min(memo_bytes, torch.cuda.mem_get_info(device)[0] // 2)
+    for n, job in enumerate(live):
+        while waiting and sum(st.nbytes for st in waiting) > wait_bytes:
+            waiting = advance(waiting)
+        block, home = timed(job, lambda: (first, storage) if n == 0 else
+                            _job_block(job.stacks[k], i, device, shared.fp_block, grad_flags)) or (None, None)
+        state = timed(job, _begin_job_block, job, k, i, block, home, shared, device) if block is not None else None
+        if state is not None and state.gen is None:
+            timed(job, _finish_job_block, state, dtype)
+        elif state is not None:
+            waiting.append(state)
+    while waiting:
+        waiting = advance(waiting)
+    return spent
+
+
 def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.dtype, progress=None,
                     memo_bytes: int = 0) -> None:
     """Stack k of every live job, in lockstep: per block, one FP copy, one FP stream and the FP values every
@@ -582,46 +630,9 @@ def _quantize_stack(k: int, jobs: list[Job], device: torch.device, dtype: torch.
             return
         t0 = time.perf_counter()
         first, storage = _load_block(live[0].stacks[k], i, live[0].adapter, device)
-        grad_flags = [p.requires_grad for p in first.parameters()]
         shared = SharedBlock(copy.deepcopy(first).requires_grad_(False), fp, cache=len(live) > 1, memo_bytes=memo_bytes)
         load_seconds = time.perf_counter() - t0
-        spent = {id(j): 0.0 for j in live}  # each job's own seconds on this block
-        waiting: list[_Open] = []
-
-        def timed(job: Job, fn, *args):
-            t1, before = time.perf_counter(), shared.seconds
-            try:
-                return fn(*args)
-            except Exception as e:  # this cell failed; the pass goes on without it
-                _fail(job, e)
-            finally:
-                spent[id(job)] += (time.perf_counter() - t1) - (shared.seconds - before)
-
-        def advance(waiting: list[_Open]) -> list[_Open]:
-            """One round of the work the open jobs wait on; the jobs their methods are done with are finished."""
-            _run_together(waiting)
-            still = []
-            for st in waiting:
-                spent[id(st.job)] += st.seconds
-                st.seconds = 0.0
-                if st.job.error is None and st.gen is None:
-                    timed(st.job, _finish_job_block, st, dtype)
-                elif st.job.error is None:
-                    still.append(st)
-            return still
-
-        for n, job in enumerate(live):
-            while waiting and sum(st.nbytes for st in waiting) > memo_bytes:  # what waits at once stays bounded
-                waiting = advance(waiting)
-            block, home = timed(job, lambda: (first, storage) if n == 0 else
-                                _job_block(job.stacks[k], i, device, shared.fp_block, grad_flags)) or (None, None)
-            state = timed(job, _begin_job_block, job, k, i, block, home, shared, device) if block is not None else None
-            if state is not None and state.gen is None:
-                timed(job, _finish_job_block, state, dtype)
-            elif state is not None:
-                waiting.append(state)
-        while waiting:
-            waiting = advance(waiting)
+        spent = _quantize_block(live, k, i, first, storage, shared, device, dtype, memo_bytes)
         for job in live:
             job.seconds += spent[id(job)]
             key = "vision_block_seconds" if st0.is_vision else "block_seconds"
