@@ -2,7 +2,9 @@
 
 For every decoder block, in order:
   1. the block moves to the compute device and a frozen full-precision copy is made;
-  2. the method quantizes it through a `BlockContext` (inputs on request, one `commit` per linear);
+  2. the method quantizes it through a `BlockContext` (inputs on request, one `commit` per linear); work it
+     hands to the engine (`Together`, e.g. GPTQ's solves) runs together with the like work of the pass's
+     other cells;
   3. diagnostics: each linear's and the block's output error on the full-precision stream, split by
      token type (vision / text / answer);
   4. both streams advance: fp <- FP block(fp), quant <- quantized block(quant); the block returns to
