@@ -490,9 +490,9 @@ def _step(state: _Open, results: list | None) -> None:
         state.gen, state.asked = None, []
 
 
-def _run_together(states: list[_Open]) -> list[_Open]:
+def _run_together(states: list[_Open]) -> None:
     """One round: every piece the waiting jobs asked for, pieces of one kind and key in one `run_together`
-    call (its time split evenly among them); each job then gets its results. Returns the jobs that failed."""
+    call (its time split evenly among them); each job then gets its results (a job that fails is recorded)."""
     groups: dict = {}
     for st in states:
         for j, piece in enumerate(st.asked):
@@ -502,13 +502,14 @@ def _run_together(states: list[_Open]) -> list[_Open]:
         t0 = time.perf_counter()
         try:
             outs = cls.run_together([piece for _, _, piece in items])
+            if len(outs) != len(items):
+                raise RuntimeError(f"{cls.__name__}.run_together returned {len(outs)} results for {len(items)} pieces")
         except Exception as e:  # noqa: BLE001 - every piece of the call fails with it
             outs = [e] * len(items)
         share = (time.perf_counter() - t0) / len(items)
         for (st, j, _), out in zip(items, outs):
             results[id(st)][j] = out
             st.seconds += share
-    failed = []
     for st in states:
         t0, before = time.perf_counter(), st.ctx.shared.seconds
         try:
@@ -516,9 +517,7 @@ def _run_together(states: list[_Open]) -> list[_Open]:
         except Exception as e:
             _close(st)
             _fail(st.job, e)
-            failed.append(st)
         st.seconds += (time.perf_counter() - t0) - (st.ctx.shared.seconds - before)
-    return failed
 
 
 def _finish_job_block(state: _Open, dtype: torch.dtype) -> None:

@@ -1,11 +1,12 @@
 """GPTQ (Frantar et al., 2022), the column-wise solver it shares with GPTAQ and VLMQ, and the input
 statistics (Hessian H, GPTAQ's cross term dXXT, optionally token-weighted) those three methods own.
 
-`solve` follows IST-DASLab/gptq `GPTQ.fasterquant` (dead columns, relative damping, the chol ->
-cholesky_inverse -> chol(upper) chain, lazy batch updates, act-order, static groups). Given a cross term
-it also applies GPTAQ's asymmetric correction P = alpha * triu_1(dXXT R^T) R, subtracted with each column
-*before* rounding, so GPTAQ and VLMQ are this loop with extra statistics. With dynamic groups a group's
-grid comes from the weights as updated so far; see docs/methods.md for this and the other deviations.
+`solve_many` (and `solve`, one problem of it) follows IST-DASLab/gptq `GPTQ.fasterquant` (dead columns,
+relative damping, the chol -> cholesky_inverse -> chol(upper) chain, lazy batch updates, act-order, static
+groups). Given a cross term it also applies GPTAQ's asymmetric correction P = alpha * triu_1(dXXT R^T) R,
+subtracted with each column *before* rounding, so GPTAQ and VLMQ are this loop with extra statistics. With
+dynamic groups a group's grid comes from the weights as updated so far; see docs/methods.md for this and the
+other deviations.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from ptqbench.methods.base import BlockView, CrossTerm, Hessian, Method, Together, option
-from ptqbench.methods.quant import QuantizedWeight, QuantSpec, fake_quant, grid_params
+from ptqbench.methods.quant import QuantizedWeight, QuantSpec, grid_params
 
 
 @dataclass(eq=False)
 class Solve(Together):
     """One linear's GPTQ solve, as a method hands it to the engine (`Together`): the solves of several cells
-    with the same shape and options run as one column loop (`solve_many`), each getting what `solve` gives it
-    alone. `solve(weight, H, spec, ...)` is the direct call."""
+    with the same column count and options (`key`) run as one column loop (`solve_many`), each getting what
+    it gets alone. `solve(weight, H, spec, ...)` is the direct call."""
 
     weight: torch.Tensor
     H: torch.Tensor
@@ -144,7 +145,7 @@ def solve_many(items: list[Solve]) -> list:
     P = torch.stack([p.P for p in ps[:n_p]]) if n_p else None
     maxq = torch.tensor([float(s.maxq) for s in specs], device=dev)[:, None]
     group_of = torch.stack([p.g_idx[p.perm] for p in ps])  # (problems, cols): the group of each (permuted) column
-    shared_group = (group_of == group_of[:1]).all(dim=0).tolist()  # the same group in every problem (no act-order)
+    shared_group = (group_of == group_of[:1]).all(dim=0).tolist()  # the same group in every problem (all but act-order with static groups)
     group_of, every = group_of.T.tolist(), torch.arange(len(ps), device=dev)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, blocksize):
@@ -168,6 +169,7 @@ def solve_many(items: list[Solve]) -> list:
                 at = torch.tensor(gis, device=dev)
                 scale, zero = scales[every, :, at], zeros[every, :, at]
             w = W1[:, :, i]
+            # quant.fake_quant's arithmetic, with each problem's own maxq (a tensor, which torch.clamp cannot mix with 0)
             q = scale * (torch.minimum(torch.clamp(torch.round(w / scale) + zero, min=0), maxq) - zero)
             Q1[:, :, i] = q
             err = (w - q) / R1[:, i, i][:, None]

@@ -218,3 +218,23 @@ def test_work_handed_over_runs_together_within_the_allowance(tiny_qwen, tiny_cal
     n_blocks = len(adapter_for(tiny_qwen[0]).decoder_layers())
     # block 0: all three cells' pieces in one call (or each cell's alone); later blocks: the two cells left
     assert _Piece.calls == ([6] + [4] * (n_blocks - 1) if memo_bytes else [2] * (2 * n_blocks + 1))
+
+
+class _ShortPiece(_Piece):
+    @classmethod
+    def run_together(cls, items):
+        return [2 * p.value for p in items][:-1]  # one result missing
+
+
+class _HandsOverShort(rtn_module.RTN):
+    def quantize_block(self, block):
+        yield [_ShortPiece(1), _ShortPiece(2)]
+        super().quantize_block(block)
+
+
+def test_a_run_together_that_loses_a_result_fails_its_cells_loudly(tiny_qwen, tiny_calib):
+    spec = QuantSpec(bits=3, group_size=32)
+    jobs = [Job(copy.deepcopy(tiny_qwen[0]), _HandsOverShort(spec)), Job(copy.deepcopy(tiny_qwen[0]), get_method("rtn")(spec))]
+    quantize_models(jobs, tiny_calib, memo={}, memo_bytes=1000)
+    assert "returned 1 results for 2 pieces" in str(jobs[0].error)
+    assert jobs[1].error is None
