@@ -44,35 +44,92 @@ def available_bytes() -> int:
 
 @dataclass
 class Footprint:
-    """Host bytes a lockstep pass holds: per cell (its quantized stream and model copy) and shared (the FP
-    stream, the next one, and the FP values cached for one block: its linears' inputs and outputs)."""
+    """Host bytes a lockstep pass holds. Per cell: its quantized stream, its model copy and its quantized weights
+    (kept until the pass ends). Shared: the FP stream, the next one, and the FP values cached for one block (its
+    linears' inputs and outputs). Work: what one cell's block needs while it is quantized, measured and
+    advanced (copies of the block, statistics, a search's outputs, a forward's activations); the cells of a
+    pass do that work one after another, so it is counted once."""
 
     stream: int
     model: int
     shared: int
+    result: int = 0
+    work: int = 0
 
     @property
     def per_cell(self) -> int:
-        return self.stream + self.model
+        # doubled: measured on the testbed, each cell a pass adds raises its peak resident memory by about 1.6x its
+        # tensors (a cell's new weights and streams, allocated between other cells' block work, pin freed pages)
+        return 2 * (self.stream + self.model + self.result)
+
+    @property
+    def fixed(self) -> int:
+        """What a pass holds whatever its number of cells."""
+        return self.shared + self.work
+
+
+def _attention_heads(model, q_out: int) -> int:
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or getattr(cfg, "llm_config", None) or cfg
+    return int(getattr(cfg, "num_attention_heads", 0) or max(1, q_out // 64))
+
+
+def _result_bytes(linears, group_size: int) -> int:
+    """uint8 codes, fp32 scale and zero per (row, group), int32 group index per column."""
+    total = 0
+    for lin in linears:
+        g = lin.in_features if group_size <= 0 else min(group_size, lin.in_features)
+        total += lin.out_features * lin.in_features + lin.out_features * -(-lin.in_features // g) * 8 + lin.in_features * 4
+    return total
+
+
+def work_bytes(block_linears: dict, block_params: int, batches, heads: int) -> int:
+    """One cell's block work, estimated from shapes in fp32 (statistics are fp32 whatever the model's dtype):
+    four copies of the block (the frozen FP one, a search's candidate module, a solve's stacked weights and its
+    result), a Hessian and a cross term per linear, per calibration token two model-width tensors and one of
+    the widest (a search's candidate outputs and references; AWQ's scaled inputs for clipping), and one batch's
+    forward with gradients (the widest activations, and the attention scores). Doubled, plus a fixed 96 MiB:
+    the budget bounds resident memory, which also holds what the allocator keeps of freed memory and the
+    libraries' buffers (docs/experiments.md has the measurement)."""
+    f32 = 4
+    lins = list(block_linears.values())
+    widest = max(max(lin.in_features, lin.out_features) for lin in lins)
+    hidden = batches[0].hidden.shape[-1]
+    tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches)
+    batch, seq = max(b.hidden.shape[0] for b in batches), max(b.hidden.shape[1] for b in batches)
+    live = (4 * block_params * f32
+            + sum(2 * lin.in_features ** 2 for lin in lins) * f32
+            + tokens * (2 * hidden + widest) * f32
+            + batch * seq * (8 * hidden + 4 * widest) * f32
+            + 3 * batch * heads * seq * seq * f32)
+    return 2 * live + 96 * 2**20
 
 
 def footprint(grid: Grid) -> Footprint:
     item = grid.dtype.itemsize
-    tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in grid.calib.batches)
-    stream = sum(b.hidden.numel() for b in grid.calib.batches) * item
+    batches = grid.calib.batches
+    tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches)
+    stream = sum(b.hidden.numel() for b in batches) * item
     model = sum(t.numel() * t.element_size() for t in list(grid.lm.model.parameters()) + list(grid.lm.model.buffers()))
     adapter = grid.lm.adapter
     block0 = adapter.decoder_layers()[0]
-    widths = sum(lin.in_features + lin.out_features for lin in adapter.block_linears(block0).values())
-    return Footprint(stream, model, 2 * stream + tokens * widths * item)
+    linears = adapter.block_linears(block0)
+    widths = sum(lin.in_features + lin.out_features for lin in linears.values())
+    blocks = list(adapter.decoder_layers())
+    if grid.cfg.quant.quantize_vision and adapter.vision_blocks() is not None:
+        blocks += list(adapter.vision_blocks())
+    result = _result_bytes([lin for blk in blocks for lin in adapter.block_linears(blk).values()], grid.group_size)
+    heads = _attention_heads(grid.lm.model, next(iter(linears.values())).out_features)
+    work = work_bytes(linears, sum(p.numel() for p in block0.parameters()), batches, heads)
+    return Footprint(stream, model, 2 * stream + tokens * widths * item, result, work)
 
 
 def chunk_size(fp: Footprint, budget: int) -> int:
-    return max(1, (budget - fp.shared) // max(fp.per_cell, 1))
+    return max(1, (budget - fp.fixed) // max(fp.per_cell, 1))
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 def budget_bytes(grid: Grid) -> int:
@@ -91,7 +148,7 @@ class PassPlan:
     def memo_bytes(self, n_cells: int) -> int:
         """Half of what a pass of `n_cells` leaves of the budget: the most the values methods share per block
         may hold, and again the most the work waiting to run together across cells (`Together`) may hold."""
-        return max(0, (self.budget - self.footprint.shared - self.footprint.per_cell * n_cells) // 2)
+        return max(0, (self.budget - self.footprint.fixed - self.footprint.per_cell * n_cells) // 2)
 
 
 def plan_chunks(grid: Grid, cells: list[Cell], log) -> PassPlan:
@@ -107,10 +164,11 @@ def plan_chunks(grid: Grid, cells: list[Cell], log) -> PassPlan:
     if cells:
         log(f"[schedule] lockstep: {len(cells)} cell(s) to quantize in {len(plan.chunks)} pass(es) of up to {size} "
             f"(host memory budget {_gib(budget)}{'' if cfg.memory_budget else ', half of the available RAM'}: "
-            f"per cell {_gib(fp.per_cell)} = quantized stream {_gib(fp.stream)} + model copy {_gib(fp.model)}; "
-            f"shared {_gib(fp.shared)}; values methods share within a block, and work waiting to run together: "
+            f"per cell {_gib(fp.per_cell)} = twice (quantized stream {_gib(fp.stream)} + model copy {_gib(fp.model)} + "
+            f"quantized weights {_gib(fp.result)}); shared {_gib(fp.shared)}; one cell's block work {_gib(fp.work)}; "
+            f"values methods share within a block, and work waiting to run together: "
             f"up to {_gib(plan.memo_bytes(len(plan.chunks[0])))} each)"
-            + ("; even one cell exceeds the budget, so cells run one by one" if fp.shared + fp.per_cell > budget else ""))
+            + ("; even one cell exceeds the budget, so cells run one by one" if fp.fixed + fp.per_cell > budget else ""))
     return plan
 
 

@@ -198,7 +198,7 @@ class Together:
         raise NotImplementedError
 
     def nbytes(self) -> int:
-        """Memory the piece holds while it waits (the engine bounds how much waits at once)."""
+        """Memory the piece holds while it waits and adds when it runs (the engine bounds the sum over what waits)."""
         return 0
 
     @classmethod

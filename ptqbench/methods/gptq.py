@@ -41,7 +41,9 @@ class Solve(Together):
                 self.static_groups)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.H, self.dXXT) if t is not None)
+        """Its inputs, and what its run adds for it: the set-up's fp32 copies (weights, H -> R, dXXT -> P) and the
+        loop's stacked weights and result, about twice the inputs again."""
+        return 3 * sum(t.numel() * 4 for t in (self.weight, self.H, self.dXXT) if t is not None)
 
     @classmethod
     def run_together(cls, items: list["Solve"]) -> list:

@@ -87,10 +87,32 @@ def test_a_failing_cell_leaves_the_pass_and_the_others_are_unchanged(tiny_qwen, 
 
 
 def test_chunks_follow_the_budget():
-    fp = lockstep.Footprint(stream=100, model=900, shared=500)
-    assert lockstep.chunk_size(fp, 500 + 3 * 1000) == 3
-    assert lockstep.chunk_size(fp, 500 + 3 * 1000 - 1) == 2
+    fp = lockstep.Footprint(stream=50, model=400, shared=500, result=50, work=2000)
+    assert fp.per_cell == 1000 and fp.fixed == 2500  # per cell: its tensors, doubled for the allocator's slack  # one cell's block work is counted once: cells take turns
+    assert lockstep.chunk_size(fp, 2500 + 3 * 1000) == 3
+    assert lockstep.chunk_size(fp, 2500 + 3 * 1000 - 1) == 2
     assert lockstep.chunk_size(fp, 10) == 1  # even one cell over the budget: one at a time
+    plan = lockstep.PassPlan([], fp, 2500 + 3 * 1000 + 600)
+    assert plan.memo_bytes(3) == 300  # shared values and waiting work each get half of what is left
+    assert 2 * plan.memo_bytes(3) + fp.fixed + 3 * fp.per_cell <= plan.budget
+
+
+def test_the_footprint_counts_quantized_weights_and_the_block_work():
+    from torch import nn
+
+    lin = nn.Linear(128, 8)
+    assert lockstep._result_bytes([lin], 64) == 8 * 128 + 8 * 2 * 8 + 128 * 4  # codes, scale+zero per group, g_idx
+    assert lockstep._result_bytes([lin], -1) == 8 * 128 + 8 * 1 * 8 + 128 * 4  # per channel: one group per row
+
+    class Batch:
+        def __init__(self, b, t, d):
+            self.hidden = torch.zeros(b, t, d)
+
+    linears = {"a": nn.Linear(64, 256), "b": nn.Linear(256, 64)}
+    small = lockstep.work_bytes(linears, 2 * 64 * 256, [Batch(2, 16, 64)], heads=4)
+    assert small > 2 * 4 * (4 * 2 * 64 * 256) + 96 * 2**20  # at least the block's copies, doubled, and the slack
+    assert lockstep.work_bytes(linears, 2 * 64 * 256, [Batch(2, 16, 64)] * 4, heads=4) > small  # more tokens
+    assert lockstep.work_bytes(linears, 2 * 64 * 256, [Batch(2, 64, 64)], heads=4) > small  # longer sequences
 
 
 def _run(*args):
