@@ -125,7 +125,9 @@ def footprint(grid: Grid) -> Footprint:
 
 
 def chunk_size(fp: Footprint, budget: int) -> int:
-    return max(1, (budget - fp.fixed) // max(fp.per_cell, 1))
+    """Cells per pass: they take at most half of what the budget leaves after the pass's fixed part, so the values
+    cells share (and the work waiting to run together) keep the other half; at least one cell."""
+    return max(1, (budget - fp.fixed) // 2 // max(fp.per_cell, 1))
 
 
 def _gib(n: int) -> str:

@@ -89,8 +89,9 @@ def test_a_failing_cell_leaves_the_pass_and_the_others_are_unchanged(tiny_qwen, 
 def test_chunks_follow_the_budget():
     fp = lockstep.Footprint(stream=50, model=400, shared=500, result=50, work=2000)
     assert fp.per_cell == 1000 and fp.fixed == 2500  # per cell: its tensors, doubled for the allocator's slack  # one cell's block work is counted once: cells take turns
-    assert lockstep.chunk_size(fp, 2500 + 3 * 1000) == 3
-    assert lockstep.chunk_size(fp, 2500 + 3 * 1000 - 1) == 2
+    # cells take at most half of what the budget leaves after the fixed part; shared values keep the rest
+    assert lockstep.chunk_size(fp, 2500 + 2 * 3 * 1000) == 3
+    assert lockstep.chunk_size(fp, 2500 + 2 * 3 * 1000 - 1) == 2
     assert lockstep.chunk_size(fp, 10) == 1  # even one cell over the budget: one at a time
     plan = lockstep.PassPlan([], fp, 2500 + 3 * 1000 + 600)
     assert plan.memo_bytes(3) == 300  # shared values and waiting work each get half of what is left
