@@ -5,9 +5,10 @@ full-precision stream, computes each full-precision value the cells ask for once
 its own copy and advance its own quantized stream (engine/blockwise.py `quantize_models`). Whole-run
 statistics of the full-precision model (MBQ's gradient pass) are computed once per grid (`Grid.memo`).
 
-Memory: every cell of a pass holds its own model copy and quantized stream, so the cells are grouped into
-chunks that fit a budget of host memory (`--memory-budget`, default half of the available RAM), and the log
-says how. Results are written cell by cell after the pass, so an interrupted chunk recomputes only the cells
+Memory: every cell of a pass holds its own model copy, quantized stream and quantized weights, so the cells are
+grouped into chunks that fit a budget of host memory (`--memory-budget`, default half of the available RAM)
+together with what a pass holds once (the FP streams and values, one cell's block work) and an allowance for
+shared values and waiting work (`Footprint`, `PassPlan`); the log says how. Results are written cell by cell after the pass, so an interrupted chunk recomputes only the cells
 it had not finished. Cells that only miss task scores (their weights are stored) are evaluated one by one.
 """
 
