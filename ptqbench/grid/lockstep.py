@@ -149,9 +149,11 @@ class PassPlan:
     budget: int
 
     def memo_bytes(self, n_cells: int) -> int:
-        """Half of what a pass of `n_cells` leaves of the budget: the most the values methods share per block
-        may hold, and again the most the work waiting to run together across cells (`Together`) may hold."""
-        return max(0, (self.budget - self.footprint.fixed - self.footprint.per_cell * n_cells) // 2)
+        """A quarter of what a pass of `n_cells` leaves of the budget: the most the values methods share per block
+        may hold, and again the most the work waiting to run together across cells (`Together`) may hold; each
+        counted twice, as a cell's tensors are (measured: the resident memory they cost is about twice their
+        bytes, docs/experiments.md)."""
+        return max(0, (self.budget - self.footprint.fixed - self.footprint.per_cell * n_cells) // 4)
 
 
 def plan_chunks(grid: Grid, cells: list[Cell], log) -> PassPlan:

@@ -107,6 +107,6 @@ def report_lines(res: dict) -> list[str]:
         f"  peak memory above the start: lockstep {max(res['peak_bytes']['lockstep']) / GiB:.2f} GiB against its budget "
         f"{fpr['budget'] / GiB:.2f} GiB ({'within' if res['within_budget'] else 'OVER'}; {fpr['passes']} pass(es) of up to {fpr['cells_per_pass']} cells: streams, copies, "
         f"quantized weights and one cell's block work estimated at {fpr['lockstep_estimate'] / GiB:.2f} GiB, plus up to "
-        f"{fpr['memo_cap'] / GiB:.2f} GiB of shared values and as much of work waiting to run together), "
+        f"{fpr['memo_cap'] / GiB:.2f} GiB of shared values and as much of work waiting to run together, each counted twice), "
         f"cells {max(res['peak_bytes']['cells']) / GiB:.2f} GiB",
     ]
