@@ -8,8 +8,8 @@ statistics of the full-precision model (MBQ's gradient pass) are computed once p
 Memory: every cell of a pass holds its own model copy, quantized stream and quantized weights, so the cells are
 grouped into chunks that fit a budget of host memory (`--memory-budget`, default half of the available RAM)
 together with what a pass holds once (the FP streams and values, one cell's block work) and an allowance for
-shared values and waiting work (`Footprint`, `PassPlan`); the log says how. Results are written cell by cell after the pass, so an interrupted chunk recomputes only the cells
-it had not finished. Cells that only miss task scores (their weights are stored) are evaluated one by one.
+shared values and waiting work (`Footprint`, `PassPlan`); the log says how. Results are written cell by cell
+after the pass, so an interrupted chunk recomputes only the cells it had not finished. Cells that only miss task scores (their weights are stored) are evaluated one by one.
 """
 
 from __future__ import annotations
