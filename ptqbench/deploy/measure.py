@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
 from contextlib import contextmanager
@@ -23,9 +25,6 @@ def release_free_memory() -> None:
     """Collect garbage and hand the allocator's free pages back to the system (glibc `malloc_trim`; elsewhere
     only the collection), so a resident-memory baseline taken next is not lowered by memory a previous phase
     freed but the process kept: its peak above that baseline is then what the phase itself needs."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
